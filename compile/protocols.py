@@ -1,0 +1,141 @@
+"""SPU protocol presets: protocol, ring, fixed-point and approximation settings.
+
+A :class:`ProtocolPreset` is a small, frozen, validated description of how an SPU device
+computes. :func:`runtime_config` turns it into the ``spu_pb2.RuntimeConfig`` that every
+party's runtime (and the share-making ``Io``) must agree on.
+
+Fixed point: a real ``x`` is stored as ``round(x * 2**fxp_fraction_bits)`` in the ring
+``Z_{2^64}`` (FM64) or ``Z_{2^128}`` (FM128). FM64 with 18 fraction bits gives a resolution
+of 2**-18 ~ 3.8e-6 and roughly +-2**45 of range (products need twice the fraction bits
+before truncation, so keep intermediate values well inside that range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from spu import spu_pb2
+
+#: What each protocol assumes about the compute parties. Keep these in user-facing docs.
+TRUST: dict[str, str] = {
+    "ABY3": (
+        "3-party replicated secret sharing; secure against one semi-honest (passive) "
+        "corruption out of three (honest majority). No dealer needed. Project default."
+    ),
+    "SEMI2K": (
+        "2-party additive secret sharing, semi-honest. Needs correlated randomness (Beaver "
+        "triples) from a trusted third party or a multi-party Beaver source. SPU's default "
+        "source, 'TrustedFirstParty', lets rank 0 generate the triples and is NOT secure "
+        "outside tests and benchmarks."
+    ),
+    "CHEETAH": (
+        "2-party, semi-honest, no dealer: multiplications use homomorphic encryption and "
+        "silent oblivious transfer. Much more communication for small shapes."
+    ),
+}
+
+#: Parties each protocol runs with.
+WORLD_SIZE: dict[str, int] = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
+
+#: SPU's implementation-defined default fraction bits for each ring.
+DEFAULT_FRACTION_BITS: dict[str, int] = {"FM64": 18, "FM128": 26}
+_FIELD_BITS: dict[str, int] = {"FM64": 64, "FM128": 128}
+
+#: Exp approximations exposed by spu 0.9.3b0 (``RuntimeConfig.ExpMode``). DEFAULT is Taylor.
+EXP_MODES: tuple[str, ...] = ("DEFAULT", "PADE", "TAYLOR")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolPreset:
+    """How the SPU device computes.
+
+    Attributes:
+        name: "ABY3" | "SEMI2K" | "CHEETAH".
+        field: ring, "FM64" | "FM128".
+        fxp_fraction_bits: fixed-point fraction bits; None picks SPU's default for the
+            field (FM64: 18, FM128: 26). Must satisfy 0 < bits < field_bits / 2.
+        exp_mode: exp approximation, one of :data:`EXP_MODES`.
+        exp_iters: Taylor/Pade iterations for exp; 0 = SPU default (8).
+        div_goldschmidt_iters: Goldschmidt iterations for reciprocal/division;
+            0 = SPU default (2).
+        public_random_seed: seed of SPU's *public* PRG (``rng_uniform`` on public bounds).
+            Fixed by default so runs are reproducible; it has no bearing on security.
+    """
+
+    name: str
+    field: str = "FM64"
+    fxp_fraction_bits: int | None = None
+    exp_mode: str = "DEFAULT"
+    exp_iters: int = 0
+    div_goldschmidt_iters: int = 0
+    public_random_seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in WORLD_SIZE:
+            raise ValueError(
+                f"name: unknown protocol {self.name!r}; expected one of {sorted(WORLD_SIZE)}"
+            )
+        if self.field not in _FIELD_BITS:
+            raise ValueError(
+                f"field: unknown field {self.field!r}; expected one of {sorted(_FIELD_BITS)}"
+            )
+        if self.fxp_fraction_bits is None:
+            object.__setattr__(self, "fxp_fraction_bits", DEFAULT_FRACTION_BITS[self.field])
+        bits = self.fxp_fraction_bits
+        if not isinstance(bits, int) or not 0 < bits < _FIELD_BITS[self.field] // 2:
+            raise ValueError(
+                f"fxp_fraction_bits: {bits!r} out of range for {self.field} "
+                f"(need 0 < bits < {_FIELD_BITS[self.field] // 2})"
+            )
+        if self.exp_mode not in EXP_MODES:
+            raise ValueError(
+                f"exp_mode: unknown mode {self.exp_mode!r}; expected one of {EXP_MODES}"
+            )
+        for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
+            v = getattr(self, attr)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{attr}: must be a non-negative int, got {v!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Number of compute parties (ABY3: 3, SEMI2K: 2, CHEETAH: 2)."""
+        return WORLD_SIZE[self.name]
+
+    @property
+    def trust(self) -> str:
+        """What this protocol trusts; see :data:`TRUST`."""
+        return TRUST[self.name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, including derived world size and trust text."""
+        d = dataclasses.asdict(self)
+        d["world_size"] = self.world_size
+        d["trust"] = self.trust
+        return d
+
+
+def preset(name: str, field: str = "FM64", **kw: Any) -> ProtocolPreset:
+    """Build a validated preset; ``name`` is case-insensitive ("aby3" works)."""
+    return ProtocolPreset(name=str(name).upper(), field=str(field).upper(), **kw)
+
+
+def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeConfig:
+    """The SPU ``RuntimeConfig`` for preset ``p``.
+
+    ``profile=True`` turns on pphlo- and hal-level profiling, which makes each runtime log
+    per-op send bytes / send actions (see :mod:`secfwt_jax.compile.cost`).
+    """
+    cfg = spu_pb2.RuntimeConfig(
+        protocol=getattr(spu_pb2.ProtocolKind, p.name),
+        field=getattr(spu_pb2.FieldType, p.field),
+        fxp_fraction_bits=p.fxp_fraction_bits,
+        fxp_exp_mode=getattr(spu_pb2.RuntimeConfig.ExpMode, f"EXP_{p.exp_mode}"),
+        fxp_exp_iters=p.exp_iters,
+        fxp_div_goldschmidt_iters=p.div_goldschmidt_iters,
+        public_random_seed=p.public_random_seed,
+    )
+    if profile:
+        cfg.enable_pphlo_profile = True
+        cfg.enable_hal_profile = True
+    return cfg

@@ -1,0 +1,261 @@
+"""Run a JAX function under SPU in-process, with per-argument visibility.
+
+Parties are threads joined by an in-memory link (``libspu.link.create_mem``), one
+``spu.api.Runtime`` per rank, as in ``spu.utils.simulation.Simulator``. Unlike the stock
+simulator, each positional argument (a pytree) is either *secret* (secret-shared) or
+*public* (every party holds the plaintext), and the program is compiled with the same
+visibilities, so secret-public ops compile to the cheap ``*_ap`` kernels.
+
+Example::
+
+    from secfwt_jax.compile import protocols, simulator
+    res = simulator.mpc_run(f, (x, z), public={1}, preset=protocols.preset("ABY3"),
+                            profile=True)
+    res.outputs, res.cost.total_bytes
+
+Static (non-array) arguments are not supported; close over them or use
+``functools.partial``. Array leaves are canonicalised with ``jnp.asarray`` (float64 ->
+float32, int64 -> int32 unless jax x64 is on) before tracing and sharing.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from spu import api as spu_api
+from spu import libspu, spu_pb2
+from spu.utils import frontend as spu_fe
+
+from .cost import CommCost, capture_fds, parse_profile_log
+from .protocols import ProtocolPreset, runtime_config
+
+Public = Collection[int] | Sequence[bool]
+
+
+class Compiled(NamedTuple):
+    """A compiled SPU program.
+
+    executable: ``spu_pb2.ExecutableProto`` (``.SerializeToString()`` to store it).
+    pphlo_text: the pphlo MLIR text; secret values are typed ``!pphlo.secret<...>``.
+    output_treedef: pytree structure of the function's output.
+    """
+
+    executable: spu_pb2.ExecutableProto
+    pphlo_text: str
+    output_treedef: Any
+
+
+class MpcResult(NamedTuple):
+    """outputs: fn's output pytree with numpy leaves. cost: CommCost, or None unless
+    profiled."""
+
+    outputs: Any
+    cost: CommCost | None
+
+
+def public_mask(public: Public | None, n_args: int) -> tuple[bool, ...]:
+    """Normalise ``public`` to one bool per positional argument.
+
+    Accepts a sequence of ``n_args`` bools, or a collection of argument indices.
+    """
+    if public is None:
+        return (False,) * n_args
+    items = list(public)
+    if items and all(isinstance(p, bool | np.bool_) for p in items):
+        if len(items) != n_args:
+            raise ValueError(f"public: {len(items)} flags for {n_args} arguments")
+        return tuple(bool(p) for p in items)
+    idx = set()
+    for p in items:
+        if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 <= p < n_args:
+            raise ValueError(f"public: bad argument index {p!r} for {n_args} arguments")
+        idx.add(int(p))
+    return tuple(i in idx for i in range(n_args))
+
+
+def _canon(args: Sequence[Any]) -> tuple:
+    return tuple(jax.tree_util.tree_map(lambda x: np.asarray(jnp.asarray(x)), a) for a in args)
+
+
+def _flat_vis(args: tuple, mask: tuple[bool, ...]) -> list[int]:
+    vis = []
+    for a, pub in zip(args, mask, strict=True):
+        v = spu_pb2.Visibility.VIS_PUBLIC if pub else spu_pb2.Visibility.VIS_SECRET
+        vis += [v] * len(jax.tree_util.tree_leaves(a))
+    return vis
+
+
+_CACHE: dict[Any, Compiled] = {}
+_CACHE_MAX = 64
+_CACHE_STATS = {"hits": 0, "misses": 0}
+_CACHE_LOCK = threading.Lock()
+
+
+def compile_cache_stats() -> dict[str, int]:
+    """Hits/misses/size of the compiled-program cache used by :func:`compile_to_pphlo`."""
+    return {**_CACHE_STATS, "size": len(_CACHE)}
+
+
+def compile_to_pphlo(
+    fn: Callable,
+    args: Sequence[Any],
+    public: Public | None = None,
+    *,
+    name: str | None = None,
+    copts: spu_pb2.CompilerOptions | None = None,
+) -> Compiled:
+    """Compile ``fn(*args)`` to SPU bytecode with the given argument visibilities.
+
+    Only shapes/dtypes of ``args`` matter. Results are cached on (fn, name, arg
+    structure/shapes/dtypes, visibilities, compiler options) when ``fn`` is hashable.
+    """
+    args = _canon(args)
+    mask = public_mask(public, len(args))
+    vis = _flat_vis(args, mask)
+    copts = copts if copts is not None else spu_pb2.CompilerOptions()
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    try:
+        key = (fn, name, treedef, tuple((x.shape, x.dtype.str) for x in leaves), tuple(vis),
+               copts.SerializeToString())  # fmt: skip
+        hash(key)
+    except TypeError:
+        key = None
+    with _CACHE_LOCK:
+        if key is not None and key in _CACHE:
+            _CACHE_STATS["hits"] += 1
+            return _CACHE[key]
+    _CACHE_STATS["misses"] += 1
+
+    def program(*a):
+        return fn(*a)
+
+    program.__name__ = re.sub(r"\W", "_", name or getattr(fn, "__name__", "program"))
+    executable, out_shape = spu_fe.compile(
+        spu_fe.Kind.JAX,
+        program,
+        args,
+        {},
+        [f"in{i}" for i in range(len(vis))],
+        vis,
+        lambda outs: [f"out{i}" for i in range(len(outs))],
+        copts=copts,
+    )
+    compiled = Compiled(
+        executable, executable.code.decode("utf-8"), jax.tree_util.tree_structure(out_shape)
+    )
+    if key is not None:
+        with _CACHE_LOCK:
+            if len(_CACHE) >= _CACHE_MAX:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = compiled
+    return compiled
+
+
+_MAIN_SIG = re.compile(r"func\.func @main\((?P<args>.*?)\)\s*->", re.S)
+
+
+def pphlo_input_types(pphlo_text: str) -> list[str]:
+    """Types of ``@main``'s arguments in order, e.g. ``["tensor<2x3x!pphlo.secret<f32>>",
+    "tensor<3xf32>"]``. An argument is secret iff its type contains ``!pphlo.secret``."""
+    m = _MAIN_SIG.search(pphlo_text)
+    if m is None:
+        raise ValueError("pphlo_text: no func.func @main signature found")
+    return [t.strip() for t in re.findall(r"%arg\d+:\s*([^%]+?)(?=,\s*%arg|\s*$)", m["args"])]
+
+
+class _Thread(threading.Thread):
+    """Thread that re-raises the target's exception on join()."""
+
+    def run(self):
+        self.exc, self.ret = None, None
+        try:
+            self.ret = self._target(*self._args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in join
+            self.exc = e
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        if self.exc is not None:
+            raise self.exc
+        return self.ret
+
+
+def run_executable(
+    executable: spu_pb2.ExecutableProto,
+    shares: Sequence[Sequence[Any]],
+    p: ProtocolPreset,
+    profile: bool = False,
+) -> list[list[Any]]:
+    """Run once with all ranks as threads; ``shares[i][rank]`` is input i's share.
+
+    Returns ``outs[rank][j]``, rank's share of output j. With ``profile``, every rank
+    logs its pphlo profile and rank 0 also its HAL/MPC profile (see
+    :func:`secfwt_jax.compile.cost.parse_profile_log`).
+    """
+    n = p.world_size
+    desc = libspu.link.Desc()
+    for r in range(n):
+        desc.add_party(f"id_{r}", f"thread_{r}")
+
+    def party(rank: int):
+        cfg = runtime_config(p, profile=profile and rank == 0)
+        cfg.enable_pphlo_profile = profile
+        rt = spu_api.Runtime(libspu.link.create_mem(desc, rank), cfg)
+        for name, s in zip(executable.input_names, shares, strict=True):
+            rt.set_var(name, s[rank])
+        rt.run(executable)
+        return [rt.get_var(name) for name in executable.output_names]
+
+    jobs = [_Thread(target=party, args=(r,)) for r in range(n)]
+    for j in jobs:
+        j.start()
+    return [j.join() for j in jobs]
+
+
+def mpc_run(
+    fn: Callable,
+    args: Sequence[Any],
+    public: Public | None = None,
+    preset: ProtocolPreset | None = None,
+    profile: bool = False,
+    *,
+    name: str | None = None,
+) -> MpcResult:
+    """Evaluate ``fn(*args)`` under SPU and reveal the result.
+
+    Args:
+        fn: a JAX-traceable function of positional array pytrees.
+        args: the positional arguments (pytrees of arrays).
+        public: which arguments are public -- a collection of indices, or one bool per
+            argument. The rest are secret-shared. Default: all secret.
+        preset: protocol preset; default ``ProtocolPreset("ABY3")``.
+        profile: also measure communication (one run; stdout/stderr are captured at the
+            file-descriptor level meanwhile, non-profile lines are passed through after).
+    Returns:
+        MpcResult(outputs with fn's output structure and numpy leaves, CommCost or None).
+    """
+    p = preset if preset is not None else ProtocolPreset("ABY3")
+    args = _canon(args)
+    mask = public_mask(public, len(args))
+    compiled = compile_to_pphlo(fn, args, mask, name=name)
+    io = spu_api.Io(p.world_size, runtime_config(p))
+    vis = _flat_vis(args, mask)
+    leaves = jax.tree_util.tree_leaves(args)
+    shares = [io.make_shares(x, v) for x, v in zip(leaves, vis, strict=True)]
+
+    cost = None
+    if profile:
+        with capture_fds() as cap:
+            outs = run_executable(compiled.executable, shares, p, profile=True)
+        cost = parse_profile_log(cap.text, p.world_size)
+    else:
+        outs = run_executable(compiled.executable, shares, p)
+
+    flat = [io.reconstruct([outs[r][j] for r in range(p.world_size)]) for j in range(len(outs[0]))]
+    return MpcResult(jax.tree_util.tree_unflatten(compiled.output_treedef, flat), cost)

@@ -1,0 +1,328 @@
+"""Typed SecretFlow PRODUCTION-mode cluster config for loopback and real deployments.
+
+secretflow 1.11 can only host an SPU device in PRODUCTION mode (one OS process per party,
+``ray_mode=False``): SIMULATION needs the unavailable ``secretflow_fl`` package and DEBUG
+cannot host SPU. A PRODUCTION cluster needs two *different* address books that must agree
+across every process: SecretFlow's cross-silo (gRPC) addresses passed to ``sf.init``, and
+SPU's brpc link addresses in the SPU ``cluster_def``. Getting one port or one party name
+wrong makes the parties hang waiting for each other instead of failing, so this module
+validates everything up front and derives both dicts from one frozen config.
+
+The exact shapes produced (secretflow 1.11.0b1, spu 0.9.3b0)::
+
+    sf.init(address='local', ray_mode=False, cluster_config={
+        'parties': {'alice': {'address': '127.0.0.1:P', 'listen_addr': '127.0.0.1:P'}, ...},
+        'self_party': 'alice'})
+
+    sf.SPU({'nodes': [{'party': 'alice', 'address': '127.0.0.1:Q', 'listen_address': ''}, ...],
+            'runtime_config': {'protocol': 'ABY3', 'field': 'FM64', ...}})
+
+``runtime_config`` is parsed by ``json_format.Parse`` into ``spu.RuntimeConfig``, so enum
+values are given by name (``'ABY3'``, ``'FM64'``). SecretFlow sorts ``nodes`` by party name
+and uses the sorted index as the SPU rank, so node order here does not matter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FIELDS",
+    "PARTY_WORK_DIR_ENV",
+    "PROTOCOL_PARTIES",
+    "ClusterConfig",
+    "free_ports",
+    "load_cluster_config",
+    "loopback_cluster",
+    "sf_party_session",
+]
+
+# SPU protocol -> allowed number of SPU nodes. SEMI2K is n-party in SPU (>= 2);
+# ABY3 is strictly 3PC honest-majority; CHEETAH is strictly 2PC.
+PROTOCOL_PARTIES: dict[str, tuple[int, int | None]] = {
+    "ABY3": (3, 3),
+    "SEMI2K": (2, None),
+    "CHEETAH": (2, 2),
+}
+FIELDS = ("FM32", "FM64", "FM128")
+
+# The launcher points party processes' side files (SPU logs) at its work dir through this.
+PARTY_WORK_DIR_ENV = "SECFWT_PARTY_WORK_DIR"
+_SF_NO_EXIT = "SF_UT_DO_NOT_EXIT_ENV_FLAG"
+_PARTY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def _fail(name: str, why: str) -> ValueError:
+    """One-line error that names the offending field, so a bad YAML is fixed in one go."""
+    return ValueError(f"ClusterConfig.{name}: {why}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Addresses and SPU protocol for one SecretFlow PRODUCTION cluster.
+
+    Every party process builds the same ``ClusterConfig`` and asks it for its own
+    ``sf_cluster_config(self_party)``; the SPU ``cluster_def`` is identical for all parties.
+    Every party is also an SPU node (the compute parties are the data/model owners), which is
+    the deployment the design card describes.
+
+    ``sf_ports`` are SecretFlow cross-silo (gRPC) ports, ``spu_ports`` the SPU brpc link
+    ports; all ports across both maps must be distinct because on loopback they share a host.
+    ``listen_host`` (e.g. ``"0.0.0.0"``) makes each party bind there while peers still dial
+    ``host``; ``None`` means listen on ``host``. ``spu_runtime_extra`` is merged into SPU's
+    ``runtime_config`` (e.g. ``{"fxp_fraction_bits": 18, "enable_pphlo_profile": True}``).
+    """
+
+    parties: tuple[str, ...]
+    sf_ports: Mapping[str, int]
+    spu_ports: Mapping[str, int]
+    host: str = "127.0.0.1"
+    protocol: str = "ABY3"
+    field: str = "FM64"
+    listen_host: str | None = None
+    spu_runtime_extra: Mapping[str, Any] = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise containers (YAML/JSON give lists and plain dicts) before validating.
+        object.__setattr__(self, "parties", tuple(self.parties))
+        object.__setattr__(self, "sf_ports", dict(self.sf_ports))
+        object.__setattr__(self, "spu_ports", dict(self.spu_ports))
+        object.__setattr__(self, "spu_runtime_extra", dict(self.spu_runtime_extra))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.parties:
+            raise _fail("parties", "must name at least one party")
+        for p in self.parties:
+            if not isinstance(p, str) or not _PARTY_RE.match(p):
+                raise _fail("parties", f"bad party name {p!r} (letters, digits, '_', '-')")
+        if len(set(self.parties)) != len(self.parties):
+            raise _fail("parties", f"duplicate party names in {list(self.parties)}")
+        if self.protocol not in PROTOCOL_PARTIES:
+            raise _fail("protocol", f"{self.protocol!r} not one of {sorted(PROTOCOL_PARTIES)}")
+        lo, hi = PROTOCOL_PARTIES[self.protocol]
+        n = len(self.parties)
+        if n < lo or (hi is not None and n > hi):
+            need = str(lo) if lo == hi else f"at least {lo}"
+            raise _fail("parties", f"{self.protocol} needs {need} parties, got {n}")
+        if self.field not in FIELDS:
+            raise _fail("field", f"{self.field!r} not one of {list(FIELDS)}")
+        if not isinstance(self.host, str) or not self.host:
+            raise _fail("host", "must be a non-empty host name or IP")
+        if self.listen_host is not None and (
+            not isinstance(self.listen_host, str) or not self.listen_host
+        ):
+            raise _fail("listen_host", "must be None or a non-empty host name or IP")
+        seen: dict[int, str] = {}
+        for name in ("sf_ports", "spu_ports"):
+            ports: dict[str, int] = getattr(self, name)
+            if set(ports) != set(self.parties):
+                missing = sorted(set(self.parties) - set(ports))
+                extra = sorted(set(ports) - set(self.parties))
+                raise _fail(name, f"keys must equal parties (missing {missing}, unknown {extra})")
+            for party in self.parties:
+                port = ports[party]
+                if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                    raise _fail(name, f"{party}: port {port!r} not an int in 1..65535")
+                where = f"{name}[{party}]"
+                if port in seen:
+                    raise _fail(name, f"duplicate port {port} ({seen[port]} and {where})")
+                seen[port] = where
+        reserved = {"protocol", "field"} & set(self.spu_runtime_extra)
+        if reserved:
+            raise _fail("spu_runtime_extra", f"must not set {sorted(reserved)}; use the fields")
+
+    # ---------------------------------------------------------------- secretflow dicts
+    def _check_party(self, self_party: str) -> None:
+        if self_party not in self.parties:
+            raise ValueError(f"self_party {self_party!r} not in parties {list(self.parties)}")
+
+    def sf_cluster_config(self, self_party: str) -> dict[str, Any]:
+        """The ``cluster_config`` dict for ``sf.init(..., ray_mode=False)`` in ``self_party``."""
+        self._check_party(self_party)
+        listen = self.listen_host or self.host
+        return {
+            "parties": {
+                p: {
+                    "address": f"{self.host}:{self.sf_ports[p]}",
+                    "listen_addr": f"{listen}:{self.sf_ports[p]}",
+                }
+                for p in self.parties
+            },
+            "self_party": self_party,
+        }
+
+    def spu_runtime_config(self) -> dict[str, Any]:
+        """SPU ``runtime_config`` in JSON form (enum names), as ``json_format.Parse`` wants."""
+        return {"protocol": self.protocol, "field": self.field, **self.spu_runtime_extra}
+
+    def spu_cluster_def(self, self_party: str | None = None) -> dict[str, Any]:
+        """The ``cluster_def`` for ``sf.SPU``; a fresh dict each call (``sf.SPU`` mutates it).
+
+        ``self_party`` only matters with ``listen_host``: that node gets a
+        ``listen_address`` so it binds there while peers dial ``host``.
+        """
+        if self_party is not None:
+            self._check_party(self_party)
+        nodes = []
+        for p in self.parties:
+            listen = ""
+            if self.listen_host and p == self_party:
+                listen = f"{self.listen_host}:{self.spu_ports[p]}"
+            nodes.append(
+                {
+                    "party": p,
+                    "address": f"{self.host}:{self.spu_ports[p]}",
+                    "listen_address": listen,
+                }
+            )
+        return {"nodes": nodes, "runtime_config": self.spu_runtime_config()}
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict; round-trips through ``from_dict``."""
+        return {
+            "parties": list(self.parties),
+            "sf_ports": dict(self.sf_ports),
+            "spu_ports": dict(self.spu_ports),
+            "host": self.host,
+            "protocol": self.protocol,
+            "field": self.field,
+            "listen_host": self.listen_host,
+            "spu_runtime_extra": dict(self.spu_runtime_extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClusterConfig:
+        """Build from a plain dict, rejecting unknown keys so typos do not pass silently."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"ClusterConfig: expected a mapping, got {type(d).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise _fail(unknown[0], f"unknown key (known: {sorted(known)})")
+        for req in ("parties", "sf_ports", "spu_ports"):
+            if req not in d:
+                raise _fail(req, "missing required key")
+        if isinstance(d["parties"], str) or not isinstance(d["parties"], list | tuple):
+            raise _fail("parties", "must be a list of party names")
+        for name in ("sf_ports", "spu_ports", "spu_runtime_extra"):
+            if name in d and not isinstance(d[name], Mapping):
+                raise _fail(name, "must be a mapping")
+        return cls(**d)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Pick ``n`` distinct free TCP ports on ``host`` chosen by the OS right now.
+
+    All sockets stay bound until every port is picked, so the ports are distinct. A port can
+    still be taken by someone else between here and the party binding it (unavoidable
+    TOCTOU); callers that retry should pick fresh ports.
+    """
+    if n < 0:
+        raise ValueError(f"free_ports: n must be >= 0, got {n}")
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+    return ports
+
+
+def loopback_cluster(
+    parties: tuple[str, ...] | list[str] = ("alice", "bob", "carol"),
+    protocol: str = "ABY3",
+    field: str = "FM64",
+    **kwargs: Any,
+) -> ClusterConfig:
+    """A validated cluster on 127.0.0.1 with fresh free ports (2 per party: sf + SPU)."""
+    parties = tuple(parties)
+    ports = free_ports(2 * len(parties))
+    return ClusterConfig(
+        parties=parties,
+        sf_ports=dict(zip(parties, ports[: len(parties)], strict=True)),
+        spu_ports=dict(zip(parties, ports[len(parties) :], strict=True)),
+        protocol=protocol,
+        field=field,
+        **kwargs,
+    )
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    """Load and validate a cluster config from ``.json``, ``.yaml`` or ``.yml``."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return ClusterConfig.from_dict(data)
+
+
+@contextlib.contextmanager
+def sf_party_session(
+    cluster: ClusterConfig,
+    self_party: str,
+    *,
+    job_name: str = "secfwt",
+    logging_level: str = "warning",
+    rpc_timeout_ms: int = 60_000,
+    spu_log_path: str | Path | None = None,
+) -> Iterator[Any]:
+    """``sf.init`` this process as ``self_party`` and yield the cluster's ``sf.SPU`` device.
+
+    Always shuts SecretFlow down on exit: with a barrier on success (so no party exits
+    before its peers received what they need), without one on error (a barrier would wait
+    for a peer that may be gone). ``job_name`` must match across parties.
+
+    SPU's spdlog otherwise writes ``spu.log`` into the working directory, shared by every
+    party on the host; by default it goes to ``spu-<party>.log`` in ``$SECFWT_PARTY_WORK_DIR``
+    (set by the launcher) or the working directory.
+    """
+    import secretflow as sf
+    import spu.libspu.logging as spu_logging
+
+    if spu_log_path is None:
+        base = Path(os.environ.get(PARTY_WORK_DIR_ENV) or ".")
+        spu_log_path = base / f"spu-{self_party}.log"
+    log_options = spu_logging.LogOptions()
+    log_options.system_log_path = str(spu_log_path)
+
+    sf.init(
+        address="local",
+        cluster_config=cluster.sf_cluster_config(self_party),
+        ray_mode=False,
+        job_name=job_name,
+        logging_level=logging_level,
+        cross_silo_comm_options={"timeout_in_ms": rpc_timeout_ms},
+    )
+    try:
+        spu = sf.SPU(cluster.spu_cluster_def(self_party), log_options=log_options)
+        yield spu
+    except BaseException:
+        # sf.shutdown(on_error=True) ends in os._exit(1) (secretflow/distributed/fed/api.py)
+        # unless SF_UT_DO_NOT_EXIT_ENV_FLAG is set, which would swallow our traceback and
+        # kill a notebook kernel. Set it just for the call so the error propagates.
+        prev = os.environ.get(_SF_NO_EXIT)
+        os.environ[_SF_NO_EXIT] = "1"
+        try:
+            sf.shutdown(barrier_on_shutdown=False, on_error=True)
+        finally:
+            if prev is None:
+                os.environ.pop(_SF_NO_EXIT, None)
+            else:
+                os.environ[_SF_NO_EXIT] = prev
+        raise
+    sf.shutdown()

@@ -1,0 +1,142 @@
+"""`Classifier`: a trunk (BERT, RoBERTa or GPT-2) plus a head, as pure functions of params.
+
+    logits = Classifier(config, head).logits(params, batch, prompt=None)   # [batch, C]
+
+`params` is a dict `{trunk_name: trunk_params, head_name: head_params}` in Hugging Face
+naming, so trees from `transformers`' Flax classes drop in. `batch` is a dict:
+  input_ids       int [B, N] or one-hot float [B, N, V] (the MPC form)
+  attention_mask  float [B, N], 1 for real tokens
+  token_type_ids  optional int [B, N] (BERT)
+  select          one-hot float [B, N]: the mask token (mlm head) or last token (lm head)
+  labels          one-hot float [B, C] (only the loss reads it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secfwt_jax.models.config import ModelConfig
+from secfwt_jax.models.encoder import Encoder
+from secfwt_jax.models.heads import (
+    TRUNK_NAMES,
+    HeadConfig,
+    extend_select,
+    linear_scores,
+    lm_scores,
+    mlm_scores,
+    select_position,
+)
+
+
+def trunk_module(config: ModelConfig):
+    if config.family == "gpt2":
+        from secfwt_jax.models.gpt2 import Decoder
+
+        return Decoder(config)
+    return Encoder(config)
+
+
+def head_name(config: ModelConfig, head: HeadConfig) -> str:
+    if head.kind == "linear":
+        return "classifier"
+    if head.kind == "mlm":
+        return {"bert": "cls", "roberta": "lm_head"}[config.family]
+    return "lm_head"  # GPT-2's head is tied to wte and owns no parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    config: ModelConfig
+    head: HeadConfig
+
+    def __post_init__(self) -> None:
+        gpt2 = self.config.family == "gpt2"
+        if gpt2 and self.head.kind == "mlm":
+            raise ValueError("head.kind: 'mlm' needs an encoder (bert/roberta), not gpt2")
+        if not gpt2 and self.head.kind == "lm":
+            raise ValueError("head.kind: 'lm' is for gpt2; use 'mlm' or 'linear' for encoders")
+
+    @property
+    def trunk_name(self) -> str:
+        return TRUNK_NAMES[self.config.family]
+
+    @property
+    def head_name(self) -> str:
+        return head_name(self.config, self.head)
+
+    @property
+    def prompt_position(self) -> int:
+        """Where a soft prompt is inserted: after [CLS]/<s> for encoders, at 0 for GPT-2."""
+        return 0 if self.config.family == "gpt2" else 1
+
+    def init_head(self, seed: int) -> dict:
+        """A fresh linear head (normal(0.02) kernel, zero bias); the other heads own none."""
+        if self.head.kind != "linear":
+            return {}
+        rng = np.random.default_rng([seed, 7])
+        kernel = rng.normal(0.0, 0.02, (self.config.hidden_size, self.head.num_labels))
+        return {
+            "kernel": kernel.astype(np.float32),
+            "bias": np.zeros(self.head.num_labels, np.float32),
+        }
+
+    def init(self, seed: int, seq_len: int = 8) -> dict:
+        """Randomly initialised parameters (trunk from Flax init, head from `init_head`)."""
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        mask = jnp.ones((1, seq_len), jnp.float32)
+        trunk = trunk_module(self.config).init(jax.random.PRNGKey(seed), ids, mask)["params"]
+        params = {self.trunk_name: jax.tree_util.tree_map(np.asarray, trunk)}
+        if self.head.kind == "linear":
+            params[self.head_name] = self.init_head(seed)
+        return params
+
+    def hidden(self, params, batch, prompt=None):
+        """Trunk hidden states [B, N(+P), H] and the (extended) mask [B, N(+P)]."""
+        return trunk_module(self.config).apply(
+            {"params": params[self.trunk_name]},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            prompt,
+        )
+
+    def scores(self, params, hidden, mask, batch, prompt_len: int = 0):
+        """Head on top of trunk hidden states: -> logits [B, C]."""
+        if self.head.kind == "linear":
+            return linear_scores(params[self.head_name], hidden, mask, self.head.pooling)
+        select = batch["select"]
+        if prompt_len:
+            select = extend_select(select, prompt_len, self.prompt_position)
+        h = select_position(hidden, select)
+        table = self.word_table(params)
+        if self.head.kind == "mlm":
+            return mlm_scores(
+                params[self.head_name], table, h, self.config, self.head.verbalizer_ids
+            )
+        return lm_scores(table, h, self.head.verbalizer_ids)
+
+    def word_table(self, params):
+        trunk = params[self.trunk_name]
+        if self.config.family == "gpt2":
+            return trunk["wte"]["embedding"]
+        return trunk["embeddings"]["word_embeddings"]["embedding"]
+
+    def logits(self, params, batch, prompt=None):
+        """[B, C] class scores for `batch` (optionally with a soft prompt [1|B, P, H])."""
+        hidden, mask = self.hidden(params, batch, prompt)
+        prompt_len = 0 if prompt is None else prompt.shape[1]
+        return self.scores(params, hidden, mask, batch, prompt_len)
+
+
+def cross_entropy(logits, labels_onehot):
+    """Mean softmax cross-entropy; labels are one-hot [B, C] so no secret gather is needed."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.sum(labels_onehot * log_probs, axis=-1))
+
+
+def accuracy(logits, labels_onehot):
+    return jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels_onehot, -1))

@@ -1,0 +1,164 @@
+"""Typed model and attention configuration.
+
+`ModelConfig` is read from a Hugging Face `config.json` (via `transformers.AutoConfig`), so
+any local BERT, RoBERTa or GPT-2 checkpoint directory maps onto it. `AttentionConfig` picks
+softmax or random feature attention (RFA) and its options. Both validate at construction and
+raise a one-line `ValueError` naming the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Family = Literal["bert", "roberta", "gpt2"]
+AttentionKind = Literal["softmax", "rfa"]
+# How RFA turns q and k into features:
+#   "softmax_kernel": Gaussian random features times the exp(|k|^2 / 2 sigma^2) magnitude
+#                     factor, an unbiased estimate of exp(q.k / sigma^2) (SecFwT's form);
+#   "l2":             q and k are l2-normalised first, no magnitude factor (Peng et al. 2021);
+#   "positive":       FAVOR+ positive features exp(w.x - |x|^2/2) (Choromanski et al. 2021).
+RfaVariant = Literal["softmax_kernel", "l2", "positive"]
+TrigMode = Literal["exact", "poly"]
+
+SUPPORTED_FAMILIES: tuple[str, ...] = ("bert", "roberta", "gpt2")
+SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention the model runs, and the RFA options.
+
+    Attributes:
+      kind: "softmax" (the reference) or "rfa".
+      num_features: m, random directions per head; features are [sin, cos] so 2m wide
+        (m wide for the positive variant).
+      sigma: kernel bandwidth. Directions are w = g / sigma with g ~ N(0, I), so the
+        trig features estimate exp(-|x - y|^2 / 2 sigma^2); sigma = 1 with the magnitude
+        factor reproduces softmax's exp(q.k / sqrt(d)) in expectation.
+      variant: see `RfaVariant`.
+      trig: "exact" (jnp.sin / jnp.cos) or "poly" (bounded shared-power polynomial, cheap
+        under MPC; see `feature_maps.poly_sin_cos`).
+      poly_bound: B, the polynomial's input range [-B, B]; inputs are clipped to it.
+      poly_degree: degree of the cosine polynomial (even); sine uses degree + 1.
+      seed: public seed of the random directions; fixed per layer and head, never trained.
+    """
+
+    kind: AttentionKind = "softmax"
+    num_features: int = 64
+    sigma: float = 1.0
+    variant: RfaVariant = "l2"
+    trig: TrigMode = "exact"
+    poly_bound: float = 3.5
+    poly_degree: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("softmax", "rfa"), "attention.kind", f"unknown {self.kind!r}")
+        _require(self.num_features > 0, "attention.num_features", "must be positive")
+        _require(self.sigma > 0, "attention.sigma", "must be positive")
+        _require(
+            self.variant in ("softmax_kernel", "l2", "positive"),
+            "attention.variant",
+            f"unknown {self.variant!r}",
+        )
+        _require(self.trig in ("exact", "poly"), "attention.trig", f"unknown {self.trig!r}")
+        _require(self.poly_bound > 0, "attention.poly_bound", "must be positive")
+        _require(
+            self.poly_degree >= 2 and self.poly_degree % 2 == 0,
+            "attention.poly_degree",
+            "must be an even integer >= 2",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyperparameters shared by the BERT, RoBERTa and GPT-2 modules."""
+
+    family: Family
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    type_vocab_size: int = 0
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"
+    pad_token_id: int = 0
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.family in SUPPORTED_FAMILIES,
+            "model_type",
+            f"unsupported {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}",
+        )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_positions"):
+            _require(getattr(self, name) > 0, name, "must be positive")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "hidden_size",
+            f"{self.hidden_size} is not divisible by num_heads={self.num_heads}",
+        )
+        _require(
+            self.activation in SUPPORTED_ACTIVATIONS,
+            "hidden_act",
+            f"unsupported {self.activation!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def causal(self) -> bool:
+        return self.family == "gpt2"
+
+    def with_attention(self, attention: AttentionConfig) -> ModelConfig:
+        return dataclasses.replace(self, attention=attention)
+
+    @classmethod
+    def from_hf(cls, hf_config, attention: AttentionConfig | None = None) -> ModelConfig:
+        """Map a `transformers.PretrainedConfig` onto our config."""
+        family = getattr(hf_config, "model_type", None)
+        attention = attention or AttentionConfig()
+        if family == "gpt2":
+            return cls(
+                family="gpt2",
+                vocab_size=hf_config.vocab_size,
+                hidden_size=hf_config.n_embd,
+                num_layers=hf_config.n_layer,
+                num_heads=hf_config.n_head,
+                intermediate_size=hf_config.n_inner or 4 * hf_config.n_embd,
+                max_positions=hf_config.n_positions,
+                layer_norm_eps=hf_config.layer_norm_epsilon,
+                activation=hf_config.activation_function,
+                pad_token_id=hf_config.eos_token_id
+                if hf_config.pad_token_id is None
+                else hf_config.pad_token_id,
+                attention=attention,
+            )
+        if family in ("bert", "roberta"):
+            return cls(
+                family=family,
+                vocab_size=hf_config.vocab_size,
+                hidden_size=hf_config.hidden_size,
+                num_layers=hf_config.num_hidden_layers,
+                num_heads=hf_config.num_attention_heads,
+                intermediate_size=hf_config.intermediate_size,
+                max_positions=hf_config.max_position_embeddings,
+                type_vocab_size=hf_config.type_vocab_size,
+                layer_norm_eps=hf_config.layer_norm_eps,
+                activation=hf_config.hidden_act,
+                pad_token_id=hf_config.pad_token_id or 0,
+                attention=attention,
+            )
+        raise ValueError(
+            f"model_type: unsupported {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )

@@ -1,0 +1,200 @@
+"""BERT and RoBERTa encoders as Flax modules with pluggable attention.
+
+Submodule names mirror `transformers`' Flax classes (`FlaxBertModule`,
+`FlaxRobertaModule`), so their parameter trees load unchanged:
+`embeddings/{word_embeddings,position_embeddings,token_type_embeddings,LayerNorm}`,
+`encoder/layer/<i>/{attention/{self,output},intermediate,output}`. Extra subtrees such as
+`pooler` are ignored.
+
+Inputs are MPC-friendly:
+  * `input_ids` may be integer ids [batch, seq] (plaintext) or a one-hot float
+    [batch, seq, vocab]; under MPC the data owner secret-shares the one-hot form, because
+    a gather at secret indices is far more expensive than a matmul.
+  * `attention_mask` is a float [batch, seq] of 1/0 and is applied multiplicatively.
+  * Position ids are public: arange for BERT, arange + pad_id + 1 for RoBERTa. For right
+    padding this equals Hugging Face's ids at every real token; padded tokens' outputs are
+    never read (masked as keys, excluded from pooling).
+  * `prompt` [batch or 1, P, hidden] optionally inserts soft prompt vectors after the first
+    token (BBT / SecFwT prompt tuning); the mask is extended with ones.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secfwt_jax.models.attention import attend
+from secfwt_jax.models.config import ModelConfig
+
+
+def activation_fn(name: str):
+    """Hugging Face activation name -> function ("gelu" is the exact erf form)."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return {"relu": jax.nn.relu, "tanh": jnp.tanh}[name]
+
+
+class TokenEmbedding(nn.Module):
+    """Embedding table `embedding` [vocab, hidden]; looks up ids or multiplies a one-hot."""
+
+    vocab_size: int
+    features: int
+
+    @nn.compact
+    def __call__(self, ids_or_onehot):
+        table = self.param(
+            "embedding", nn.initializers.normal(0.02), (self.vocab_size, self.features)
+        )
+        if jnp.issubdtype(ids_or_onehot.dtype, jnp.integer):
+            return jnp.take(table, ids_or_onehot, axis=0)
+        return ids_or_onehot @ table
+
+
+def insert_prompt(embeds, mask, prompt):
+    """Insert prompt [1 or B, P, H] after the first token; extend the mask with ones."""
+    batch = embeds.shape[0]
+    prompt = jnp.broadcast_to(prompt, (batch,) + prompt.shape[1:]).astype(embeds.dtype)
+    embeds = jnp.concatenate([embeds[:, :1], prompt, embeds[:, 1:]], axis=1)
+    ones = jnp.ones((batch, prompt.shape[1]), mask.dtype)
+    return embeds, jnp.concatenate([mask[:, :1], ones, mask[:, 1:]], axis=1)
+
+
+class Embeddings(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, prompt=None):
+        cfg = self.config
+        words = TokenEmbedding(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
+        if prompt is not None:
+            words, attention_mask = insert_prompt(words, attention_mask, prompt)
+        seq = words.shape[1]
+        offset = cfg.pad_token_id + 1 if cfg.family == "roberta" else 0
+        positions = np.arange(seq) + offset
+        pos_table = TokenEmbedding(cfg.max_positions, cfg.hidden_size, name="position_embeddings")
+        hidden = words + pos_table(jnp.asarray(positions))[None]
+        types = TokenEmbedding(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")
+        if token_type_ids is None:
+            hidden = hidden + types(jnp.zeros((1, 1), jnp.int32))
+        else:
+            if prompt is not None:
+                token_type_ids = jnp.pad(token_type_ids, ((0, 0), (prompt.shape[1], 0)))
+            hidden = hidden + types(token_type_ids)
+        hidden = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(hidden)
+        return hidden, attention_mask
+
+
+class SelfAttention(nn.Module):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        cfg = self.config
+        shape = hidden.shape[:2] + (cfg.num_heads, cfg.head_dim)
+        q = nn.Dense(cfg.hidden_size, name="query")(hidden).reshape(shape)
+        k = nn.Dense(cfg.hidden_size, name="key")(hidden).reshape(shape)
+        v = nn.Dense(cfg.hidden_size, name="value")(hidden).reshape(shape)
+        out = attend(q, k, v, mask, cfg.attention, self.layer_index, causal=False)
+        return out.reshape(hidden.shape)
+
+
+class DenseAddNorm(nn.Module):
+    """dense -> residual add -> LayerNorm (Hugging Face's `*Output` blocks)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, residual):
+        x = nn.Dense(self.config.hidden_size, name="dense")(x)
+        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, name="LayerNorm")(x + residual)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        attn = SelfAttention(self.config, self.layer_index, name="self")(hidden, mask)
+        return DenseAddNorm(self.config, name="output")(attn, hidden)
+
+
+class Intermediate(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        x = nn.Dense(self.config.intermediate_size, name="dense")(hidden)
+        return activation_fn(self.config.activation)(x)
+
+
+class EncoderLayer(nn.Module):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        hidden = Attention(self.config, self.layer_index, name="attention")(hidden, mask)
+        x = Intermediate(self.config, name="intermediate")(hidden)
+        return DenseAddNorm(self.config, name="output")(x, hidden)
+
+
+class LayerStack(nn.Module):
+    """Layers `first .. first + count - 1`, named by absolute index like Hugging Face."""
+
+    config: ModelConfig
+    first: int = 0
+    count: int | None = None
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        last = self.config.num_layers if self.count is None else self.first + self.count
+        for i in range(self.first, last):
+            hidden = EncoderLayer(self.config, i, name=str(i))(hidden, mask)
+        return hidden
+
+
+class LayerCollection(nn.Module):
+    config: ModelConfig
+    first: int = 0
+    count: int | None = None
+
+    @nn.compact
+    def __call__(self, hidden, mask):
+        return LayerStack(self.config, self.first, self.count, name="layer")(hidden, mask)
+
+
+class Encoder(nn.Module):
+    """BERT / RoBERTa trunk: ids -> hidden states [batch, seq, hidden] and the mask used.
+
+    `first_layer` / `num_layers` run a slice of the stack (frozen-trunk caching feeds
+    cached activations into the upper slice with `embed=False`).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        prompt=None,
+        *,
+        embed: bool = True,
+        first_layer: int = 0,
+        num_layers: int | None = None,
+    ):
+        if embed:
+            hidden, mask = Embeddings(self.config, name="embeddings")(
+                input_ids, attention_mask, token_type_ids, prompt
+            )
+        else:
+            hidden, mask = input_ids, attention_mask
+        hidden = LayerCollection(self.config, first_layer, num_layers, name="encoder")(hidden, mask)
+        return hidden, mask

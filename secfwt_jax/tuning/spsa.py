@@ -1,0 +1,145 @@
+"""Forward-only SPSA / MeZO step, pure and jittable, built to compile into MPC bytecode.
+
+For K public directions z_k (pytrees shaped like the trainable parameters theta):
+
+    L+_k = L(theta + eps z_k),  L-_k = L(theta - eps z_k)      (2K forwards, no backward)
+    g_k  = (L+_k - L-_k) / (2 eps)                              (projected gradient, scalar)
+    theta <- theta (1 - eta wd) - eta / K * sum_k g_k z_k
+
+Under MPC theta is secret and z, eps, eta are public, so theta +- eps z and g_k z_k are
+secret-public operations (local, no communication); only the losses are secret scalars.
+SPU has no `rng_normal` and mis-computes `jax.random`, so z is drawn on the host from a
+public seed (`directions`) and passed in as a public input. In plaintext the same function
+runs under `jax.jit`; `spsa_step_seeded` regenerates z inside the jit instead (MeZO's
+memory trick: z is never stored between steps).
+
+All 2K forwards run as ONE vmapped forward over a stacked parameter axis by default: under
+MPC that is one set of communication rounds instead of 2K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, dict], jnp.ndarray]  # (trainable, frozen, batch) -> scalar
+
+
+@dataclasses.dataclass(frozen=True)
+class SpsaConfig:
+    """eps: perturbation scale; num_directions: K (n-SPSA); weight_decay: decoupled L2;
+    batched: evaluate all 2K forwards as one vmapped forward (fewer MPC rounds, more
+    memory) or sequentially with `lax.map` (MeZO-like memory)."""
+
+    eps: float = 1e-3
+    num_directions: int = 1
+    weight_decay: float = 0.0
+    batched: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError("spsa.eps: must be positive")
+        if self.num_directions < 1:
+            raise ValueError("spsa.num_directions: must be >= 1")
+        if self.weight_decay < 0:
+            raise ValueError("spsa.weight_decay: must be >= 0")
+
+
+DEFAULT_SPSA = SpsaConfig()
+
+
+def directions(seed: int, step: int, like: PyTree, num_directions: int = 1) -> PyTree:
+    """Public Gaussian directions [K, *leaf.shape] per leaf, from numpy on the host.
+
+    Deterministic in (seed, step): every party and the plaintext reference regenerate the
+    same z, so z never needs to be stored or sent.
+    """
+    rng = np.random.default_rng([seed, step])
+    return jax.tree_util.tree_map(
+        lambda leaf: rng.standard_normal((num_directions,) + np.shape(leaf)).astype(np.float32),
+        like,
+    )
+
+
+def evaluate_population(
+    loss_fn: LossFn, population: PyTree, frozen: PyTree, batch: dict, batched: bool = True
+) -> jnp.ndarray:
+    """Losses [P] of P stacked candidate parameter sets (leading axis P on every leaf)."""
+    single = lambda theta: loss_fn(theta, frozen, batch)  # noqa: E731
+    if batched:
+        return jax.vmap(single)(population)
+    return jax.lax.map(single, population)
+
+
+def _perturbed_pair(trainable: PyTree, z: PyTree, eps: float) -> PyTree:
+    """Stack [theta + eps z_1..K, theta - eps z_1..K] on a new leading axis of size 2K."""
+    return jax.tree_util.tree_map(
+        lambda t, zk: jnp.concatenate([t[None] + eps * zk, t[None] - eps * zk], axis=0),
+        trainable,
+        z,
+    )
+
+
+def spsa_step(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: dict,
+    z: PyTree,
+    step_size,
+    config: SpsaConfig = DEFAULT_SPSA,
+) -> tuple[PyTree, dict]:
+    """One SPSA step with given public directions z ([K, ...] per leaf).
+
+    Returns (new trainable, info) with info = {loss: mean of L+ and L- [], loss_plus [K],
+    loss_minus [K], projected_grad [K]}.
+    """
+    k = jax.tree_util.tree_leaves(z)[0].shape[0]
+    losses = evaluate_population(
+        loss_fn, _perturbed_pair(trainable, z, config.eps), frozen, batch, config.batched
+    )
+    loss_plus, loss_minus = losses[:k], losses[k:]
+    grad = (loss_plus - loss_minus) * (1.0 / (2.0 * config.eps))  # [K], secret under MPC
+    decay = 1.0 - step_size * config.weight_decay
+
+    def update(t, zk):
+        direction = jnp.tensordot(grad, zk, axes=1) * (1.0 / k)
+        return t * decay - step_size * direction
+
+    new_trainable = jax.tree_util.tree_map(update, trainable, z)
+    info = {
+        "loss": 0.5 * (jnp.mean(loss_plus) + jnp.mean(loss_minus)),
+        "loss_plus": loss_plus,
+        "loss_minus": loss_minus,
+        "projected_grad": grad,
+    }
+    return new_trainable, info
+
+
+def spsa_step_seeded(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: dict,
+    key: jax.Array,
+    step_size,
+    config: SpsaConfig = DEFAULT_SPSA,
+):
+    """Plaintext-only variant: z drawn inside the jit from `key` (never stored).
+
+    Do not compile this for SPU: `jax.random` is not computed correctly there.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(trainable)
+    keys = jax.random.split(key, len(leaves))
+    z_leaves = [
+        jax.random.normal(kk, (config.num_directions,) + leaf.shape, leaf.dtype)
+        for kk, leaf in zip(keys, leaves, strict=True)
+    ]
+    z = jax.tree_util.tree_unflatten(treedef, z_leaves)
+    return spsa_step(loss_fn, trainable, frozen, batch, z, step_size, config)
