@@ -1,0 +1,79 @@
+"""CMA-ES over the BBT / SecFwT random-subspace prompt, using Hansen's `cma` package.
+
+The data owner runs the ask/tell loop in plaintext. Each generation's candidates z_1..P
+are stacked and scored by ONE batched forward (`evaluate_population`, a vmap over the
+population axis): under MPC that is one set of communication rounds per generation.
+
+Leakage, by design (as in the paper): the candidates are public inputs to the MPC program
+(every compute party sees them) and their losses are revealed to the data owner, who needs
+them to rank candidates. The losses are aggregate scores of a batch, not per-example
+outputs; nothing else is revealed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import cma
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CmaConfig:
+    """BBT defaults: population 20, sigma0 1.0 (in z units), 8000 forwards budget."""
+
+    population: int = 20
+    sigma0: float = 1.0
+    generations: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.population < 2:
+            raise ValueError("cma.population: must be >= 2")
+        if not self.sigma0 > 0:
+            raise ValueError("cma.sigma0: must be positive")
+        if self.generations < 1:
+            raise ValueError("cma.generations: must be >= 1")
+
+
+@dataclasses.dataclass
+class CmaResult:
+    best_z: np.ndarray
+    best_loss: float
+    history: list[dict]  # per generation: mean / min loss, sigma
+
+
+PopulationLoss = Callable[[np.ndarray, int], np.ndarray]  # ([P, d], generation) -> [P]
+
+
+def cma_search(
+    population_loss: PopulationLoss,
+    dim: int,
+    cfg: CmaConfig,
+    x0: np.ndarray | None = None,
+    log: Callable[[str], None] | None = None,
+) -> CmaResult:
+    """Minimise `population_loss` over z in R^dim with CMA-ES ask/tell."""
+    x0 = np.zeros(dim) if x0 is None else np.asarray(x0, np.float64)
+    es = cma.CMAEvolutionStrategy(
+        x0, cfg.sigma0,
+        {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9, "maxiter": cfg.generations},
+    )  # fmt: skip
+    history = []
+    for generation in range(cfg.generations):
+        candidates = np.asarray(es.ask(), np.float32)
+        losses = np.asarray(population_loss(candidates, generation), np.float64)
+        es.tell(list(candidates.astype(np.float64)), list(losses))
+        history.append(
+            {
+                "generation": generation,
+                "mean_loss": float(losses.mean()),
+                "min_loss": float(losses.min()),
+                "sigma": float(es.sigma),
+            }
+        )
+        if log:
+            log(f"cma gen {generation}: min {losses.min():.4f} mean {losses.mean():.4f}")
+    best = es.result
+    return CmaResult(np.asarray(best.xbest, np.float32), float(best.fbest), history)

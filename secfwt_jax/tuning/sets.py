@@ -1,0 +1,158 @@
+"""Trainable sets: which parameters a forward-only (or backprop) step moves.
+
+    spec = TrainableSpec(kind="lora", lora_rank=4)
+    problem = build_problem(spec, classifier, params, seed=0)
+    logits = problem.logits(problem.trainable, problem.frozen, batch)
+
+Kinds:
+  head    the task head only (a linear head; for verbalizer heads, the MLM transform);
+  bitfit  every bias plus the head (Ben Zaken et al. 2022);
+  lora    rank-r factors A [in, r], B [r, out] on the attention projections, scaled by
+          alpha / r; B starts at zero so tuning starts from the pretrained model; plus a
+          linear head when there is one;
+  prompt  a soft prompt in a random subspace, p = A z (BBT, SecFwT): z [d] is trained,
+          A [P*H, d] is fixed from a public seed and scaled like BBT by the word embeddings'
+          std; the linear head, if any, stays frozen (fit it first, e.g. a linear probe);
+  full    every parameter.
+
+`frozen` is always a separate pytree: under MPC it is the model owner's secret and is never
+perturbed. The public random matrix A is a trace-time constant, so p = A z is a
+public-by-secret product: local under MPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import flax.traverse_util as traverse
+import jax.numpy as jnp
+import numpy as np
+
+from secfwt_jax.models.classifier import Classifier
+from secfwt_jax.tuning import trainable as tr
+
+SetKind = Literal["head", "bitfit", "lora", "prompt", "full"]
+LORA_TARGETS = {
+    "bert": ("attention/self/query", "attention/self/value"),
+    "roberta": ("attention/self/query", "attention/self/value"),
+    "gpt2": ("attn/c_attn",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableSpec:
+    kind: SetKind = "head"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    prompt_length: int = 10
+    intrinsic_dim: int = 500
+    projection_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("head", "bitfit", "lora", "prompt", "full"):
+            raise ValueError(f"trainable.kind: unknown {self.kind!r}")
+        if self.lora_rank < 1:
+            raise ValueError("trainable.lora_rank: must be >= 1")
+        if self.prompt_length < 1:
+            raise ValueError("trainable.prompt_length: must be >= 1")
+        if self.intrinsic_dim < 1:
+            raise ValueError("trainable.intrinsic_dim: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningProblem:
+    """trainable / frozen pytrees and `logits(trainable, frozen, batch) -> [B, C]`."""
+
+    spec: TrainableSpec
+    trainable: dict
+    frozen: dict
+    logits: Callable
+
+
+def lora_paths(params: dict, classifier: Classifier) -> list[str]:
+    flat = traverse.flatten_dict(params, sep="/")
+    targets = LORA_TARGETS[classifier.config.family]
+    return sorted(
+        k[: -len("/kernel")] for k in flat if k.endswith("/kernel") and any(t in k for t in targets)
+    )
+
+
+def init_lora(params: dict, classifier: Classifier, spec: TrainableSpec, seed: int) -> dict:
+    """{'/'-joined kernel path: {'a': [in, r], 'b': [r, out]}}; a ~ N(0, 1/in), b = 0."""
+    flat = traverse.flatten_dict(params, sep="/")
+    rng = np.random.default_rng([seed, 11])
+    factors = {}
+    for path in lora_paths(params, classifier):
+        kernel = flat[path + "/kernel"]
+        fan_in, fan_out = kernel.shape
+        factors[path] = {
+            "a": (rng.standard_normal((fan_in, spec.lora_rank)) / np.sqrt(fan_in)).astype(
+                np.float32
+            ),
+            "b": np.zeros((spec.lora_rank, fan_out), np.float32),
+        }
+    return factors
+
+
+def apply_lora(params: dict, factors: dict, scale: float) -> dict:
+    """params with kernel += scale * a @ b at every LoRA path."""
+    flat = traverse.flatten_dict(params, sep="/")
+    for path, ab in factors.items():
+        flat[path + "/kernel"] = flat[path + "/kernel"] + scale * (ab["a"] @ ab["b"])
+    return traverse.unflatten_dict(flat, sep="/")
+
+
+def prompt_projection(spec: TrainableSpec, hidden: int, embed_std: float) -> np.ndarray:
+    """Public A [P*H, d] ~ N(0, sigma^2), sigma = embed_std / sqrt(d) (BBT's scaling)."""
+    rng = np.random.default_rng([spec.projection_seed, spec.intrinsic_dim])
+    sigma = embed_std / np.sqrt(spec.intrinsic_dim)
+    shape = (spec.prompt_length * hidden, spec.intrinsic_dim)
+    return (rng.standard_normal(shape) * sigma).astype(np.float32)
+
+
+def subspace_prompt(z, projection: np.ndarray, prompt_length: int):
+    """p = A z reshaped to [1, P, H]."""
+    return (jnp.asarray(projection) @ z).reshape(1, prompt_length, -1)
+
+
+def _split_problem(spec, classifier, params, predicate) -> TuningProblem:
+    trainable, frozen = tr.partition(params, predicate)
+    return TuningProblem(
+        spec, trainable, frozen, lambda t, f, b: classifier.logits(tr.merge(t, f), b)
+    )
+
+
+def build_problem(
+    spec: TrainableSpec, classifier: Classifier, params: dict, seed: int = 0
+) -> TuningProblem:
+    """Split `params` for `spec` and return the matching logits function."""
+    head = classifier.head_name
+    if spec.kind == "full":
+        return _split_problem(spec, classifier, params, tr.everything)
+    if spec.kind == "head":
+        return _split_problem(spec, classifier, params, tr.head_only(head))
+    if spec.kind == "bitfit":
+        return _split_problem(spec, classifier, params, tr.biases_only(head))
+    if spec.kind == "lora":
+        has_head = head in params
+        head_params, frozen = tr.partition(params, tr.head_only(head)) if has_head else ({}, params)
+        trainable = {"lora": init_lora(params, classifier, spec, seed), **head_params}
+        scale = spec.lora_alpha / spec.lora_rank
+
+        def lora_logits(t, f, b):
+            merged = tr.merge({k: v for k, v in t.items() if k != "lora"}, f)
+            return classifier.logits(apply_lora(merged, t["lora"], scale), b)
+
+        return TuningProblem(spec, trainable, frozen, lora_logits)
+    # prompt
+    table = np.asarray(classifier.word_table(params))
+    projection = prompt_projection(spec, classifier.config.hidden_size, float(table.std()))
+    trainable = {"z": np.zeros(spec.intrinsic_dim, np.float32)}
+
+    def prompt_logits(t, f, b):
+        prompt = subspace_prompt(t["z"], projection, spec.prompt_length)
+        return classifier.logits(f, b, prompt=prompt)
+
+    return TuningProblem(spec, trainable, params, prompt_logits)
