@@ -51,7 +51,7 @@ _PREFIX = r"^\[[^\]]*\] \[\w+\] \[[^\]]*\] "
 _START = re.compile(_PREFIX + r"\[Profiling\] SPU execution (?P<name>.*) completed")
 _SECTION = re.compile(_PREFIX + r"(?P<sec>HLO|HAL|MPC) profiling: total time")
 _OP = re.compile(
-    _PREFIX + r"- (?P<op>\S+), executed (?P<calls>\d+) times, duration (?P<time>[0-9.eE+-]+)s, "
+    _PREFIX + r"- (?P<op>.+?), executed (?P<calls>\d+) times, duration (?P<time>[0-9.eE+-]+)s, "
     r"send bytes (?P<sb>\d+) recv bytes (?P<rb>\d+), send actions (?P<sa>\d+), "
     r"recv actions (?P<ra>\d+)"
 )

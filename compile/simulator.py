@@ -16,6 +16,17 @@ Example::
 Static (non-array) arguments are not supported; close over them or use
 ``functools.partial``. Array leaves are canonicalised with ``jnp.asarray`` (float64 ->
 float32, int64 -> int32 unless jax x64 is on) before tracing and sharing.
+
+Trace constants are hoisted into PUBLIC inputs. Arrays that ``fn`` closes over (random
+feature directions, polynomial coefficients, position tables) become constants of its
+jaxpr; :func:`compile_to_pphlo` passes them to the program as extra public arguments
+(``Compiled.constants``, after the caller's arguments) instead of baking them into the
+bytecode. Two reasons: (1) spu 0.9.3b0 miscompiles a ``dot_general`` whose constant
+operand XLA has constant-folded through a transpose into a non-default layout (for
+example ``einsum("bnhd,hdm->bnhm", x, w)`` with a constant ``w`` returned errors of order
+1 to 30; measured here, see tests/test_compile_visibility.py); as a public input the same
+op is exact. (2) The visibility policy wants public inputs such as the random-feature
+directions to be named inputs of the program, which the policy checker can read.
 """
 
 from __future__ import annotations
@@ -44,11 +55,14 @@ class Compiled(NamedTuple):
     executable: ``spu_pb2.ExecutableProto`` (``.SerializeToString()`` to store it).
     pphlo_text: the pphlo MLIR text; secret values are typed ``!pphlo.secret<...>``.
     output_treedef: pytree structure of the function's output.
+    constants: hoisted trace constants, public inputs that follow the caller's leaves in
+        ``executable.input_names`` (feed them with :func:`constant_shares`).
     """
 
     executable: spu_pb2.ExecutableProto
     pphlo_text: str
     output_treedef: Any
+    constants: tuple[np.ndarray, ...] = ()
 
 
 class MpcResult(NamedTuple):
@@ -132,22 +146,30 @@ def compile_to_pphlo(
             return _CACHE[key]
     _CACHE_STATS["misses"] += 1
 
-    def program(*a):
-        return fn(*a)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    constants = tuple(np.asarray(c) for c in closed.consts)
+    n_leaves = len(leaves)
+
+    def program(*flat):
+        return jax.core.eval_jaxpr(closed.jaxpr, list(flat[n_leaves:]), *flat[:n_leaves])
 
     program.__name__ = re.sub(r"\W", "_", name or getattr(fn, "__name__", "program"))
-    executable, out_shape = spu_fe.compile(
+    const_vis = [spu_pb2.Visibility.VIS_PUBLIC] * len(constants)
+    executable, _ = spu_fe.compile(
         spu_fe.Kind.JAX,
         program,
-        args,
+        (*leaves, *constants),
         {},
-        [f"in{i}" for i in range(len(vis))],
-        vis,
+        [f"in{i}" for i in range(len(vis) + len(constants))],
+        vis + const_vis,
         lambda outs: [f"out{i}" for i in range(len(outs))],
         copts=copts,
     )
     compiled = Compiled(
-        executable, executable.code.decode("utf-8"), jax.tree_util.tree_structure(out_shape)
+        executable,
+        executable.code.decode("utf-8"),
+        jax.tree_util.tree_structure(out_shape),
+        constants,
     )
     if key is not None:
         with _CACHE_LOCK:
@@ -218,6 +240,11 @@ def run_executable(
     return [j.join() for j in jobs]
 
 
+def constant_shares(io: spu_api.Io, compiled: Compiled) -> list[list[Any]]:
+    """Public shares of ``compiled``'s hoisted constants, one list of per-rank shares each."""
+    return [io.make_shares(c, spu_pb2.Visibility.VIS_PUBLIC) for c in compiled.constants]
+
+
 def mpc_run(
     fn: Callable,
     args: Sequence[Any],
@@ -248,6 +275,7 @@ def mpc_run(
     vis = _flat_vis(args, mask)
     leaves = jax.tree_util.tree_leaves(args)
     shares = [io.make_shares(x, v) for x, v in zip(leaves, vis, strict=True)]
+    shares += constant_shares(io, compiled)
 
     cost = None
     if profile:

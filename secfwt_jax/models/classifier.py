@@ -104,6 +104,24 @@ class Classifier:
             prompt,
         )
 
+    def lower_hidden(self, params, batch, num_layers: int):
+        """Embeddings plus the first `num_layers` trunk layers: the frozen-trunk cache."""
+        return trunk_module(self.config).apply(
+            {"params": params[self.trunk_name]},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            num_layers=num_layers,
+        )
+
+    def upper_logits(self, params, hidden, mask, batch, first_layer: int):
+        """Layers `first_layer..` on cached hidden states [B, N, H], then the head."""
+        hidden, mask = trunk_module(self.config).apply(
+            {"params": params[self.trunk_name]}, hidden, mask, embed=False,
+            first_layer=first_layer,
+        )  # fmt: skip
+        return self.scores(params, hidden, mask, batch)
+
     def scores(self, params, hidden, mask, batch, prompt_len: int = 0):
         """Head on top of trunk hidden states: -> logits [B, C]."""
         if self.head.kind == "linear":

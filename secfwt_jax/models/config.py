@@ -107,6 +107,11 @@ class ModelConfig:
             f"{self.hidden_size} is not divisible by num_heads={self.num_heads}",
         )
         _require(
+            0 <= self.pad_token_id < self.vocab_size,
+            "pad_token_id",
+            f"{self.pad_token_id} is outside the vocabulary (size {self.vocab_size})",
+        )
+        _require(
             self.activation in SUPPORTED_ACTIVATIONS,
             "hidden_act",
             f"unsupported {self.activation!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}",

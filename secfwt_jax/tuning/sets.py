@@ -13,6 +13,11 @@ Kinds:
   prompt  a soft prompt in a random subspace, p = A z (BBT, SecFwT): z [d] is trained,
           A [P*H, d] is fixed from a public seed and scaled like BBT by the word embeddings'
           std; the linear head, if any, stays frozen (fit it first, e.g. a linear probe);
+  top     the top `top_layers` trunk layers plus the head. With `cache_trunk=True` the
+          frozen lower layers run ONCE per example (`problem.prepare(batch)`) and every step
+          re-runs only the top layers and head. Under MPC the cached activations stay
+          secret shares; each of the 2K perturbed forwards then costs (top_layers / L) of
+          the trunk instead of all of it (plus the head and loss).
   full    every parameter.
 
 `frozen` is always a separate pytree: under MPC it is the model owner's secret and is never
@@ -33,7 +38,7 @@ import numpy as np
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.tuning import trainable as tr
 
-SetKind = Literal["head", "bitfit", "lora", "prompt", "full"]
+SetKind = Literal["head", "bitfit", "lora", "prompt", "top", "full"]
 LORA_TARGETS = {
     "bert": ("attention/self/query", "attention/self/value"),
     "roberta": ("attention/self/query", "attention/self/value"),
@@ -49,9 +54,11 @@ class TrainableSpec:
     prompt_length: int = 10
     intrinsic_dim: int = 500
     projection_seed: int = 1234
+    top_layers: int = 1
+    cache_trunk: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("head", "bitfit", "lora", "prompt", "full"):
+        if self.kind not in ("head", "bitfit", "lora", "prompt", "top", "full"):
             raise ValueError(f"trainable.kind: unknown {self.kind!r}")
         if self.lora_rank < 1:
             raise ValueError("trainable.lora_rank: must be >= 1")
@@ -59,16 +66,25 @@ class TrainableSpec:
             raise ValueError("trainable.prompt_length: must be >= 1")
         if self.intrinsic_dim < 1:
             raise ValueError("trainable.intrinsic_dim: must be >= 1")
+        if self.top_layers < 0:
+            raise ValueError("trainable.top_layers: must be >= 0")
+        if self.cache_trunk and self.kind not in ("head", "top"):
+            raise ValueError("trainable.cache_trunk: only for kind 'head' or 'top'")
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningProblem:
-    """trainable / frozen pytrees and `logits(trainable, frozen, batch) -> [B, C]`."""
+    """trainable / frozen pytrees and `logits(trainable, frozen, batch) -> [B, C]`.
+
+    `prepare(batch)` must be applied once to every batch before `logits` (identity except
+    with frozen-trunk caching, where it runs the frozen lower layers).
+    """
 
     spec: TrainableSpec
     trainable: dict
     frozen: dict
     logits: Callable
+    prepare: Callable = lambda batch: batch
 
 
 def lora_paths(params: dict, classifier: Classifier) -> list[str]:
@@ -124,11 +140,47 @@ def _split_problem(spec, classifier, params, predicate) -> TuningProblem:
     )
 
 
+def layer_index(path: str) -> int | None:
+    """Trunk layer of a parameter path (`.../layer/<i>/...` or `.../h/<i>/...`), else None."""
+    parts = path.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layer", "h") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _top_problem(spec: TrainableSpec, classifier: Classifier, params: dict) -> TuningProblem:
+    num_layers = classifier.config.num_layers
+    first = num_layers - min(spec.top_layers, num_layers)
+    head = classifier.head_name
+
+    def is_trainable(path: str) -> bool:
+        index = layer_index(path)
+        return path.split("/")[0] == head or (index is not None and index >= first)
+
+    if not spec.cache_trunk:
+        return _split_problem(spec, classifier, params, is_trainable)
+    trainable, frozen = tr.partition(params, is_trainable)
+
+    def prepare(batch):
+        hidden, mask = classifier.lower_hidden(params, batch, first)
+        return {**batch, "hidden": hidden, "attention_mask": mask}
+
+    def cached_logits(t, f, b):
+        merged = tr.merge(t, f)
+        return classifier.upper_logits(merged, b["hidden"], b["attention_mask"], b, first)
+
+    return TuningProblem(spec, trainable, frozen, cached_logits, prepare)
+
+
 def build_problem(
     spec: TrainableSpec, classifier: Classifier, params: dict, seed: int = 0
 ) -> TuningProblem:
     """Split `params` for `spec` and return the matching logits function."""
     head = classifier.head_name
+    if spec.kind == "top" or (spec.kind == "head" and spec.cache_trunk):
+        top = spec if spec.kind == "top" else dataclasses.replace(spec, top_layers=0)
+        return _top_problem(top, classifier, params)
     if spec.kind == "full":
         return _split_problem(spec, classifier, params, tr.everything)
     if spec.kind == "head":
