@@ -43,7 +43,14 @@ DEFAULT_FRACTION_BITS: dict[str, int] = {"FM64": 18, "FM128": 26}
 _FIELD_BITS: dict[str, int] = {"FM64": 64, "FM128": 128}
 
 #: Exp approximations exposed by spu 0.9.3b0 (``RuntimeConfig.ExpMode``). DEFAULT is Taylor.
+#: The project default is PADE: with it the ``tanh_exp`` rewrite is accurate to 1.8e-5
+#: (Taylor: 1.9e-3), see :mod:`secfwt_jax.compile.precision` and docs/compile.md.
 EXP_MODES: tuple[str, ...] = ("DEFAULT", "PADE", "TAYLOR")
+
+#: SEMI2K Beaver-triple sources (``RuntimeConfig.BeaverType``). Only TrustedFirstParty
+#: works without extra services in the simulator; it is NOT secure (rank 0 knows the
+#: triples), so :func:`check_cluster_allowed` refuses it unless explicitly allowed.
+BEAVER_TYPES: tuple[str, ...] = ("TrustedFirstParty", "TrustedThirdParty", "MultiParty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +68,22 @@ class ProtocolPreset:
             0 = SPU default (2).
         public_random_seed: seed of SPU's *public* PRG (``rng_uniform`` on public bounds).
             Fixed by default so runs are reproducible; it has no bearing on security.
+        lower_accuracy_rsqrt: SPU's cheaper, less accurate rsqrt (LayerNorm, l2 norm).
+        beaver_type: SEMI2K triple source, one of :data:`BEAVER_TYPES` (ignored by the
+            other protocols).
+        rewrites: compile-time precision rewrites (``secfwt_jax.compile.precision``).
     """
 
     name: str
     field: str = "FM64"
     fxp_fraction_bits: int | None = None
-    exp_mode: str = "DEFAULT"
+    exp_mode: str = "PADE"
     exp_iters: int = 0
     div_goldschmidt_iters: int = 0
     public_random_seed: int = 1
+    lower_accuracy_rsqrt: bool = False
+    beaver_type: str = "TrustedFirstParty"
+    rewrites: tuple[str, ...] = ("tanh_exp",)
 
     def __post_init__(self) -> None:
         if self.name not in WORLD_SIZE:
@@ -92,6 +106,13 @@ class ProtocolPreset:
             raise ValueError(
                 f"exp_mode: unknown mode {self.exp_mode!r}; expected one of {EXP_MODES}"
             )
+        if self.beaver_type not in BEAVER_TYPES:
+            raise ValueError(
+                f"beaver_type: unknown {self.beaver_type!r}; expected one of {BEAVER_TYPES}"
+            )
+        from .precision import validate  # local: precision imports jax, keep this light
+
+        object.__setattr__(self, "rewrites", validate(tuple(self.rewrites)))
         for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
             v = getattr(self, attr)
             if not isinstance(v, int) or v < 0:
@@ -110,6 +131,7 @@ class ProtocolPreset:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description, including derived world size and trust text."""
         d = dataclasses.asdict(self)
+        d["rewrites"] = list(self.rewrites)
         d["world_size"] = self.world_size
         d["trust"] = self.trust
         return d
@@ -134,8 +156,26 @@ def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeC
         fxp_exp_iters=p.exp_iters,
         fxp_div_goldschmidt_iters=p.div_goldschmidt_iters,
         public_random_seed=p.public_random_seed,
+        enable_lower_accuracy_rsqrt=p.lower_accuracy_rsqrt,
     )
+    if p.name == "SEMI2K":
+        cfg.beaver_type = getattr(spu_pb2.RuntimeConfig.BeaverType, p.beaver_type)
     if profile:
         cfg.enable_pphlo_profile = True
         cfg.enable_hal_profile = True
     return cfg
+
+
+def check_cluster_allowed(p: ProtocolPreset, allow_insecure_beaver: bool = False) -> None:
+    """Refuse presets that are only safe in tests, before a cluster job starts.
+
+    SEMI2K with the ``TrustedFirstParty`` Beaver source lets rank 0 generate (and so know)
+    every multiplication triple, which breaks 2PC security; it runs in a cluster only when
+    the user passes ``allow_insecure_beaver=True``. Raises a one-line ValueError.
+    """
+    if p.name == "SEMI2K" and p.beaver_type == "TrustedFirstParty" and not allow_insecure_beaver:
+        raise ValueError(
+            "protocol: SEMI2K with beaver_type=TrustedFirstParty is insecure (party 0 knows "
+            "all Beaver triples); use ABY3, CHEETAH, a TrustedThirdParty/MultiParty beaver "
+            "source, or pass allow_insecure_beaver=True for tests"
+        )

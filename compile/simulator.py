@@ -44,6 +44,7 @@ from spu import libspu, spu_pb2
 from spu.utils import frontend as spu_fe
 
 from .cost import CommCost, capture_fds, parse_profile_log
+from .precision import DEFAULT_REWRITES, eval_jaxpr_rewritten, validate
 from .protocols import ProtocolPreset, runtime_config
 
 Public = Collection[int] | Sequence[bool]
@@ -123,12 +124,15 @@ def compile_to_pphlo(
     *,
     name: str | None = None,
     copts: spu_pb2.CompilerOptions | None = None,
+    rewrites: Sequence[str] = DEFAULT_REWRITES,
 ) -> Compiled:
     """Compile ``fn(*args)`` to SPU bytecode with the given argument visibilities.
 
     Only shapes/dtypes of ``args`` matter. Results are cached on (fn, name, arg
-    structure/shapes/dtypes, visibilities, compiler options) when ``fn`` is hashable.
+    structure/shapes/dtypes, visibilities, compiler options, rewrites) when ``fn`` is
+    hashable. ``rewrites`` name precision rewrites (:mod:`secfwt_jax.compile.precision`).
     """
+    rewrites = validate(rewrites)
     args = _canon(args)
     mask = public_mask(public, len(args))
     vis = _flat_vis(args, mask)
@@ -136,7 +140,7 @@ def compile_to_pphlo(
     leaves, treedef = jax.tree_util.tree_flatten(args)
     try:
         key = (fn, name, treedef, tuple((x.shape, x.dtype.str) for x in leaves), tuple(vis),
-               copts.SerializeToString())  # fmt: skip
+               copts.SerializeToString(), rewrites)  # fmt: skip
         hash(key)
     except TypeError:
         key = None
@@ -151,7 +155,8 @@ def compile_to_pphlo(
     n_leaves = len(leaves)
 
     def program(*flat):
-        return jax.core.eval_jaxpr(closed.jaxpr, list(flat[n_leaves:]), *flat[:n_leaves])
+        consts = list(flat[n_leaves:])
+        return eval_jaxpr_rewritten(closed.jaxpr, consts, *flat[:n_leaves], rewrites=rewrites)
 
     program.__name__ = re.sub(r"\W", "_", name or getattr(fn, "__name__", "program"))
     const_vis = [spu_pb2.Visibility.VIS_PUBLIC] * len(constants)
@@ -270,7 +275,7 @@ def mpc_run(
     p = preset if preset is not None else ProtocolPreset("ABY3")
     args = _canon(args)
     mask = public_mask(public, len(args))
-    compiled = compile_to_pphlo(fn, args, mask, name=name)
+    compiled = compile_to_pphlo(fn, args, mask, name=name, rewrites=p.rewrites)
     io = spu_api.Io(p.world_size, runtime_config(p))
     vis = _flat_vis(args, mask)
     leaves = jax.tree_util.tree_leaves(args)

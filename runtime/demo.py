@@ -5,9 +5,12 @@ Every layer of the pipeline is real:
     sin/cos), randomly initialised from a config;
   * step: the jitted forward-only SPSA step (`secfwt_jax.tuning.spsa.spsa_step`), z drawn
     on the host from a public seed, step size from an optax schedule;
-  * MPC: the step compiled to SPU bytecode and run in the in-process SPU simulator; model
-    weights, data and labels are secret inputs; z and the step size are public inputs;
-  * check: the same steps in plaintext with the same seeds, and the max parameter gap.
+  * MPC: the step compiled once to SPU bytecode and run in a persistent in-process SPU
+    session (`SimulatorSession`); model weights, data and labels are secret inputs; z and
+    the step size are public inputs. The trainable parameters stay secret-shared between
+    steps: only each step's loss (opt-in) and the final parameters are revealed;
+  * check: the same steps in plaintext with the same seeds, and the parameter gap
+    (max abs, and relative: ||theta_mpc - theta_plain|| / ||theta_plain||).
 
 The task is synthetic and fixed by the seed (label = whether token 5 occurs in the text):
 this run exercises the data flow, not accuracy.
@@ -23,7 +26,8 @@ import jax
 import numpy as np
 
 from secfwt_jax.compile import protocols
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.session import SimulatorSession
+from secfwt_jax.compile.simulator import compile_to_pphlo
 from secfwt_jax.models.classifier import Classifier, cross_entropy
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
@@ -87,6 +91,13 @@ def max_abs_gap(a, b) -> float:
     return max(jax.tree_util.tree_leaves(gaps))
 
 
+def relative_gap(a, b) -> float:
+    """||a - b|| / ||b|| over all leaves (the project's "relative" parameter error)."""
+    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(*map(jax.tree_util.tree_leaves, (a, b))))
+    den = sum(float(np.sum(y**2)) for y in jax.tree_util.tree_leaves(b))
+    return float(np.sqrt(num / den))
+
+
 def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     """Run `cfg.steps` SPSA steps under MPC and in plaintext; return the summary dict."""
     cfg = cfg or DemoConfig()
@@ -100,30 +111,34 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     step = make_step(classifier, cfg.spsa)
     plain_step = jax.jit(step)
 
-    mpc_theta, plain_theta = theta, theta
+    z0 = spsa.directions(cfg.seed, 0, theta, cfg.spsa.num_directions)
+    compiled = compile_to_pphlo(
+        step, (theta, frozen, batch, z0, np.float32(0)), public={3, 4}, name="spsa_step",
+        rewrites=preset.rewrites,
+    )  # fmt: skip
+    session = SimulatorSession(preset, profile=True)
+    session.put("theta", theta)  # model owner's weights: secret
+    session.put("frozen", frozen)
+    session.put("batch", batch)  # data owner's data and labels: secret
+    plain_theta = theta
     mpc_losses, plain_losses, step_cost, wall = [], [], None, []
     for i in range(cfg.steps):
         z = spsa.directions(cfg.seed, i, theta, cfg.spsa.num_directions)  # public
         lr = np.float32(schedule(i))  # public
+        session.put("z", z, public=True)
+        session.put("lr", lr, public=True)
         start = time.perf_counter()
-        result = mpc_run(
-            step,
-            (mpc_theta, frozen, batch, z, lr),
-            public={3, 4},
-            preset=preset,
-            profile=(i == 0),
-            name="spsa_step",
-        )
+        cost = session.run(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "info"])
         wall.append(time.perf_counter() - start)
-        mpc_theta, info = result.outputs
-        step_cost = step_cost or result.cost
+        step_cost = step_cost or cost
+        mpc_losses.append(float(session.reveal("info")["loss"]))  # opt-in per-step reveal
         plain_theta, plain_info = plain_step(plain_theta, frozen, batch, z, lr)
-        mpc_losses.append(float(info["loss"]))
         plain_losses.append(float(plain_info["loss"]))
         log(
             f"step {i}: lr={lr:.2e} loss mpc={mpc_losses[-1]:.5f} "
             f"plain={plain_losses[-1]:.5f}  ({wall[-1]:.1f} s)"
         )
+    mpc_theta = session.reveal("theta")  # the tuned result, revealed once
 
     summary = {
         "protocol": preset.name,
@@ -134,7 +149,10 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         "losses_mpc": mpc_losses,
         "losses_plaintext": plain_losses,
         "max_param_gap_mpc_vs_plaintext": max_abs_gap(mpc_theta, plain_theta),
+        "relative_param_gap_mpc_vs_plaintext": relative_gap(mpc_theta, plain_theta),
+        "max_loss_gap_mpc_vs_plaintext": float(np.max(np.abs(np.subtract(mpc_losses, plain_losses)))),
         "param_change_plaintext": max_abs_gap(plain_theta, theta),
+        "relative_param_change_plaintext": relative_gap(plain_theta, theta),
         "step_cost": {
             "total_bytes": step_cost.total_bytes,
             "per_party_bytes": step_cost.per_party_bytes,

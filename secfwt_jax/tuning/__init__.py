@@ -1,0 +1,20 @@
+"""Forward-only tuning (SPSA / MeZO, CMA-ES) and the backprop baseline, as pure functions."""
+
+from secfwt_jax.tuning.cmaes import CmaConfig, cma_search
+from secfwt_jax.tuning.schedules import ScheduleConfig, make_schedule
+from secfwt_jax.tuning.sets import TrainableSpec, TuningProblem, build_problem
+from secfwt_jax.tuning.spsa import SpsaConfig, directions, evaluate_population, spsa_step
+
+__all__ = [
+    "CmaConfig",
+    "ScheduleConfig",
+    "SpsaConfig",
+    "TrainableSpec",
+    "TuningProblem",
+    "build_problem",
+    "cma_search",
+    "directions",
+    "evaluate_population",
+    "make_schedule",
+    "spsa_step",
+]

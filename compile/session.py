@@ -1,0 +1,169 @@
+"""A persistent SPU simulator session: values stay secret-shared between runs.
+
+`mpc_run` shares its inputs, runs once and reconstructs every output. A multi-step MPC
+job must not do that with the trainable parameters: between steps they would exist in
+plaintext. A `SimulatorSession` keeps one `spu.api.Runtime` per rank alive (parties are
+threads joined by an in-memory link, as in `simulator.run_executable`); named values live
+inside those runtimes as each rank's share, runs read and write them by name, and only
+`reveal` reconstructs a value. Example::
+
+    s = SimulatorSession(protocols.preset("ABY3"))
+    s.put("theta", theta)                      # secret-shared
+    s.put("z", z, public=True)                 # every party holds the plaintext
+    for i in range(steps):
+        s.run(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "info"])
+        loss = s.reveal("info")["loss"]        # opt-in, per step
+    theta = s.reveal("theta")                  # the tuned result, once
+
+`run` takes a program compiled by `simulator.compile_to_pphlo` for the same argument
+structure; a named value is a pytree and is stored leaf by leaf as ``name/i``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from spu import api as spu_api
+from spu import libspu, spu_pb2
+
+from .cost import CommCost, capture_fds, parse_profile_log
+from .protocols import ProtocolPreset, runtime_config
+from .simulator import Compiled, _canon, constant_shares
+
+
+class SimulatorSession:
+    """Per-rank SPU runtimes kept alive; see module doc.
+
+    Args:
+        preset: protocol preset (world size, ring, fixed point).
+        profile: log per-op communication on every run; `run` then returns a CommCost.
+    """
+
+    def __init__(self, preset: ProtocolPreset, profile: bool = False):
+        self.preset = preset
+        self.profile = profile
+        self._io = spu_api.Io(preset.world_size, runtime_config(preset))
+        desc = libspu.link.Desc()
+        for r in range(preset.world_size):
+            desc.add_party(f"id_{r}", f"thread_{r}")
+        self._runtimes: list[spu_api.Runtime] = []
+        # Link creation blocks until all ranks connect: create them concurrently.
+        links = _parallel(lambda r: libspu.link.create_mem(desc, r), preset.world_size)
+        for rank, link in enumerate(links):
+            cfg = runtime_config(preset, profile=profile and rank == 0)
+            cfg.enable_pphlo_profile = profile
+            self._runtimes.append(spu_api.Runtime(link, cfg))
+        self._trees: dict[str, Any] = {}  # name -> treedef
+        self._public: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ values
+    def put(self, name: str, value: Any, public: bool = False) -> None:
+        """Share a pytree under ``name`` (secret by default; ``public`` = plaintext)."""
+        (value,) = _canon([value])
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        vis = spu_pb2.Visibility.VIS_PUBLIC if public else spu_pb2.Visibility.VIS_SECRET
+        for i, leaf in enumerate(leaves):
+            shares = self._io.make_shares(leaf, vis)
+            for rank, rt in enumerate(self._runtimes):
+                rt.set_var(f"{name}/{i}", shares[rank])
+        self._trees[name] = treedef
+        self._public[name] = public
+
+    def names(self) -> list[str]:
+        return sorted(self._trees)
+
+    def reveal(self, name: str) -> Any:
+        """Reconstruct the pytree ``name`` (numpy leaves). The ONLY way values leave."""
+        treedef = self._tree(name)
+        flat = []
+        for i in range(treedef.num_leaves):
+            shares = [rt.get_var(f"{name}/{i}") for rt in self._runtimes]
+            flat.append(self._io.reconstruct(shares))
+        return jax.tree_util.tree_unflatten(treedef, flat)
+
+    def _tree(self, name: str):
+        if name not in self._trees:
+            raise KeyError(f"session has no value {name!r}; have {self.names()}")
+        return self._trees[name]
+
+    # ------------------------------------------------------------------ runs
+    def run(
+        self, compiled: Compiled, input_names: Sequence[str], output_names: Sequence[str]
+    ) -> CommCost | None:
+        """Run ``compiled`` on stored values; store its outputs without revealing them.
+
+        ``input_names`` name the program's positional arguments in order;
+        ``output_names`` name the top-level items of its output (a tuple/list output
+        gets one name per item, any other output one name). Returns the run's CommCost
+        when the session profiles, else None.
+        """
+        exe = compiled.executable
+        in_vars = [f"{n}/{i}" for n in input_names for i in range(self._tree(n).num_leaves)]
+        const = constant_shares(self._io, compiled)
+        if len(in_vars) + len(const) != len(exe.input_names):
+            raise ValueError(
+                f"input_names: {len(in_vars)} leaves + {len(const)} constants for a program "
+                f"with {len(exe.input_names)} inputs"
+            )
+        out_trees = _split_outputs(compiled.output_treedef, len(output_names))
+        out_vars = [f"{n}/{i}" for n, t in zip(output_names, out_trees) for i in range(t.num_leaves)]  # fmt: skip
+
+        def party(rank: int):
+            rt = self._runtimes[rank]
+            for src, dst in zip(in_vars, exe.input_names, strict=False):
+                rt.set_var(dst, rt.get_var(src))
+            for c, dst in zip(const, exe.input_names[len(in_vars) :], strict=True):
+                rt.set_var(dst, c[rank])
+            rt.run(exe)
+            for src, dst in zip(exe.output_names, out_vars, strict=True):
+                rt.set_var(dst, rt.get_var(src))
+            for name in list(exe.input_names) + list(exe.output_names):
+                rt.del_var(name)
+
+        cost = None
+        if self.profile:
+            with capture_fds() as cap:
+                _parallel(party, self.preset.world_size)
+            cost = parse_profile_log(cap.text, self.preset.world_size)
+        else:
+            _parallel(party, self.preset.world_size)
+        for name, tree in zip(output_names, out_trees, strict=True):
+            self._trees[name] = tree
+            self._public[name] = False
+        return cost
+
+
+def _split_outputs(treedef, n: int) -> list:
+    """Treedefs of the top-level items of an output tree (one item if n == 1)."""
+    if n == 1:
+        return [treedef]
+    children = treedef.children()
+    if len(children) != n:
+        raise ValueError(f"output_names: {n} names for an output with {len(children)} items")
+    return children
+
+
+def _parallel(fn, n: int) -> list:
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def target(r):
+        try:
+            results[r] = fn(r)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+__all__ = ["SimulatorSession"]
