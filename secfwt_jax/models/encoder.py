@@ -145,17 +145,19 @@ class EncoderLayer(nn.Module):
 
 
 class LayerStack(nn.Module):
-    """Layers `first .. first + count - 1`, named by absolute index like Hugging Face."""
+    """Layers `first .. first + count - 1` of type `block`, named by absolute index like
+    Hugging Face (`.../0`, `.../1`, ...); shared by the encoders and the GPT-2 decoder."""
 
     config: ModelConfig
     first: int = 0
     count: int | None = None
+    block: type = EncoderLayer
 
     @nn.compact
     def __call__(self, hidden, mask):
         last = self.config.num_layers if self.count is None else self.first + self.count
         for i in range(self.first, last):
-            hidden = EncoderLayer(self.config, i, name=str(i))(hidden, mask)
+            hidden = self.block(self.config, i, name=str(i))(hidden, mask)
         return hidden
 
 

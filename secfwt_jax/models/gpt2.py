@@ -20,7 +20,7 @@ import numpy as np
 
 from secfwt_jax.models.attention import attend
 from secfwt_jax.models.config import ModelConfig
-from secfwt_jax.models.encoder import TokenEmbedding, activation_fn
+from secfwt_jax.models.encoder import LayerStack, TokenEmbedding, activation_fn
 
 
 class Conv1D(nn.Module):
@@ -82,21 +82,6 @@ class Block(nn.Module):
         return hidden + mlp(nn.LayerNorm(epsilon=eps, name="ln_2")(hidden))
 
 
-class BlockCollection(nn.Module):
-    """Blocks `first .. first + count - 1`, named by absolute index like Hugging Face."""
-
-    config: ModelConfig
-    first: int = 0
-    count: int | None = None
-
-    @nn.compact
-    def __call__(self, hidden, mask):
-        last = self.config.num_layers if self.count is None else self.first + self.count
-        for i in range(self.first, last):
-            hidden = Block(self.config, i, name=str(i))(hidden, mask)
-        return hidden
-
-
 class Decoder(nn.Module):
     """GPT-2 trunk: ids -> hidden states [batch, seq(+P), hidden] and the mask used.
 
@@ -135,7 +120,7 @@ class Decoder(nn.Module):
             )
         else:
             hidden, mask = input_ids, attention_mask
-        hidden = BlockCollection(cfg, first_layer, num_layers, name="h")(hidden, mask)
+        hidden = LayerStack(cfg, first_layer, num_layers, Block, name="h")(hidden, mask)
         if num_layers is None or first_layer + num_layers >= cfg.num_layers:
             hidden = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_f")(hidden)
         return hidden, mask
