@@ -21,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
-from jax import core
-from jax import lax
+from jax import core, lax
 
 
 def _tanh_exp(x, **_):

@@ -49,13 +49,14 @@ class SimulatorSession:
         desc = libspu.link.Desc()
         for r in range(preset.world_size):
             desc.add_party(f"id_{r}", f"thread_{r}")
-        self._runtimes: list[spu_api.Runtime] = []
-        # Link creation blocks until all ranks connect: create them concurrently.
-        links = _parallel(lambda r: libspu.link.create_mem(desc, r), preset.world_size)
-        for rank, link in enumerate(links):
+
+        def make_runtime(rank: int) -> spu_api.Runtime:
             cfg = runtime_config(preset, profile=profile and rank == 0)
             cfg.enable_pphlo_profile = profile
-            self._runtimes.append(spu_api.Runtime(link, cfg))
+            return spu_api.Runtime(libspu.link.create_mem(desc, rank), cfg)
+
+        # Link and runtime set-up talk to the other ranks: build them concurrently.
+        self._runtimes: list[spu_api.Runtime] = _parallel(make_runtime, preset.world_size)
         self._trees: dict[str, Any] = {}  # name -> treedef
         self._public: dict[str, bool] = {}
 
@@ -109,7 +110,7 @@ class SimulatorSession:
                 f"with {len(exe.input_names)} inputs"
             )
         out_trees = _split_outputs(compiled.output_treedef, len(output_names))
-        out_vars = [f"{n}/{i}" for n, t in zip(output_names, out_trees) for i in range(t.num_leaves)]  # fmt: skip
+        out_vars = [f"{n}/{i}" for n, t in zip(output_names, out_trees, strict=False) for i in range(t.num_leaves)]  # fmt: skip
 
         def party(rank: int):
             rt = self._runtimes[rank]

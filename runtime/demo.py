@@ -93,7 +93,10 @@ def max_abs_gap(a, b) -> float:
 
 def relative_gap(a, b) -> float:
     """||a - b|| / ||b|| over all leaves (the project's "relative" parameter error)."""
-    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(*map(jax.tree_util.tree_leaves, (a, b))))
+    num = sum(
+        float(np.sum((x - y) ** 2))
+        for x, y in zip(*map(jax.tree_util.tree_leaves, (a, b)), strict=False)
+    )
     den = sum(float(np.sum(y**2)) for y in jax.tree_util.tree_leaves(b))
     return float(np.sqrt(num / den))
 
@@ -150,7 +153,9 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         "losses_plaintext": plain_losses,
         "max_param_gap_mpc_vs_plaintext": max_abs_gap(mpc_theta, plain_theta),
         "relative_param_gap_mpc_vs_plaintext": relative_gap(mpc_theta, plain_theta),
-        "max_loss_gap_mpc_vs_plaintext": float(np.max(np.abs(np.subtract(mpc_losses, plain_losses)))),
+        "max_loss_gap_mpc_vs_plaintext": float(
+            np.max(np.abs(np.subtract(mpc_losses, plain_losses)))
+        ),
         "param_change_plaintext": max_abs_gap(plain_theta, theta),
         "relative_param_change_plaintext": relative_gap(plain_theta, theta),
         "step_cost": {
