@@ -28,6 +28,7 @@ import numpy as np
 from secfwt_jax.compile import protocols, simulator
 from secfwt_jax.models.attention import random_feature_attention, softmax_attention
 from secfwt_jax.models.config import AttentionConfig
+from secfwt_jax.models.feature_maps import poly_error_bound, random_directions
 
 RESULTS = Path(__file__).parent / "results" / "attention_cost.json"
 HEAD_DIM = 64
@@ -68,6 +69,14 @@ def measure(name: str, cfg: AttentionConfig | None, seq: int) -> dict:
     seconds = time.perf_counter() - start
     plain = np.asarray(fn(*args))
     cost = res.cost
+    extra = {}
+    if cfg is not None and cfg.trig == "poly":
+        w = random_directions(cfg.seed, 0, 1, HEAD_DIM, cfg.num_features, cfg.sigma)
+        bound = float(np.linalg.norm(w, axis=1).max())
+        extra = {
+            "poly_bound_l2": bound,
+            "poly_error_bound": poly_error_bound(bound, cfg.poly_degree),
+        }
     return {
         "case": name,
         "seq": seq,
@@ -78,11 +87,14 @@ def measure(name: str, cfg: AttentionConfig | None, seq: int) -> dict:
         "total_send_actions": cost.total_send_actions,
         "max_abs_err_vs_plaintext": float(np.max(np.abs(np.asarray(res.outputs) - plain))),
         "wall_s_noisy": round(seconds, 1),
+        **extra,
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = "| case | n | total MB (both parties) | rank-0 MB | max rounds | max abs err vs plaintext |"
+    head = (
+        "| case | n | total MB (both parties) | rank-0 MB | max rounds | max abs err vs plaintext |"
+    )
     lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(

@@ -1,6 +1,7 @@
 """`secfwt` command line.
 
     secfwt demo [--protocol ABY3|SEMI2K|CHEETAH] [--steps N] [--json PATH]
+    secfwt compile CONFIG --out DIR [--cache-dir DIR | --no-cache]
 
 Bad input exits non-zero with a one-line `secfwt: error: ...` that names the field.
 """
@@ -46,6 +47,53 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_cache_dir() -> Path:
+    """$SECFWT_CACHE_DIR, else $XDG_CACHE_HOME/secfwt/compile (~/.cache/secfwt/compile)."""
+    if os.environ.get("SECFWT_CACHE_DIR"):
+        return Path(os.environ["SECFWT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "secfwt" / "compile"
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out may be new, empty, or a previous artifact (replaced); nothing else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "metadata.json").is_file():
+        raise ValueError(f"--out: {out} is not empty and holds no artifact; refusing to replace it")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from secfwt_jax.compile import artifacts
+    from secfwt_jax.compile.job_config import load_config
+    from secfwt_jax.compile.jobs import build_job
+
+    out = Path(args.out)
+    _check_out_dir(out)
+    cfg = load_config(args.config)
+    job = build_job(cfg)
+    if args.no_cache:
+        artifact, hit = artifacts.compile_job(job, cfg.protocol), False
+    else:
+        artifact, hit = artifacts.compile_cached(job, cfg.protocol, args.cache_dir or default_cache_dir())  # fmt: skip
+    artifacts.write_artifact(artifact, out)
+    meta = artifact.metadata
+    secret = sum(i["visibility"] == "secret" for i in meta["inputs"])
+    constants = sum(i["arg"] == "constant" for i in meta["inputs"])
+    how = "cache hit" if hit else f"compiled in {meta['compile_seconds']:.1f} s"
+    print(
+        f"{meta['name']} for {cfg.protocol.name} {meta['field']} "
+        f"(fraction bits {meta['fxp_fraction_bits']}): {how}"
+    )
+    print(
+        f"  inputs {len(meta['inputs'])} (secret {secret}, public "
+        f"{len(meta['inputs']) - secret} incl. {constants} hoisted constants), "
+        f"outputs {len(meta['outputs'])}, pphlo {len(artifact.pphlo_text.splitlines())} lines"
+    )
+    print(f"  key {meta['key'][:16]}...  wrote {out}/{{executable.pb,program.pphlo,constants.npz,metadata.json}}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secfwt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the summary to this JSON file")
     demo.set_defaults(run=_demo)
+    comp = sub.add_parser("compile", help="compile a config's function to SPU bytecode + metadata")
+    comp.add_argument("config", help="compile config (.yaml/.yml/.json), see configs/")
+    comp.add_argument("--out", required=True, help="artifact directory to write")
+    cache = comp.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
+    cache.add_argument("--no-cache", action="store_true", help="always compile; no cache")
+    comp.set_defaults(run=_compile)
     return parser
 
 

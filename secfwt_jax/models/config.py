@@ -44,8 +44,11 @@ class AttentionConfig:
       variant: see `RfaVariant`.
       trig: "exact" (jnp.sin / jnp.cos) or "poly" (bounded shared-power polynomial, cheap
         under MPC; see `feature_maps.poly_sin_cos`).
-      poly_bound: B, the polynomial's input range [-B, B]; inputs are clipped to it.
-      poly_degree: degree of the cosine polynomial (even); sine uses degree + 1.
+      poly_bound: B, the clip range [-B, B] of trig arguments that have no guaranteed
+        bound (the softmax_kernel variant). The l2 variant never clips: |w^T x| <=
+        max_j |w_j| since |x| <= 1, and that bound is used instead.
+      poly_degree: degree of the base cosine polynomial (even); sine uses degree + 1. The
+        full range is reached by double-angle steps (`feature_maps.poly_sin_cos_unit`).
       seed: public seed of the random directions; fixed per layer and head, never trained.
     """
 
@@ -54,8 +57,8 @@ class AttentionConfig:
     sigma: float = 1.0
     variant: RfaVariant = "l2"
     trig: TrigMode = "exact"
-    poly_bound: float = 3.5
-    poly_degree: int = 12
+    poly_bound: float = 16.0
+    poly_degree: int = 6
     seed: int = 0
 
     def __post_init__(self) -> None:

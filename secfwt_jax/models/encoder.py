@@ -38,6 +38,28 @@ def activation_fn(name: str):
     return {"relu": jax.nn.relu, "tanh": jnp.tanh}[name]
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with Hugging Face's parameter names (`scale`, `bias`).
+
+    Written out instead of `flax.linen.LayerNorm` for two reasons: the variance is taken of
+    centred values (flax's fast E[x^2] - E[x]^2 loses the small variances to fixed-point
+    cancellation under MPC), and flax 0.8.4's LayerNorm computes wrong values when its
+    parameters are vmapped under `jax.jit` (population element 1 of an SPSA step was off
+    by up to 0.09 here), which the batched SPSA step does.
+    """
+
+    epsilon: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        centred = x - jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
 class TokenEmbedding(nn.Module):
     """Embedding table `embedding` [vocab, hidden]; looks up ids or multiplies a one-hot."""
 
@@ -84,7 +106,7 @@ class Embeddings(nn.Module):
             if prompt is not None:
                 token_type_ids = jnp.pad(token_type_ids, ((0, 0), (prompt.shape[1], 0)))
             hidden = hidden + types(token_type_ids)
-        hidden = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(hidden)
+        hidden = LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(hidden)
         return hidden, attention_mask
 
 
@@ -111,7 +133,7 @@ class DenseAddNorm(nn.Module):
     @nn.compact
     def __call__(self, x, residual):
         x = nn.Dense(self.config.hidden_size, name="dense")(x)
-        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, name="LayerNorm")(x + residual)
+        return LayerNorm(epsilon=self.config.layer_norm_eps, name="LayerNorm")(x + residual)
 
 
 class Attention(nn.Module):

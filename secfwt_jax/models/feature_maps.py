@@ -4,16 +4,17 @@ All randomness here is public: the directions w come from numpy with a public se
 trace time and enter the program as constants. Nothing calls `jax.random`, which SPU does
 not compute correctly.
 
-Trigonometry has two modes:
+Trigonometry has two modes (`trig_features(..., trig=...)`):
 
-* `exact_sin_cos`: `jnp.sin` / `jnp.cos`. Under SPU these do a floor-based range
-  reduction (about 360 B and 22 rounds per element, SEMI2K FM64).
-* `poly_sin_cos`: clip t to [-B, B], set s = t / B, and evaluate
-  cos(t) = sum_i a_i s^(2i) and sin(t) = s * sum_i b_i s^(2i) from ONE shared set of even
-  powers u^i (u = s^2). The powers are built in ceil(log2(K)) + 1 batched multiplications
-  (each level multiplies a stacked block at once, so a level is one MPC round trip, not
-  K); the linear combinations with public coefficients are local. The fit is a least
-  squares fit on a dense grid, and `poly_error_bound` reports its max error on [-B, B].
+* "exact": `jnp.sin` / `jnp.cos`. Under SPU these do a floor-based range reduction
+  (about 360 B and 22 rounds per element, SEMI2K FM64).
+* "poly": s = (w / B)^T x lies in [-1, 1] (B folded into the public w). A degree-6/7
+  polynomial in s with shared powers s^1..s^7 (3 batched multiplies) gives sin and cos of
+  B s / 2^r on a base range of half-width <= 1.25, then r = ceil(log2(B / 1.25)) double-angle steps
+  (one stacked multiply each) reach the full range. For the l2 variant B = max_j |w_j| is
+  a guaranteed bound (|x| <= 1), so no comparison is needed at all; otherwise arguments
+  are clipped to [-B, B]. `poly_error_bound(B, degree)` gives the max error on [-B, B]
+  (6e-5 at B = 9.8, the l2 bound for d = m = 64; see docs/attention.md).
 """
 
 from __future__ import annotations
@@ -37,56 +38,86 @@ def random_directions(
     return (g / sigma).astype(np.float32)
 
 
-def exact_sin_cos(t: jnp.ndarray, **_) -> tuple[jnp.ndarray, jnp.ndarray]:
-    return jnp.sin(t), jnp.cos(t)
+#: Half-width of the range the base polynomial is fitted on; wider ranges are reached by
+#: double-angle steps, one stacked multiplication each.
+BASE_RANGE = 1.25
 
 
-@functools.lru_cache(maxsize=32)
-def poly_coefficients(bound: float, degree: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Fit cos(B s) and sin(B s) / s on s in [-1, 1] in powers of u = s^2.
+def num_doublings(bound: float) -> int:
+    """Double-angle steps r so that bound / 2^r <= BASE_RANGE."""
+    return max(0, int(np.ceil(np.log2(bound / BASE_RANGE))))
 
-    Returns (cos_coeffs [K+1], sin_coeffs [K+1], max_abs_error on [-B, B]) with K = degree/2;
-    cos uses powers up to s^degree and sin up to s^(degree+1).
-    """
-    k = degree // 2
+
+@functools.lru_cache(maxsize=64)
+def poly_coefficients(base: float, degree: int, scale: float = 1.0) -> np.ndarray:
+    """Fit scale*sin(base s) (odd, up to s^(degree+1)) and scale*cos(base s) (even, up to
+    s^degree) on s in [-1, 1]. Returns [2, degree + 2]: row 0 sin, row 1 cos, column p the
+    coefficient of s^p (column 0 is cos's constant)."""
     s = np.cos(np.linspace(0.0, np.pi, 4097))  # Chebyshev nodes: near-minimax fit
-    u_powers = np.stack([s ** (2 * i) for i in range(k + 1)], axis=1)
-    a, *_ = np.linalg.lstsq(u_powers, np.cos(bound * s), rcond=None)
-    b, *_ = np.linalg.lstsq(s[:, None] * u_powers, np.sin(bound * s), rcond=None)
-    grid = np.linspace(-1.0, 1.0, 20001)
-    grid_u = np.stack([grid ** (2 * i) for i in range(k + 1)], axis=1)
-    err_cos = np.max(np.abs(grid_u @ a - np.cos(bound * grid)))
-    err_sin = np.max(np.abs(grid * (grid_u @ b) - np.sin(bound * grid)))
-    return a.astype(np.float32), b.astype(np.float32), float(max(err_cos, err_sin))
+    odd = np.arange(1, degree + 2, 2)
+    even = np.arange(0, degree + 1, 2)
+    b, *_ = np.linalg.lstsq(s[:, None] ** odd, scale * np.sin(base * s), rcond=None)
+    a, *_ = np.linalg.lstsq(s[:, None] ** even, scale * np.cos(base * s), rcond=None)
+    coeffs = np.zeros((2, degree + 2))
+    coeffs[0, odd], coeffs[1, even] = b, a
+    return coeffs
 
 
-def poly_error_bound(bound: float, degree: int) -> float:
-    """Max abs error of `poly_sin_cos` on [-bound, bound] (in plaintext float64)."""
-    return poly_coefficients(bound, degree)[2]
+def stacked_powers(x, k: int, xp=jnp):
+    """[x^1, ..., x^k] stacked on a new leading axis, in ceil(log2 k) batched multiplies.
 
-
-def even_powers(u: jnp.ndarray, k: int) -> jnp.ndarray:
-    """[u^1, ..., u^k] stacked on a new leading axis, in ceil(log2 k) batched multiplies.
-
-    Level j multiplies the block [u^1 .. u^(2^j)] by u^(2^j) in one elementwise op, so the
-    MPC cost is one multiplication round trip per level.
+    Level j multiplies the block [x^1 .. x^(2^j)] by x^(2^j) in one elementwise op, so the
+    MPC cost is one multiplication (2 rounds under SEMI2K) per level, whatever k.
     """
-    powers = u[None]
+    powers = x[None]
     while powers.shape[0] < k:
-        top = powers[-1]
         take = min(powers.shape[0], k - powers.shape[0])
-        powers = jnp.concatenate([powers, powers[:take] * top[None]], axis=0)
+        powers = xp.concatenate([powers, powers[:take] * powers[-1][None]], axis=0)
     return powers
 
 
-def poly_sin_cos(t: jnp.ndarray, *, bound: float, degree: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Bounded polynomial sin and cos sharing one set of even powers; see module doc."""
-    a, b, _ = poly_coefficients(bound, degree)
-    s = jnp.clip(t, -bound, bound) * (1.0 / bound)
-    powers = even_powers(s * s, degree // 2)  # [K, ...]
-    cos = a[0] + jnp.tensordot(jnp.asarray(a[1:]), powers, axes=1)
-    sin = s * (b[0] + jnp.tensordot(jnp.asarray(b[1:]), powers, axes=1))
+def poly_sin_cos_unit(s, *, bound: float, degree: int, scale: float = 1.0, xp=jnp):
+    """scale * sin(B s) and scale * cos(B s) for s in [-1, 1] (B = `bound`), no clipping.
+
+    1. r = `num_doublings(B)`; a polynomial of degree `degree` (cos) / `degree + 1` (sin)
+       in s gives S = l sin(B s / 2^r), C = l cos(B s / 2^r) on the base range
+       [-B / 2^r, B / 2^r] (width <= BASE_RANGE), with l = scale^(1 / 2^r) folded into its
+       public coefficients. All powers s^1..s^(degree+1) come from one `stacked_powers`
+       (ceil(log2(degree + 1)) multiplies) and both sums from one public tensordot.
+    2. r double-angle steps, each ONE stacked multiply [S, C] * C:
+       S' = 2 S C = l^2 sin(2 theta), C' = 2 C^2 - l^2 = l^2 cos(2 theta). Doubling is an
+       addition and l^2 a public constant, so neither costs a truncation; after r steps
+       l^(2^r) = scale, i.e. the 1/sqrt(m) feature scale comes for free.
+    Errors grow by at most 2x per doubling; `poly_error_bound` measures the total.
+    """
+    r = num_doublings(bound)
+    lam = scale ** (0.5**r)
+    coeffs = poly_coefficients(bound / 2**r, degree, lam)
+    powers = stacked_powers(s, degree + 1, xp)  # [degree + 1, ...]
+    both = xp.tensordot(xp.asarray(coeffs[:, 1:], dtype=s.dtype), powers, axes=1)
+    sin, cos = both[0], both[1] + coeffs[1, 0]
+    for _ in range(r):
+        prod = xp.stack([sin, cos]) * cos[None]
+        lam = lam * lam
+        sin, cos = prod[0] + prod[0], prod[1] + prod[1] - lam
     return sin, cos
+
+
+@functools.lru_cache(maxsize=32)
+def poly_error_bound(bound: float, degree: int) -> float:
+    """Max abs error of `poly_sin_cos` vs sin/cos on [-bound, bound], in float64 plaintext
+    (a dense grid of 40001 points). Under MPC add fixed-point noise (about 2^-18 per
+    operation, times up to 2^r from the doublings)."""
+    t = np.linspace(-bound, bound, 40001)
+    sin, cos = poly_sin_cos_unit(t / bound, bound=bound, degree=degree, xp=np)
+    return float(max(np.max(np.abs(sin - np.sin(t))), np.max(np.abs(cos - np.cos(t)))))
+
+
+def poly_sin_cos(t, *, bound: float, degree: int):
+    """Bounded polynomial sin(t), cos(t): t is clipped to [-bound, bound] (so outside the
+    range the result is sin/cos of +-bound); see `poly_sin_cos_unit`."""
+    s = jnp.clip(t * (1.0 / bound), -1.0, 1.0)
+    return poly_sin_cos_unit(s, bound=bound, degree=degree)
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -94,11 +125,25 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps))
 
 
-def trig_features(x: jnp.ndarray, w: jnp.ndarray, sin_cos) -> jnp.ndarray:
-    """[sin(w^T x), cos(w^T x)] / sqrt(m): x [B, N, H, D], w [H, D, m] -> [B, N, H, 2m]."""
-    t = jnp.einsum("bnhd,hdm->bnhm", x, w)
-    sin, cos = sin_cos(t)
-    return jnp.concatenate([sin, cos], axis=-1) * (1.0 / np.sqrt(w.shape[-1]))
+def trig_features(x, w, *, trig: str = "exact", bound: float | None = None, degree: int = 6):
+    """[sin(w^T x), cos(w^T x)] / sqrt(m): x [B, N, H, D], w [H, D, m] -> [B, N, H, 2m].
+
+    trig "exact": jnp.sin / jnp.cos. trig "poly": `bound` None means |w^T x| <= max_j |w_j|
+    is guaranteed (|x| <= 1, the l2 variant; Cauchy-Schwarz), so that bound is used and
+    nothing is clipped; otherwise arguments are clipped to [-bound, bound]. 1/B is folded
+    into the public w and 1/sqrt(m) into the polynomial, so neither costs an MPC op.
+    """
+    scale = 1.0 / np.sqrt(w.shape[-1])
+    if trig == "exact":
+        t = jnp.einsum("bnhd,hdm->bnhm", x, w)
+        return jnp.concatenate([jnp.sin(t), jnp.cos(t)], axis=-1) * scale
+    clip = bound is not None
+    bound = float(bound) if clip else float(np.linalg.norm(w, axis=1).max())
+    s = jnp.einsum("bnhd,hdm->bnhm", x, (w / bound).astype(w.dtype))
+    if clip:
+        s = jnp.clip(s, -1.0, 1.0)
+    sin, cos = poly_sin_cos_unit(s, bound=bound, degree=degree, scale=scale)
+    return jnp.concatenate([sin, cos], axis=-1)
 
 
 def positive_features(x: jnp.ndarray, w: jnp.ndarray, sigma: float) -> jnp.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from secfwt_jax.models.attention import attend
 from secfwt_jax.models.config import ModelConfig
-from secfwt_jax.models.encoder import LayerStack, TokenEmbedding, activation_fn
+from secfwt_jax.models.encoder import LayerNorm, LayerStack, TokenEmbedding, activation_fn
 
 
 class Conv1D(nn.Module):
@@ -77,9 +77,9 @@ class Block(nn.Module):
     def __call__(self, hidden, mask):
         eps = self.config.layer_norm_eps
         attn = CausalSelfAttention(self.config, self.layer_index, name="attn")
-        hidden = hidden + attn(nn.LayerNorm(epsilon=eps, name="ln_1")(hidden), mask)
+        hidden = hidden + attn(LayerNorm(epsilon=eps, name="ln_1")(hidden), mask)
         mlp = MLP(self.config, name="mlp")
-        return hidden + mlp(nn.LayerNorm(epsilon=eps, name="ln_2")(hidden))
+        return hidden + mlp(LayerNorm(epsilon=eps, name="ln_2")(hidden))
 
 
 class Decoder(nn.Module):
@@ -122,5 +122,5 @@ class Decoder(nn.Module):
             hidden, mask = input_ids, attention_mask
         hidden = LayerStack(cfg, first_layer, num_layers, Block, name="h")(hidden, mask)
         if num_layers is None or first_layer + num_layers >= cfg.num_layers:
-            hidden = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_f")(hidden)
+            hidden = LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_f")(hidden)
         return hidden, mask

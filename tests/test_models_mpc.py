@@ -1,0 +1,128 @@
+"""Every model family's forward compiles for SPU and matches plaintext (tiny configs).
+
+Each case compiles one tiny classifier (hidden 16, 2 heads, 2 layers, seq 6, batch 2,
+vocab 24) with SECRET parameters and SECRET one-hot inputs and mask, runs it in the
+in-process simulator, and compares the logits with the same function in float32.
+Protocols alternate between SEMI2K and ABY3 so both are covered without running every
+case twice.
+
+Tolerance. FM64 with 18 fraction bits resolves 2^-18 ~ 3.8e-6, but the forward chains
+~10 nonlinear approximations per layer (LayerNorm's rsqrt, gelu, softmax's exp and max or
+RFA's l2 rsqrt, polynomial trig and reciprocal), each with a relative error of ~1e-4 to
+1e-3 in SPU, and RFA's reciprocal amplifies errors where its denominator is small (m = 8
+here). Measured max abs errors: 1e-3 to 5e-3 on logits up to 13, and 4e-2 on logits up to
+7.5 for bert/rfa/SEMI2K (`pytest -s` prints them). ATOL + RTOL * |logit| = 0.03 + 0.02
+|logit| leaves a margin of about 4x there while a miscompiled op (errors of order 0.1 to
+10; one was all-zero logits) still fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from secfwt_jax.compile import protocols, simulator
+from secfwt_jax.models.attention import random_feature_attention
+from secfwt_jax.models.classifier import Classifier
+from secfwt_jax.models.config import AttentionConfig, ModelConfig
+from secfwt_jax.models.heads import HeadConfig
+
+ATOL, RTOL = 0.03, 0.02
+VOCAB, SEQ, BATCH = 24, 6, 2
+RFA = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=8)
+SOFTMAX = AttentionConfig(kind="softmax")
+
+
+def tiny_classifier(family: str, attention: AttentionConfig) -> Classifier:
+    config = ModelConfig(
+        family=family,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        max_positions=16,
+        type_vocab_size=0 if family == "gpt2" else 2,
+        layer_norm_eps=1e-5 if family == "gpt2" else 1e-12,
+        activation="gelu_new" if family == "gpt2" else "gelu",
+        pad_token_id=1 if family == "roberta" else 0,
+        attention=attention,
+    )
+    if family == "gpt2":
+        return Classifier(config, HeadConfig(kind="lm", num_labels=2, verbalizer_ids=(5, 9)))
+    pooling = "cls" if family == "bert" else "mean"
+    return Classifier(config, HeadConfig(kind="linear", num_labels=3, pooling=pooling))
+
+
+def scaled_params(clf: Classifier, seed: int) -> dict:
+    """Flax init, with the output side scaled up so logits are O(1): the normal(0.02)
+    head (and GPT-2's tied `wte`) would make every logit, and so every error, tiny."""
+    params = clf.init(seed, SEQ)
+    if clf.config.family == "gpt2":
+        wte = params["transformer"]["wte"]
+        wte["embedding"] = wte["embedding"] * 50.0
+    else:
+        params["classifier"]["kernel"] = params["classifier"]["kernel"] * 50.0
+    return params
+
+
+def one_hot_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, VOCAB, size=(BATCH, SEQ))
+    mask = np.ones((BATCH, SEQ), np.float32)
+    mask[1, 4:] = 0.0  # right padding in the second example
+    last = mask.sum(axis=1).astype(int) - 1
+    return {
+        "input_ids": np.eye(VOCAB, dtype=np.float32)[ids],
+        "attention_mask": mask,
+        "select": np.eye(SEQ, dtype=np.float32)[last],
+    }
+
+
+CASES = [
+    ("bert", "rfa", "SEMI2K"),
+    ("bert", "softmax", "ABY3"),
+    ("roberta", "rfa", "ABY3"),
+    ("roberta", "softmax", "SEMI2K"),
+    ("gpt2", "rfa", "ABY3"),
+    ("gpt2", "softmax", "SEMI2K"),
+]
+
+
+@pytest.mark.parametrize(("family", "attention", "protocol"), CASES)
+def test_forward_compiles_and_matches_plaintext_under_spu(family, attention, protocol):
+    clf = tiny_classifier(family, RFA if attention == "rfa" else SOFTMAX)
+    params, batch = scaled_params(clf, seed=0), one_hot_batch(seed=1)
+
+    def forward(params, batch):
+        return clf.logits(params, batch)
+
+    plain = np.asarray(jax.jit(forward)(params, batch))
+    res = simulator.mpc_run(forward, (params, batch), preset=protocols.preset(protocol))
+    mpc = np.asarray(res.outputs)
+    err = np.abs(mpc - plain)
+    print(
+        f"{family}/{attention}/{protocol}: max abs err {err.max():.2e}, max |logit| {np.abs(plain).max():.2f}"
+    )
+    assert np.all(np.isfinite(mpc))
+    assert np.all(
+        err <= ATOL + RTOL * np.abs(plain)
+    ), f"{family}/{attention}/{protocol}: max err {err.max():.3g}, logits {plain.round(3)}"
+
+
+def test_l2_poly_rfa_program_has_no_comparison_and_no_spu_trig():
+    # The l2 variant's trig arguments are bounded by max_j |w_j|, so the polynomial path
+    # needs no clip (a secret comparison costs ~7 rounds) and no SPU sine/cosine.
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(1, 8, 2, 8)).astype(np.float32) for _ in "qkv")
+    mask = np.ones((1, 8), np.float32)
+
+    def attention(q, k, v):
+        return random_feature_attention(q, k, v, mask, RFA, layer=0)
+
+    text = simulator.compile_to_pphlo(attention, (q, k, v)).pphlo_text
+    for op in ("pphlo.less", "pphlo.greater", "pphlo.sine", "pphlo.cosine", "pphlo.select"):
+        assert op not in text, op
+    res = simulator.mpc_run(attention, (q, k, v), preset=protocols.preset("SEMI2K"))
+    np.testing.assert_allclose(res.outputs, attention(q, k, v), atol=1e-3)
