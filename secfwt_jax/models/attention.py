@@ -22,6 +22,7 @@ from secfwt_jax.models.feature_maps import (
     random_directions,
     trig_features,
 )
+from secfwt_jax.models.mpc_ops import refined_reciprocal
 
 
 def causal_mask(seq_len: int) -> np.ndarray:
@@ -98,7 +99,7 @@ def random_feature_attention(
     else:
         kv = jnp.einsum("bnhf,bnhd->bhfd", phi_k, v1)
         out = jnp.einsum("bnhf,bhfd->bnhd", phi_q, kv)
-    return out[..., :-1] * jnp.reciprocal(out[..., -1:])
+    return out[..., :-1] * refined_reciprocal(out[..., -1:])
 
 
 def attend(q, k, v, key_mask, cfg: AttentionConfig, layer: int, *, causal: bool = False):

@@ -27,6 +27,7 @@ import numpy as np
 
 from secfwt_jax.models.attention import attend
 from secfwt_jax.models.config import ModelConfig
+from secfwt_jax.models.mpc_ops import layer_norm
 
 
 def activation_fn(name: str):
@@ -41,9 +42,9 @@ def activation_fn(name: str):
 class LayerNorm(nn.Module):
     """LayerNorm with Hugging Face's parameter names (`scale`, `bias`).
 
-    Written out instead of `flax.linen.LayerNorm` for two reasons: the variance is taken of
-    centred values (flax's fast E[x^2] - E[x]^2 loses the small variances to fixed-point
-    cancellation under MPC), and flax 0.8.4's LayerNorm computes wrong values when its
+    Written out instead of `flax.linen.LayerNorm` for two reasons: `mpc_ops.layer_norm` is
+    accurate under MPC fixed point (flax's fast E[x^2] - E[x]^2 loses small variances to
+    cancellation and truncation bias), and flax 0.8.4's LayerNorm computes wrong values when its
     parameters are vmapped under `jax.jit` (population element 1 of an SPSA step was off
     by up to 0.09 here), which the batched SPSA step does.
     """
@@ -55,9 +56,7 @@ class LayerNorm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
-        centred = x - jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-        return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return layer_norm(x, scale, bias, self.epsilon)
 
 
 class TokenEmbedding(nn.Module):

@@ -24,6 +24,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from secfwt_jax.models.mpc_ops import refined_rsqrt
+
 
 def random_directions(
     seed: int, layer: int, num_heads: int, head_dim: int, num_features: int, sigma: float
@@ -121,8 +123,8 @@ def poly_sin_cos(t, *, bound: float, degree: int):
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-    """x / |x| over the last axis (rsqrt is one MPC primitive; no division)."""
-    return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps))
+    """x / |x| over the last axis (one rsqrt, refined; no division)."""
+    return x * refined_rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def trig_features(x, w, *, trig: str = "exact", bound: float | None = None, degree: int = 6):

@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from secfwt_jax.models.config import ModelConfig
 from secfwt_jax.models.encoder import activation_fn
+from secfwt_jax.models.mpc_ops import layer_norm
 
 HeadKind = Literal["linear", "mlm", "lm"]
 TRUNK_NAMES = {"bert": "bert", "roberta": "roberta", "gpt2": "transformer"}
@@ -82,13 +82,6 @@ def extend_select(select, prompt_len: int, at: int):
     return jnp.concatenate([select[:, :at], zeros, select[:, at:]], axis=1)
 
 
-def layer_norm(x, params, eps: float):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]
-
-
 def dense(x, params):
     return x @ params["kernel"] + params["bias"]
 
@@ -110,7 +103,7 @@ def mlm_scores(head_params, word_table, h, cfg: ModelConfig, verbalizer_ids):
     else:
         block, norm, bias = head_params, head_params["layer_norm"], head_params["bias"]
     act = activation_fn(cfg.activation if cfg.family == "bert" else "gelu")
-    h = layer_norm(act(dense(h, block["dense"])), norm, cfg.layer_norm_eps)
+    h = layer_norm(act(dense(h, block["dense"])), norm["scale"], norm["bias"], cfg.layer_norm_eps)
     ids = np.asarray(verbalizer_ids)
     return h @ word_table[ids].T + bias[ids]
 

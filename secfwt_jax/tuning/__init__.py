@@ -1,6 +1,13 @@
 """Forward-only tuning (SPSA / MeZO, CMA-ES) and the backprop baseline, as pure functions."""
 
 from secfwt_jax.tuning.cmaes import CmaConfig, cma_search
+from secfwt_jax.tuning.loop import (
+    evaluate,
+    linear_probe,
+    train_backprop,
+    train_cma_prompt,
+    train_spsa,
+)
 from secfwt_jax.tuning.schedules import ScheduleConfig, make_schedule
 from secfwt_jax.tuning.sets import TrainableSpec, TuningProblem, build_problem
 from secfwt_jax.tuning.spsa import SpsaConfig, directions, evaluate_population, spsa_step
@@ -14,7 +21,12 @@ __all__ = [
     "build_problem",
     "cma_search",
     "directions",
+    "evaluate",
     "evaluate_population",
+    "linear_probe",
     "make_schedule",
     "spsa_step",
+    "train_backprop",
+    "train_cma_prompt",
+    "train_spsa",
 ]

@@ -247,7 +247,5 @@ def linear_probe(
         updates, state = opt.update(grads, state, h)
         return (optax.apply_updates(h, updates), state), None
 
-    (head, _), _ = jax.jit(lambda h: jax.lax.scan(step, (h, opt.init(h)), None, length=steps))(
-        head
-    )
+    (head, _), _ = jax.jit(lambda h: jax.lax.scan(step, (h, opt.init(h)), None, length=steps))(head)
     return jax.tree_util.tree_map(np.asarray, head)
