@@ -51,7 +51,7 @@ MINILM = ModelConfig(
     intermediate_size=1536, max_positions=512, type_vocab_size=2, activation="gelu",
 )  # fmt: skip
 RFA = {
-    "demo": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=16),
+    "demo": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32),
     "minilm": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32),
 }
 SHAPES = {"demo": profiler.StepShape(8, 12), "minilm": profiler.StepShape(2, 16)}

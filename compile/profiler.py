@@ -42,7 +42,6 @@ from typing import Any
 
 import flax.traverse_util as traverse
 import jax
-import jax.numpy as jnp
 import numpy as np
 from spu import api as spu_api
 
@@ -202,20 +201,12 @@ def make_loss(classifier: Classifier):
 
 
 def spsa_update(theta, z, loss_pm, step_size, eps: float, weight_decay: float = 0.0):
-    """The SPSA step's non-forward part, op for op as in ``tuning.spsa.spsa_step``:
-    theta +- eps z (population) and theta (1 - eta wd) - eta/K sum_k g_k z_k with
-    g = (L+ - L-) / 2 eps. loss_pm: [2K] secret; step_size public."""
+    """The SPSA step's non-forward part, by the same functions as ``tuning.spsa.spsa_step``:
+    the population theta +- eps z and the update. loss_pm: [2K] secret; step_size public."""
     k = jax.tree_util.tree_leaves(z)[0].shape[0]
-    pair = jax.tree_util.tree_map(
-        lambda t, zk: jnp.concatenate([t[None] + eps * zk, t[None] - eps * zk]), theta, z
-    )
-    grad = (loss_pm[:k] - loss_pm[k:]) * (1.0 / (2.0 * eps))
-    decay = 1.0 - step_size * weight_decay
-    new = jax.tree_util.tree_map(
-        lambda t, zk: t * decay - step_size * (jnp.tensordot(grad, zk, axes=1) * (1.0 / k)),
-        theta,
-        z,
-    )
+    config = spsa.SpsaConfig(eps=eps, weight_decay=weight_decay)
+    pair = spsa.perturbed_pair(theta, z, eps)
+    new, _ = spsa.spsa_update(theta, z, loss_pm[:k], loss_pm[k:], step_size, config)
     return pair, new
 
 

@@ -77,7 +77,34 @@ def evaluate_population(
     return jax.lax.map(single, population)
 
 
-def _perturbed_pair(trainable: PyTree, z: PyTree, eps: float) -> PyTree:
+def spsa_update(
+    trainable: PyTree,
+    z: PyTree,
+    loss_plus,
+    loss_minus,
+    step_size,
+    config: SpsaConfig = DEFAULT_SPSA,
+) -> tuple[PyTree, jnp.ndarray]:
+    """theta (1 - eta wd) - eta / K sum_k g_k z_k with g = (L+ - L-) / 2 eps.
+
+    Returns (new trainable, g [K]). Every scalar is folded into the K coefficients first:
+    under MPC each elementwise product of a secret with a public value costs a truncation
+    per parameter, so the update costs one (the dot product with z) instead of four, and
+    the decay is skipped entirely at weight_decay 0.
+    """
+    k = loss_plus.shape[0]
+    grad = (loss_plus - loss_minus) * (1.0 / (2.0 * config.eps))  # [K], secret under MPC
+    coefficients = grad * (step_size * (1.0 / k))  # [K]
+
+    def update(t, zk):
+        if config.weight_decay:
+            t = t * (1.0 - step_size * config.weight_decay)
+        return t - jnp.tensordot(coefficients, zk, axes=1)
+
+    return jax.tree_util.tree_map(update, trainable, z), grad
+
+
+def perturbed_pair(trainable: PyTree, z: PyTree, eps: float) -> PyTree:
     """Stack [theta + eps z_1..K, theta - eps z_1..K] on a new leading axis of size 2K."""
     return jax.tree_util.tree_map(
         lambda t, zk: jnp.concatenate([t[None] + eps * zk, t[None] - eps * zk], axis=0),
@@ -102,17 +129,10 @@ def spsa_step(
     """
     k = jax.tree_util.tree_leaves(z)[0].shape[0]
     losses = evaluate_population(
-        loss_fn, _perturbed_pair(trainable, z, config.eps), frozen, batch, config.batched
+        loss_fn, perturbed_pair(trainable, z, config.eps), frozen, batch, config.batched
     )
     loss_plus, loss_minus = losses[:k], losses[k:]
-    grad = (loss_plus - loss_minus) * (1.0 / (2.0 * config.eps))  # [K], secret under MPC
-    decay = 1.0 - step_size * config.weight_decay
-
-    def update(t, zk):
-        direction = jnp.tensordot(grad, zk, axes=1) * (1.0 / k)
-        return t * decay - step_size * direction
-
-    new_trainable = jax.tree_util.tree_map(update, trainable, z)
+    new_trainable, grad = spsa_update(trainable, z, loss_plus, loss_minus, step_size, config)
     info = {
         "loss": 0.5 * (jnp.mean(loss_plus) + jnp.mean(loss_minus)),
         "loss_plus": loss_plus,
