@@ -81,7 +81,10 @@ def make_step(classifier: Classifier, config: spsa.SpsaConfig):
         return cross_entropy(classifier.logits(trainable.merge(t, f), batch), batch["labels"])
 
     def step(t, f, batch, z, step_size):
-        return spsa.spsa_step(loss_fn, t, f, batch, z, step_size, config)
+        # Only the new (secret) parameters and the batch loss leave the step: the projected
+        # gradients and the perturbed losses stay inside the program.
+        new_t, info = spsa.spsa_step(loss_fn, t, f, batch, z, step_size, config)
+        return new_t, info["loss"]
 
     return step
 
@@ -131,12 +134,12 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         session.put("z", z, public=True)
         session.put("lr", lr, public=True)
         start = time.perf_counter()
-        cost = session.run(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "info"])
+        cost = session.run(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "loss"])
         wall.append(time.perf_counter() - start)
         step_cost = step_cost or cost
-        mpc_losses.append(float(session.reveal("info")["loss"]))  # opt-in per-step reveal
-        plain_theta, plain_info = plain_step(plain_theta, frozen, batch, z, lr)
-        plain_losses.append(float(plain_info["loss"]))
+        mpc_losses.append(float(session.reveal("loss")))  # the data owner's opt-in per step
+        plain_theta, plain_loss = plain_step(plain_theta, frozen, batch, z, lr)
+        plain_losses.append(float(plain_loss))
         log(
             f"step {i}: lr={lr:.2e} loss mpc={mpc_losses[-1]:.5f} "
             f"plain={plain_losses[-1]:.5f}  ({wall[-1]:.1f} s)"
