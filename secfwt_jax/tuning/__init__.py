@@ -11,9 +11,11 @@ from secfwt_jax.tuning.loop import (
 from secfwt_jax.tuning.schedules import ScheduleConfig, make_schedule
 from secfwt_jax.tuning.sets import TrainableSpec, TuningProblem, build_problem
 from secfwt_jax.tuning.spsa import SpsaConfig, directions, evaluate_population, spsa_step
+from secfwt_jax.tuning.spsa_inplace import InplaceSpsaStep, make_inplace_spsa_step
 
 __all__ = [
     "CmaConfig",
+    "InplaceSpsaStep",
     "ScheduleConfig",
     "SpsaConfig",
     "TrainableSpec",
@@ -24,6 +26,7 @@ __all__ = [
     "evaluate",
     "evaluate_population",
     "linear_probe",
+    "make_inplace_spsa_step",
     "make_schedule",
     "spsa_step",
     "train_backprop",

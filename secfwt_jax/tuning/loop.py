@@ -20,7 +20,10 @@ Directions: `train_spsa` draws z on the host with `spsa.directions(seed, step, .
 default, because that is exactly what the MPC runtime feeds as a public input, so the
 plaintext run is the reference trajectory of the secure one. `in_jit_directions=True`
 switches to `spsa_step_seeded` (z drawn inside the jit from a key, never materialised
-on the host: MeZO's memory-lean form, plaintext only).
+on the host, plaintext only). `memory_lean=True` runs `spsa_inplace.make_inplace_spsa_step`
+with the same keys instead: MeZO's in-place form, peak memory about one forward pass
+(same directions and trajectory as `in_jit_directions` up to float rounding, except on
+leaves larger than its `chunk_elements`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import optax
 from secfwt_jax.data.batching import iterate_minibatches
 from secfwt_jax.models.classifier import accuracy, cross_entropy
 from secfwt_jax.models.heads import pool
-from secfwt_jax.tuning import backprop, cmaes, spsa
+from secfwt_jax.tuning import backprop, cmaes, spsa, spsa_inplace
 from secfwt_jax.tuning.schedules import ScheduleConfig, make_schedule
 from secfwt_jax.tuning.sets import TuningProblem
 
@@ -123,14 +126,21 @@ def train_spsa(
     eval_every: int = 0,
     log: LogFn | None = None,
     in_jit_directions: bool = False,
+    memory_lean: bool = False,
 ) -> tuple[dict, list[dict]]:
     """`steps` SPSA steps; returns (trainable, history of {step, forwards, loss[, eval]}).
 
     The step is jitted once; the step size (a public scalar) is evaluated on the host.
+    `memory_lean` implies in-jit directions (keyed as `in_jit_directions`); it copies
+    `problem.trainable` once, because the in-place step invalidates (donates) its input.
     """
     loss_fn, schedule = problem_loss(problem), make_schedule(schedule_cfg)
     k = spsa_cfg.num_directions
-    if in_jit_directions:
+    in_jit_directions = in_jit_directions or memory_lean
+    if memory_lean:
+        step_fn = spsa_inplace.make_inplace_spsa_step(loss_fn, spsa_cfg)
+        base_key = jax.random.PRNGKey(seed)
+    elif in_jit_directions:
         step_fn = jax.jit(
             lambda t, f, b, key, lr: spsa.spsa_step_seeded(loss_fn, t, f, b, key, lr, spsa_cfg)
         )
@@ -138,6 +148,8 @@ def train_spsa(
     else:
         step_fn = jax.jit(lambda t, f, b, z, lr: spsa.spsa_step(loss_fn, t, f, b, z, lr, spsa_cfg))
     trainable, history = problem.trainable, []
+    if memory_lean:
+        trainable = jax.tree_util.tree_map(jnp.array, trainable)
     for step in range(steps):
         lr = np.float32(schedule(step))
         if in_jit_directions:
