@@ -63,17 +63,26 @@ class HeadConfig:
             )
 
 
+def weighted_sum(hidden, weights):
+    """sum_n weights[b, n] hidden[b, n, :]: [B, N, H], [B, N] -> [B, H].
+
+    A multiply and a reduce rather than an einsum: SPU 0.9.3 runs a batched dot_general as
+    a loop with 2 rounds per batch row, the elementwise form costs 2 rounds in all.
+    """
+    return jnp.sum(hidden * weights[..., None], axis=1)
+
+
 def pool(hidden, mask, how: str):
     """[B, N, H] -> [B, H]: first token, or the mean over real tokens."""
     if how == "cls":
         return hidden[:, 0]
-    total = jnp.einsum("bnh,bn->bh", hidden, mask)
+    total = weighted_sum(hidden, mask)
     return total * jnp.reciprocal(jnp.sum(mask, axis=1, keepdims=True))
 
 
 def select_position(hidden, select):
     """Hidden state at the one-hot position `select` [B, N]: [B, N, H] -> [B, H]."""
-    return jnp.einsum("bnh,bn->bh", hidden, select)
+    return weighted_sum(hidden, select)
 
 
 def extend_select(select, prompt_len: int, at: int):

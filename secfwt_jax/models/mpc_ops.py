@@ -37,12 +37,14 @@ def layer_norm(x: jnp.ndarray, scale, bias, eps: float) -> jnp.ndarray:
     The variance is never formed: rsqrt(var + eps) = sqrt(n) * rsqrt(sum(c^2) + n eps)
     with c = x - mean. Typical LayerNorm inputs have variances of 1e-3..1e-2 (BERT
     embeddings), which fixed point holds to only ~1e-3 relative, while sum(c^2) is n times
-    larger; the sum is one dot product (one truncation instead of n biased ones). Measured
-    on all-MiniLM-L6-v2's embedding LayerNorm under SEMI2K FM64: relative error 5.4e-4
-    with the textbook form, 6e-5 with this one.
+    larger. Measured on all-MiniLM-L6-v2's embedding LayerNorm under SEMI2K FM64: relative
+    error 5.4e-4 with the textbook form, 6e-5 with this one. The sum of squares is an
+    elementwise product and a reduce, not an einsum: SPU truncates once after the reduce
+    either way, but it runs a batched dot_general as a loop with 2 rounds per row (41 vs 87
+    rounds for 24 rows here; the demo SPSA step went from 2,781 to 1,062 rounds).
     """
     n = x.shape[-1]
     centred = x - jnp.mean(x, axis=-1, keepdims=True)
-    sum_sq = jnp.einsum("...i,...i->...", centred, centred)[..., None]
+    sum_sq = jnp.sum(centred * centred, axis=-1, keepdims=True)
     inv_std = refined_rsqrt(sum_sq + n * eps) * np.float32(np.sqrt(n))
     return centred * inv_std * scale + bias
