@@ -75,10 +75,10 @@ def test_train_backprop_lowers_training_loss_and_evaluates_periodically(model):
     eval_fn = lambda t: loop.evaluate(problem, t, batch)  # noqa: E731
     trainable, history = loop.train_backprop(
         problem, loop.cycle_minibatches(batch, 8, seed=0), "adam",
-        ScheduleConfig(peak=0.05, total_steps=40), steps=40, eval_fn=eval_fn, eval_every=20,
+        ScheduleConfig(peak=0.05, total_steps=80), steps=80, eval_fn=eval_fn, eval_every=40,
     )  # fmt: skip
-    assert [h["step"] for h in history if "eval" in h] == [0, 20, 39]
-    assert history[-1]["forwards"] == 40 * loop.BACKPROP_FORWARD_EQUIVALENTS
+    assert [h["step"] for h in history if "eval" in h] == [0, 40, 79]
+    assert history[-1]["forwards"] == 80 * loop.BACKPROP_FORWARD_EQUIVALENTS
     assert loop.evaluate(problem, trainable, batch)["loss"] < 0.5 * initial_loss(problem, batch)
 
 
