@@ -13,10 +13,15 @@ outputs; nothing else is revealed.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
-import cma
 import numpy as np
+
+with warnings.catch_warnings():
+    # cma tries matplotlib for its optional plotting and warns when it is absent.
+    warnings.filterwarnings("ignore", message="Could not import matplotlib")
+    import cma
 
 
 @dataclasses.dataclass(frozen=True)
