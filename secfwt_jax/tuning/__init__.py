@@ -1,5 +1,6 @@
 """Forward-only tuning (SPSA / MeZO, CMA-ES) and the backprop baseline, as pure functions."""
 
+from secfwt_jax.tuning.adaptation import adapt_attention
 from secfwt_jax.tuning.cmaes import CmaConfig, cma_search
 from secfwt_jax.tuning.loop import (
     evaluate,
@@ -20,6 +21,7 @@ __all__ = [
     "SpsaConfig",
     "TrainableSpec",
     "TuningProblem",
+    "adapt_attention",
     "build_problem",
     "cma_search",
     "directions",

@@ -1,0 +1,149 @@
+"""Attention adaptation: distil a random-feature-attention (RFA) model towards its softmax
+original, in plaintext, before any MPC run.
+
+Swapping softmax attention for RFA in a softmax-pretrained checkpoint shifts every layer's
+hidden states, and a frozen-feature probe loses points before any tuning. The MODEL OWNER
+repairs part of that on their own, with public unlabelled text and their own weights:
+
+    h_l^T = softmax model's hidden states after layer l (teacher, frozen)
+    h_l^S = RFA model's hidden states after layer l (student, same weights to start)
+    L     = 1/L sum_l  sum_{b,n} m_bn |h_l^S - h_l^T|^2 / (H sum_{b,n} m_bn)
+
+minimised with `jax.grad` + Adam over a small parameter set (`ADAPT_SETS`); everything
+else stays at the pretrained values. RFA's random directions are public and FIXED: they
+live in `AttentionConfig.seed`, not in `params`, so no selection can move them. The result
+is an ordinary parameter tree: the owner secret-shares it exactly like the original.
+
+    params = adapt_attention(rfa_classifier, params, softmax_classifier, corpus_batches,
+                             steps=300, learning_rate=1e-3, param_set="attention")
+
+Why there is no temperature parameter: the l2 variant normalises q and k before the
+feature map, so scaling the q/k projections cannot sharpen or flatten the kernel; only
+`AttentionConfig.sigma` (public, one value for the model) sets its width. A per-head
+learnable temperature would need a new parameter in the attention module, which a Hugging
+Face tree lacks; it is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from secfwt_jax.models.classifier import Classifier, trunk_module
+from secfwt_jax.tuning import trainable as tr
+
+#: Parameter sets the adaptation may move ('/'-joined Hugging Face paths).
+ADAPT_SETS: dict[str, tr.PathPredicate] = {
+    "qk": lambda p: "attention/self/query" in p or "attention/self/key" in p,
+    "attention": lambda p: "/attention/" in p,  # q, k, v, output dense and its LayerNorm
+    "layernorm": lambda p: "LayerNorm" in p and "/encoder/" in p,
+}
+BatchSource = dict | Callable[[int], dict]
+
+
+def layer_hidden_states(classifier: Classifier, params: dict, batch: dict) -> jnp.ndarray:
+    """Hidden states after every trunk layer: [L, B, N, H] (embeddings excluded)."""
+    module = trunk_module(classifier.config)
+    trunk = {"params": params[classifier.trunk_name]}
+    hidden, mask = module.apply(
+        trunk, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+        num_layers=0,
+    )  # fmt: skip
+    states = []
+    for layer in range(classifier.config.num_layers):
+        hidden, mask = module.apply(
+            trunk, hidden, mask, embed=False, first_layer=layer, num_layers=1
+        )
+        states.append(hidden)
+    return jnp.stack(states)
+
+
+def hidden_state_distance(student: jnp.ndarray, teacher: jnp.ndarray, mask) -> jnp.ndarray:
+    """Masked MSE between [L, B, N, H] stacks, averaged over layers, real tokens and H."""
+    weights = jnp.asarray(mask, jnp.float32)[None, :, :, None]
+    sq = jnp.sum(weights * (student - teacher) ** 2, axis=(1, 2, 3))
+    per_layer = sq / (jnp.sum(weights) * student.shape[-1])
+    return jnp.mean(per_layer)
+
+
+def _batch_at(source: BatchSource, step: int) -> dict:
+    return source(step) if callable(source) else source
+
+
+def distillation_loss_fn(student: Classifier, teacher: Classifier, teacher_params: dict):
+    """(trainable, frozen, batch) -> distillation loss []; the teacher is a constant."""
+
+    def loss(trainable, frozen, batch):
+        target = jax.lax.stop_gradient(layer_hidden_states(teacher, teacher_params, batch))
+        states = layer_hidden_states(student, tr.merge(trainable, frozen), batch)
+        return hidden_state_distance(states, target, batch["attention_mask"])
+
+    return loss
+
+
+def adapt_attention(
+    student: Classifier,
+    params: dict,
+    teacher: Classifier,
+    batches: BatchSource,
+    steps: int,
+    learning_rate: float,
+    param_set: str = "attention",
+    teacher_params: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Distil the RFA `student` towards the softmax `teacher` on public unlabelled text.
+
+    Args:
+      student: the RFA classifier (its `config.attention.kind == 'rfa'`).
+      params: the pretrained tree both models start from; the head is left untouched.
+      teacher: the softmax classifier with the same architecture.
+      batches: a raw batch (`input_ids`, `attention_mask`[, `token_type_ids`]), or
+        step -> batch; labels are not read.
+      steps, learning_rate: Adam steps and constant step size.
+      param_set: a key of `ADAPT_SETS`.
+      teacher_params: the teacher's tree (default: `params`).
+
+    Returns:
+      (adapted params, history [{step, loss}]) where loss is the value before the step.
+    """
+    if param_set not in ADAPT_SETS:
+        raise ValueError(f"adaptation.param_set: unknown {param_set!r}; use {sorted(ADAPT_SETS)}")
+    teacher_params = params if teacher_params is None else teacher_params
+    trainable, frozen = tr.partition(params, ADAPT_SETS[param_set])
+    loss_fn = distillation_loss_fn(student, teacher, teacher_params)
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def step_fn(t, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(t, frozen, batch)
+        updates, state = opt.update(grads, state, t)
+        return optax.apply_updates(t, updates), state, loss
+
+    state, history = opt.init(trainable), []
+    for step in range(steps):
+        batch = _keys_for_trunk(_batch_at(batches, step))
+        trainable, state, loss = step_fn(trainable, state, batch)
+        history.append({"step": step, "loss": float(loss)})
+        if log and (step % 50 == 0 or step == steps - 1):
+            log(f"adapt step {step}: distillation loss {float(loss):.5f}")
+    adapted = tr.merge(jax.tree_util.tree_map(np.asarray, trainable), frozen)
+    return adapted, history
+
+
+def distillation_distance(
+    student: Classifier, params: dict, teacher: Classifier, teacher_params: dict, batch: dict
+) -> float:
+    """The distillation loss of `params` on one batch (no update): a fidelity diagnostic."""
+    fn = jax.jit(distillation_loss_fn(student, teacher, teacher_params))
+    return float(fn({}, params, _keys_for_trunk(batch)))
+
+
+def _keys_for_trunk(batch: dict) -> dict:
+    """Only what the trunk reads (drops labels etc. so jit traces one signature)."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}

@@ -1,0 +1,74 @@
+"""Attention adaptation: distilling a tiny RFA model towards its softmax original lowers
+the distillation loss and brings its hidden states closer to the teacher's."""
+
+import jax
+import numpy as np
+import pytest
+
+from secfwt_jax.models.classifier import Classifier
+from secfwt_jax.models.config import AttentionConfig, ModelConfig
+from secfwt_jax.models.heads import HeadConfig
+from secfwt_jax.tuning import adaptation
+from secfwt_jax.tuning.trainable import partition
+
+SOFTMAX = ModelConfig(
+    family="bert", vocab_size=40, hidden_size=16, num_layers=2, num_heads=2,
+    intermediate_size=32, max_positions=24, type_vocab_size=2, pad_token_id=0,
+)  # fmt: skip
+
+
+def classifier(attention: AttentionConfig) -> Classifier:
+    return Classifier(SOFTMAX.with_attention(attention), HeadConfig(num_labels=2, pooling="mean"))
+
+
+def corpus_batch(rows=8, seq=10, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((rows, seq), np.float32)
+    mask[0, 7:] = 0
+    return {"input_ids": rng.integers(4, 40, (rows, seq)), "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def models():
+    teacher = classifier(AttentionConfig())
+    student = classifier(AttentionConfig(kind="rfa", variant="l2", num_features=8))
+    return student, teacher, teacher.init(0)
+
+
+@pytest.mark.parametrize("param_set", ["attention", "qk"])
+def test_adapt_attention_brings_rfa_hidden_states_closer_to_softmax(models, param_set):
+    student, teacher, params = models
+    train, held_out = corpus_batch(seed=0), corpus_batch(seed=1)
+    before = adaptation.distillation_distance(student, params, teacher, params, held_out)
+    adapted, history = adaptation.adapt_attention(
+        student, params, teacher, train, steps=60, learning_rate=1e-2, param_set=param_set
+    )
+    after = adaptation.distillation_distance(student, adapted, teacher, params, held_out)
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"]
+    assert after < before
+    # Only the selected set moved; the teacher's tree is untouched.
+    moved, kept = partition(adapted, adaptation.ADAPT_SETS[param_set])
+    orig_moved, orig_kept = partition(params, adaptation.ADAPT_SETS[param_set])
+    assert any(
+        not np.allclose(a, b) for a, b in zip(_leaves(moved), _leaves(orig_moved), strict=True)
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(kept), _leaves(orig_kept), strict=True))
+
+
+def test_layer_hidden_states_last_layer_matches_the_trunk(models):
+    student, _, params = models
+    batch = corpus_batch()
+    states = adaptation.layer_hidden_states(student, params, batch)
+    hidden, _ = student.hidden(params, batch)
+    assert states.shape == (2, 8, 10, 16)
+    np.testing.assert_allclose(states[-1], hidden, atol=1e-5)
+
+
+def test_adapt_attention_rejects_unknown_param_set(models):
+    student, teacher, params = models
+    with pytest.raises(ValueError, match="adaptation.param_set"):
+        adaptation.adapt_attention(student, params, teacher, corpus_batch(), 1, 1e-3, "ffn")
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
