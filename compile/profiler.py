@@ -40,18 +40,21 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.traverse_util as traverse
 import jax
-import numpy as np
 from spu import api as spu_api
 
-from secfwt_jax.models.classifier import Classifier, cross_entropy
-from secfwt_jax.models.encoder import Embeddings, LayerNorm, SelfAttention, activation_fn
-from secfwt_jax.models.heads import dense
-from secfwt_jax.tuning import backprop, spsa, trainable
+from secfwt_jax.models.classifier import Classifier
 
 from . import network
 from .cost import OpCost, capture_fds, parse_profile_log
+from .profile_cases import (  # noqa: F401  (StepShape and the cases are part of this API)
+    StepShape,
+    backprop_step_case,
+    component_cases,
+    spsa_step_case,
+    spsa_update,
+    synthetic_batch,
+)
 from .protocols import ProtocolPreset, runtime_config
 from .simulator import Public, _canon, _flat_vis, compile_to_pphlo, constant_shares, public_mask
 from .simulator import run_executable as _run
@@ -143,174 +146,6 @@ def profile_function(
 
 
 # ----------------------------------------------------------------------- components
-
-
-@dataclasses.dataclass(frozen=True)
-class StepShape:
-    """The step being profiled: batch [B, N], K directions (population P = 2K), and
-    whether the word/position embeddings are trainable (the demo freezes them)."""
-
-    batch_size: int
-    seq_len: int
-    num_directions: int = 1
-    embeddings_trainable: bool = False
-    eps: float = 1e-2
-    learning_rate: float = 1e-3
-
-    def __post_init__(self) -> None:
-        for f in ("batch_size", "seq_len", "num_directions"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise ValueError(f"{f}: must be a positive int, got {getattr(self, f)!r}")
-
-    @property
-    def population(self) -> int:
-        return 2 * self.num_directions
-
-
-def _stack(tree, p: int):
-    return jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (p, *np.shape(x))).copy(), tree)
-
-
-def _normal(rng, shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-def synthetic_batch(classifier: Classifier, shape: StepShape, seed: int = 0) -> dict:
-    """One-hot ids [B, N, V], a right-padded mask [B, N] and one-hot labels [B, C]."""
-    cfg, rng = classifier.config, np.random.default_rng([seed, 3])
-    b, n = shape.batch_size, shape.seq_len
-    ids = rng.integers(1, cfg.vocab_size, (b, n))
-    mask = (np.arange(n)[None] < rng.integers(n // 2 + 1, n + 1, b)[:, None]).astype(np.float32)
-    labels = rng.integers(0, classifier.head.num_labels, b)
-    return {
-        "input_ids": np.eye(cfg.vocab_size, dtype=np.float32)[ids] * mask[..., None],
-        "attention_mask": mask,
-        "labels": np.eye(classifier.head.num_labels, dtype=np.float32)[labels],
-    }
-
-
-def is_trainable(shape: StepShape) -> Callable[[str], bool]:
-    return lambda path: shape.embeddings_trainable or "embeddings" not in path
-
-
-def make_loss(classifier: Classifier):
-    def loss_fn(t, f, batch):
-        return cross_entropy(classifier.logits(trainable.merge(t, f), batch), batch["labels"])
-
-    return loss_fn
-
-
-def spsa_update(theta, z, loss_pm, step_size, eps: float, weight_decay: float = 0.0):
-    """The SPSA step's non-forward part, by the same functions as ``tuning.spsa.spsa_step``:
-    the population theta +- eps z and the update. loss_pm: [2K] secret; step_size public."""
-    k = jax.tree_util.tree_leaves(z)[0].shape[0]
-    config = spsa.SpsaConfig(eps=eps, weight_decay=weight_decay)
-    pair = spsa.perturbed_pair(theta, z, eps)
-    new, _ = spsa.spsa_update(theta, z, loss_pm[:k], loss_pm[k:], step_size, config)
-    return pair, new
-
-
-def _split_layer0(theta: dict) -> tuple[dict, dict]:
-    """(trainable leaves of encoder layer 0, trainable leaves outside the layer stack)."""
-    flat = traverse.flatten_dict(theta, sep="/")
-    layer0 = {k: v for k, v in flat.items() if "/encoder/layer/0/" in k}
-    rest = {k: v for k, v in flat.items() if "/encoder/layer/" not in k}
-    return traverse.unflatten_dict(layer0, sep="/"), traverse.unflatten_dict(rest, sep="/")
-
-
-def _update_case(theta: dict, shape: StepShape, seed: int, rng):
-    z = spsa.directions(seed, 0, theta, shape.num_directions)
-    fn = lambda t, zz, lpm, lr: spsa_update(t, zz, lpm, lr, shape.eps)  # noqa: E731
-    return (
-        fn,
-        (theta, z, _normal(rng, (shape.population,)), np.float32(shape.learning_rate)),
-        (1, 3),
-    )
-
-
-def _component_cases(classifier: Classifier, params: dict, shape: StepShape, seed: int):
-    """name -> (fn, args, public indices). See module doc for the batching."""
-    cfg, head = classifier.config, classifier.head
-    if cfg.family not in ("bert", "roberta") or head.kind != "linear":
-        raise ValueError("classifier: the component profiler supports bert/roberta + linear head")
-    rng = np.random.default_rng([seed, 5])
-    p, b, n, h = shape.population, shape.batch_size, shape.seq_len, cfg.hidden_size
-    trunk = params[classifier.trunk_name]
-    layer = trunk["encoder"]["layer"]["0"]
-    batch = synthetic_batch(classifier, shape, seed)
-    mask = batch["attention_mask"]
-    x = _normal(rng, (p, b, n, h))
-    vm = lambda f: jax.vmap(f, in_axes=(0, 0, None))  # noqa: E731 - weights, acts, mask
-
-    def embeddings(pe, ids, m):
-        return Embeddings(cfg).apply({"params": pe}, ids, m)[0]
-
-    def attention(pa, xx, m):
-        out = SelfAttention(cfg, 0).apply({"params": pa["self"]}, xx, m)
-        return dense(out, pa["output"]["dense"])
-
-    def ffn(pf, xx, _m):
-        return dense(dense(xx, pf["intermediate"]), pf["output"])
-
-    def layernorm(pl, xx, _m):
-        return LayerNorm(epsilon=cfg.layer_norm_eps).apply({"params": pl}, xx)
-
-    def gelu(xx):
-        return activation_fn(cfg.activation)(xx)
-
-    def head_fn(ph, xx, m):
-        return classifier.scores({classifier.head_name: ph}, xx, m, batch)
-
-    def loss(logits, labels):
-        return jax.vmap(cross_entropy, in_axes=(0, None))(logits, labels)
-
-    theta_layer, theta_rest = _split_layer0(trainable.partition(params, is_trainable(shape))[0])
-    emb_fn = vm(embeddings) if shape.embeddings_trainable else embeddings
-    emb_p = _stack(trunk["embeddings"], p) if shape.embeddings_trainable else trunk["embeddings"]
-    ffn_p = {"intermediate": layer["intermediate"]["dense"], "output": layer["output"]["dense"]}
-    return {
-        "embeddings": (emb_fn, (emb_p, batch["input_ids"], mask), ()),
-        "attention": (vm(attention), (_stack(layer["attention"], p), x, mask), ()),
-        "ffn": (vm(ffn), (_stack(ffn_p, p), x, mask), ()),
-        "layernorm": (vm(layernorm), (_stack(layer["output"]["LayerNorm"], p), x, mask), ()),
-        "gelu": (gelu, (_normal(rng, (p, b, n, cfg.intermediate_size)),), ()),
-        "head": (vm(head_fn), (_stack(params[classifier.head_name], p), x, mask), ()),
-        "loss": (loss, (_normal(rng, (p, b, head.num_labels)), batch["labels"]), ()),
-        "update": _update_case(theta_layer, shape, seed, rng),
-        "update_rest": _update_case(theta_rest, shape, seed, rng),
-    }
-
-
-def spsa_step_case(classifier: Classifier, params: dict, shape: StepShape, seed: int = 0):
-    """(fn, args, public) of the whole SPSA step as the demo compiles it."""
-    theta, frozen = trainable.partition(params, is_trainable(shape))
-    loss_fn = make_loss(classifier)
-    config = spsa.SpsaConfig(eps=shape.eps, num_directions=shape.num_directions)
-
-    def spsa_step(t, f, batch, z, lr):
-        return spsa.spsa_step(loss_fn, t, f, batch, z, lr, config)
-
-    z = spsa.directions(seed, 0, theta, shape.num_directions)
-    args = (theta, frozen, synthetic_batch(classifier, shape, seed), z, np.float32(1e-3))
-    return spsa_step, args, (3, 4)
-
-
-def backprop_step_case(
-    classifier: Classifier, params: dict, shape: StepShape, seed: int = 0, optimizer="sgd"
-):
-    """(fn, args, public) of the backprop (SFT) baseline: jax.grad + optax ``optimizer``
-    ("sgd" or "adam"), same trainable set and loss. The optimiser state is created inside
-    the step (its cost, e.g. Adam's sqrt and division, is counted; its carry-over is not).
-    Everything but the (public) learning rate is secret."""
-    theta, frozen = trainable.partition(params, is_trainable(shape))
-    optimizer = backprop.make_optimizer(optimizer, shape.learning_rate)
-    loss_fn = make_loss(classifier)
-
-    def backprop_step(t, f, batch):
-        new, _, info = backprop.backprop_step(loss_fn, optimizer, t, f, batch, optimizer.init(t))
-        return new, info
-
-    return backprop_step, (theta, frozen, synthetic_batch(classifier, shape, seed)), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,7 +324,7 @@ def profile_components(
         raise ValueError(f"layers: must be >= 1, got {layers!r}")
     params = classifier.init(seed, seq_len=shape.seq_len)
     rows = []
-    for name, (fn, args, public) in _component_cases(classifier, params, shape, seed).items():
+    for name, (fn, args, public) in component_cases(classifier, params, shape, seed).items():
         prof = profile_function(fn, args, public, p, name=f"{label}_{name}")
         rows.append(ComponentRow(name, PER_LAYER.get(name, 0) * layers or 1, prof))
     whole = None
