@@ -117,6 +117,36 @@ def compile_cache_stats() -> dict[str, int]:
     return {**_CACHE_STATS, "size": len(_CACHE)}
 
 
+def hoist_constants(
+    fn: Callable, args: Sequence[Any], *, rewrites: Sequence[str] = DEFAULT_REWRITES
+) -> tuple[Callable, tuple[np.ndarray, ...], Any]:
+    """Trace ``fn(*args)`` and lift its trace constants out as explicit arguments.
+
+    Returns ``(program, constants, out_shape)``: ``program(*leaves, *constants)`` takes the
+    flattened leaves of ``args`` followed by ``constants`` (numpy arrays ``fn`` closed over)
+    and returns the flat list of ``fn``'s output leaves (structure: ``out_shape``), with the
+    precision ``rewrites`` applied. Only shapes/dtypes of ``args`` matter (arrays or
+    ``jax.ShapeDtypeStruct``). Feed ``constants`` to SPU as PUBLIC inputs: see the module
+    docstring for the miscompile this avoids. Used by :func:`compile_to_pphlo` and by the
+    SecretFlow cluster jobs (``secfwt_jax.runtime.jobs_spsa``).
+    """
+    rewrites = validate(rewrites)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    constants = tuple(np.asarray(c) for c in closed.consts)
+    n_leaves = len(jax.tree_util.tree_leaves(args))
+
+    def program(*flat):
+        if len(flat) != n_leaves + len(constants):
+            raise ValueError(
+                f"program: expected {n_leaves} leaves + {len(constants)} constants, "
+                f"got {len(flat)} arguments"
+            )
+        consts = list(flat[n_leaves:])
+        return eval_jaxpr_rewritten(closed.jaxpr, consts, *flat[:n_leaves], rewrites=rewrites)
+
+    return program, constants, out_shape
+
+
 def compile_to_pphlo(
     fn: Callable,
     args: Sequence[Any],
@@ -150,14 +180,7 @@ def compile_to_pphlo(
             return _CACHE[key]
     _CACHE_STATS["misses"] += 1
 
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    constants = tuple(np.asarray(c) for c in closed.consts)
-    n_leaves = len(leaves)
-
-    def program(*flat):
-        consts = list(flat[n_leaves:])
-        return eval_jaxpr_rewritten(closed.jaxpr, consts, *flat[:n_leaves], rewrites=rewrites)
-
+    program, constants, out_shape = hoist_constants(fn, args, rewrites=rewrites)
     program.__name__ = re.sub(r"\W", "_", name or getattr(fn, "__name__", "program"))
     const_vis = [spu_pb2.Visibility.VIS_PUBLIC] * len(constants)
     executable, _ = spu_fe.compile(
