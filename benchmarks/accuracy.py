@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 
 from secfwt_jax.data import encode, k_shot_splits, load_sentiment
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
@@ -115,6 +117,19 @@ def parse_args(argv=None):
     p.add_argument("--adapt-lr", type=float, default=2e-4)
     p.add_argument("--adapt-set", default="attention", help="key of adaptation.ADAPT_SETS")
     p.add_argument("--adapt-batch", type=int, default=16)
+    p.add_argument(
+        "--adapt-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="adaptation lr: constant, or linear warmup then cosine decay to 0",
+    )
+    p.add_argument("--adapt-warmup", type=int, default=0, help="warmup steps (cosine)")
+    p.add_argument(
+        "--adapt-tag", default="", help="suffix of the adapted model's row keys (variants)"
+    )
+    p.add_argument(
+        "--adapt-cache", default="", help="pickle of the adapted params: load if present, else save"
+    )
     p.add_argument("--public-size", type=int, default=4096, help="public corpus rows")
     p.add_argument("--dev-size", type=int, default=512, help="dev sample rows (selection)")
     p.add_argument("--pilot", action="store_true", help="score on the dev sample, write nothing")
@@ -283,12 +298,13 @@ ROW_LABELS = {
 
 
 def row_label(key: str, args) -> tuple[str, str]:
-    """Label of a fixed row, or of a tagged SPSA variant (`spsa_<model>_<tag>`)."""
+    """Label of a fixed row, or of a tagged variant (`<row>_<model>_<tag>`)."""
     if key in ROW_LABELS:
         return ROW_LABELS[key]
     model = next((m for m in sorted(ATTENTION, key=len, reverse=True) if f"_{m}_" in key), "?")
     tag = key.split(f"_{model}_", 1)[-1]
-    return f"SPSA, {model.replace('_', ' ')} ({tag})", "settings: merged_runs in accuracy.json"
+    row = {"probe": "linear probe", "cma": "CMA-ES prompt"}.get(key.split("_")[0], "SPSA")
+    return f"{row}, {model.replace('_', ' ')} ({tag})", "settings: merged_runs in accuracy.json"
 
 
 def markdown(table: dict, ks, args) -> str:
@@ -307,9 +323,13 @@ def markdown(table: dict, ks, args) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    write_atomic_bytes(path, text.encode())
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -337,23 +357,43 @@ def adapted_params(rest, public_rows, tok, args) -> tuple[dict, dict]:
     corpus = {k: v for k, v in corpus.items() if k != "labels"}
     held_out = {k: v[-64:] for k, v in corpus.items()}
     corpus = {k: v[:-64] for k, v in corpus.items()}
+    cache = Path(args.adapt_cache) if args.adapt_cache else None
+    if cache and cache.exists():  # same public corpus and settings (checked), no re-run
+        adapted, info = pickle.loads(cache.read_bytes())
+        assert all(info[k] == v for k, v in adapt_settings(args).items()), info
+        log(f"adaptation: loaded {cache}")
+        return adapted, info
     before = adaptation.distillation_distance(student, params, teacher, params, held_out)
+    lr = args.adapt_lr
+    if args.adapt_schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, args.adapt_lr, args.adapt_warmup, args.adapt_steps, 0.0
+        )
     batches = loop.cycle_minibatches(corpus, args.adapt_batch, seed=0)
     started = time.time()
     adapted, hist = adaptation.adapt_attention(
-        student, params, teacher, batches, args.adapt_steps, args.adapt_lr, args.adapt_set,
+        student, params, teacher, batches, args.adapt_steps, lr, args.adapt_set,
         log=log,
     )  # fmt: skip
     after = adaptation.distillation_distance(student, adapted, teacher, params, held_out)
     info = {
-        "set": args.adapt_set, "steps": args.adapt_steps, "lr": args.adapt_lr,
-        "batch": args.adapt_batch, "public_rows": int(len(public_rows)) - 64,
+        **adapt_settings(args), "public_rows": int(len(public_rows)) - 64,
         "heldout_distance_before": before, "heldout_distance_after": after,
         "train_loss_first": hist[0]["loss"], "train_loss_last10": float(
             np.mean([h["loss"] for h in hist[-10:]])), "wall_s": time.time() - started,
     }  # fmt: skip
     log(f"adaptation: held-out hidden-state MSE {before:.4f} -> {after:.4f}")
+    if cache:
+        write_atomic_bytes(cache, pickle.dumps((adapted, info)))
     return adapted, info
+
+
+def adapt_settings(args) -> dict:
+    info = {"set": args.adapt_set, "steps": args.adapt_steps, "lr": args.adapt_lr,
+            "batch": args.adapt_batch, "public_size": args.public_size}  # fmt: skip
+    if args.adapt_schedule != "constant":  # keys absent for the original constant-lr run
+        info.update(schedule=args.adapt_schedule, warmup=args.adapt_warmup)
+    return info
 
 
 def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
@@ -381,12 +421,15 @@ def main(argv=None) -> int:
     names = args.models or ["softmax", "rfa"] + ([] if args.no_remedy else ["rfa256"])
     models, test_caches, extra = {}, {}, {}
     for name in names:
-        params = None
+        params, key = None, name
         if name == "rfa_adapted":
-            params, extra["adaptation"] = adapted_params(rest, public_rows, tok, args)
-        models[name] = Model(name, ATTENTION[name], params)
-        test_caches[name] = models[name].cache(test_batch)
-        log(f"model {name}: test cache ready")
+            key = name + (f"_{args.adapt_tag}" if args.adapt_tag else "")
+            params, extra[key.replace("rfa_adapted", "adaptation")] = adapted_params(
+                rest, public_rows, tok, args
+            )
+        models[key] = Model(key, ATTENTION[name], params)
+        test_caches[key] = models[key].cache(test_batch)
+        log(f"model {key}: test cache ready")
     runs = []
     for k in args.ks:
         for seed in args.seeds:
@@ -412,7 +455,7 @@ def main(argv=None) -> int:
         "settings": previous.get("settings", settings), "table_percent": table, "runs": runs,
         "wall_s": time.time() - started + previous.get("wall_s", 0.0),
         "command": previous.get("command", " ".join(sys.argv)),
-        **{k: v for k, v in previous.items() if k in ("merged_runs", "adaptation")},
+        **{k: v for k, v in previous.items() if k == "merged_runs" or k.startswith("adaptation")},
         **extra,
     }  # fmt: skip
     if previous:
