@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pickle
 import sys
 import time
@@ -52,7 +51,9 @@ import jax
 import numpy as np
 import optax
 
+from secfwt_jax import files
 from secfwt_jax.data import encode, k_shot_splits, load_sentiment
+from secfwt_jax.files import write_text_atomic
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
 from secfwt_jax.models.classifier import trunk_module
 from secfwt_jax.models.config import AttentionConfig
@@ -323,14 +324,11 @@ def markdown(table: dict, ks, args) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    write_atomic_bytes(path, text.encode())
+    write_text_atomic(path, text)
 
 
 def write_atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    files.write_atomic(path, lambda f: f.write(data))
 
 
 def public_and_dev_rows(rest, args) -> tuple[np.ndarray, np.ndarray]:

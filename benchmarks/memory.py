@@ -43,6 +43,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUM
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from secfwt_jax.files import write_text_atomic  # noqa: E402
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained  # noqa: E402
 from secfwt_jax.models.heads import HeadConfig  # noqa: E402
 from secfwt_jax.tuning import sets, spsa, spsa_inplace  # noqa: E402
@@ -224,9 +225,7 @@ def verdict(results: dict, goal: float = GOAL) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def main(argv=None) -> int:

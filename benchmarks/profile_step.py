@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from secfwt_jax.compile import network, profiler, protocols
+from secfwt_jax.files import write_json_atomic
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
@@ -133,11 +131,7 @@ def profile_model(name: str, base: ModelConfig, layers: int, preset, args, log) 
 
 
 def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
 
 
 def main(argv=None) -> dict:

@@ -17,19 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def write_json_atomic(path: str | Path, payload) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from secfwt_jax.files import write_json_atomic
 
 
 def _demo(args: argparse.Namespace) -> int:

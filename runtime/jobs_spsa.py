@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from secfwt_jax.files import write_atomic, write_json_atomic
 from secfwt_jax.runtime.cluster import PARTY_WORK_DIR_ENV, ClusterConfig, sf_party_session
 
 __all__ = [
@@ -116,21 +117,13 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _save_theta(theta, path: str) -> str:
     """Model owner: write theta to ``path`` through a temp file and an atomic rename."""
-    tmp = f"{path}.tmp.{os.getpid()}.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, **flatten_params(theta))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **flatten_params(theta)))
     return path
 
 
 def _save_losses(path: str, *losses) -> str:
     """Data owner: write the revealed per-step losses (JSON list) atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump([float(np.asarray(x)) for x in losses], f)
-    os.replace(tmp, path)
+    write_json_atomic(path, [float(np.asarray(x)) for x in losses])
     return path
 
 

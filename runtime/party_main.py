@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from secfwt_jax.files import write_json_atomic
 from secfwt_jax.runtime.cluster import ClusterConfig
 
 
@@ -42,16 +43,6 @@ def _to_jsonable(obj: Any) -> Any:
     raise TypeError(f"result value of type {type(obj).__name__} is not JSON-serialisable")
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Write JSON to ``path`` through a sibling temp file and an atomic rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, default=_to_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--party", required=True)
@@ -71,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(
         ns.result,
         {"party": ns.party, "result": result, "seconds": time.monotonic() - t0},
+        default=_to_jsonable,
+        indent=None,
     )
     return 0
 

@@ -1,0 +1,41 @@
+"""Atomic file writes: a temporary file in the target's folder, then a rename.
+
+A reader (a launcher polling for a party's result, a user opening a benchmark table) never
+sees a half-written file, and a failed write leaves the previous file untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:
+    """Call `writer(f)` on a temporary binary file beside `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any, **json_kwargs) -> Path:
+    """`json.dumps(payload, **json_kwargs)` written atomically (indent=2 unless given)."""
+    json_kwargs.setdefault("indent", 2)
+    return write_text_atomic(path, json.dumps(payload, **json_kwargs))
