@@ -51,9 +51,8 @@ import jax
 import numpy as np
 import optax
 
-from secfwt_jax import files
 from secfwt_jax.data import encode, k_shot_splits, load_sentiment
-from secfwt_jax.files import write_text_atomic
+from secfwt_jax.files import write_atomic, write_json_atomic, write_text_atomic
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
 from secfwt_jax.models.classifier import trunk_module
 from secfwt_jax.models.config import AttentionConfig
@@ -323,14 +322,6 @@ def markdown(table: dict, ks, args) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    files.write_atomic(path, lambda f: f.write(data))
-
-
 def public_and_dev_rows(rest, args) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `rest` outside every k-shot train set of the grid: (dev, public corpus).
 
@@ -382,7 +373,8 @@ def adapted_params(rest, public_rows, tok, args) -> tuple[dict, dict]:
     }  # fmt: skip
     log(f"adaptation: held-out hidden-state MSE {before:.4f} -> {after:.4f}")
     if cache:
-        write_atomic_bytes(cache, pickle.dumps((adapted, info)))
+        payload = pickle.dumps((adapted, info))
+        write_atomic(cache, lambda f: f.write(payload))
     return adapted, info
 
 
@@ -461,8 +453,8 @@ def main(argv=None) -> int:
             {"command": " ".join(sys.argv), "settings": settings, "rows": sorted(
                 {key for r in runs for key in r["acc"]} - set(previous["table_percent"]))},
         ]  # fmt: skip
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
-    write_atomic(out.with_suffix(".md"), md + "\n")
+    write_json_atomic(out.with_suffix(".json"), result)
+    write_text_atomic(out.with_suffix(".md"), md + "\n")
     print(md)
     log(f"done in {time.time() - started:.0f} s -> {out}.json / .md")
     return 0

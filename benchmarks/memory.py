@@ -43,7 +43,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUM
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from secfwt_jax.files import write_text_atomic  # noqa: E402
+from secfwt_jax.files import write_json_atomic, write_text_atomic  # noqa: E402
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained  # noqa: E402
 from secfwt_jax.models.heads import HeadConfig  # noqa: E402
 from secfwt_jax.tuning import sets, spsa, spsa_inplace  # noqa: E402
@@ -224,10 +224,6 @@ def verdict(results: dict, goal: float = GOAL) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
@@ -255,8 +251,8 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = merge_previous(RESULTS / "memory.json", out)
     md = table(out["results"]) + "\n\n" + verdict(out["results"]) + "\n\n" + DONATION_NOTE
-    write_atomic(RESULTS / "memory.json", json.dumps(out, indent=2))
-    write_atomic(RESULTS / "memory.md", md + "\n")
+    write_json_atomic(RESULTS / "memory.json", out)
+    write_text_atomic(RESULTS / "memory.md", md + "\n")
     print(md)
     shutil.rmtree(DUMP, ignore_errors=True)
     return 0

@@ -130,10 +130,6 @@ def profile_model(name: str, base: ModelConfig, layers: int, preset, args, log) 
     }
 
 
-def write_atomic(path: Path, data: dict) -> None:
-    write_json_atomic(path, data, indent=1)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["demo", "minilm"], choices=["demo", "minilm"])
@@ -158,7 +154,7 @@ def main(argv=None) -> dict:
         base = {"demo": DEMO, "minilm": MINILM}[name]
         result["models"][name] = profile_model(name, base, base.num_layers, preset, args, log)
     result["seconds"] = time.perf_counter() - start
-    write_atomic(args.out, result)
+    write_json_atomic(args.out, result, indent=1)
     log(f"wrote {args.out} ({result['seconds']:.0f} s)")
     return result
 
