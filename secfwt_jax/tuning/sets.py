@@ -174,9 +174,17 @@ def _top_problem(spec: TrainableSpec, classifier: Classifier, params: dict) -> T
 
 
 def build_problem(
-    spec: TrainableSpec, classifier: Classifier, params: dict, seed: int = 0
+    spec: TrainableSpec,
+    classifier: Classifier,
+    params: dict,
+    seed: int = 0,
+    embed_std: float | None = None,
 ) -> TuningProblem:
-    """Split `params` for `spec` and return the matching logits function."""
+    """Split `params` for `spec` and return the matching logits function.
+
+    `embed_std` overrides the word embeddings' std that scales the prompt projection (a
+    party that holds only zero parameters of the right shapes passes the published one).
+    """
     head = classifier.head_name
     if spec.kind == "top" or (spec.kind == "head" and spec.cache_trunk):
         top = spec if spec.kind == "top" else dataclasses.replace(spec, top_layers=0)
@@ -199,8 +207,9 @@ def build_problem(
 
         return TuningProblem(spec, trainable, frozen, lora_logits)
     # prompt
-    table = np.asarray(classifier.word_table(params))
-    projection = prompt_projection(spec, classifier.config.hidden_size, float(table.std()))
+    if embed_std is None:
+        embed_std = float(np.asarray(classifier.word_table(params)).std())
+    projection = prompt_projection(spec, classifier.config.hidden_size, embed_std)
     trainable = {"z": np.zeros(spec.intrinsic_dim, np.float32)}
 
     def prompt_logits(t, f, b):
