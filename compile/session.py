@@ -73,6 +73,14 @@ class SimulatorSession:
         self._trees[name] = treedef
         self._public[name] = public
 
+    def delete(self, name: str) -> None:
+        """Forget ``name`` in every rank (its shares are dropped)."""
+        treedef = self._tree(name)
+        for rt in self._runtimes:
+            for i in range(treedef.num_leaves):
+                rt.del_var(f"{name}/{i}")
+        del self._trees[name], self._public[name]
+
     def names(self) -> list[str]:
         return sorted(self._trees)
 

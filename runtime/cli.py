@@ -36,6 +36,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    """Fine-tune as the run spec says: simulator (embedded default) or SecretFlow parties."""
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.sim_run import private_seeds, run_sim, summary_lines
+
+    spec = load_spec(args.spec, args.set)
+    if args.backend:
+        spec = spec.replace(backend={**spec.backend.model_dump(), "kind": args.backend})
+    if spec.backend.kind == "cluster":
+        from secfwt_jax.runtime.cluster_run import launch_local
+
+        return launch_local(spec, args)
+    seeds = private_seeds(args.private_seed)
+    cache = args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir()
+    report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None)  # fmt: skip
+    print("\n".join(summary_lines(report)))
+    return 0
+
+
 def _cluster_demo(args: argparse.Namespace) -> int:
     """SPSA steps as a 3-party ABY3 SecretFlow job on loopback; print each party's JSON."""
     from secfwt_jax.runtime.cluster import loopback_cluster
@@ -120,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     cache.add_argument("--no-cache", action="store_true", help="always compile; no cache")
     comp.set_defaults(run=_compile)
+    fine = sub.add_parser("finetune", help="fine-tune a checkpoint on a data owner's file under MPC (run spec)")  # fmt: skip
+    fine.add_argument("spec", help="run spec (YAML), see configs/")
+    fine.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. tuning.steps=5")  # fmt: skip
+    fine.add_argument("--backend", choices=["sim", "cluster"], help="override backend.kind")
+    fine.add_argument("--out", help="output directory (default: the spec's output.dir)")
+    fine.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
+    fine.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
+    fine.set_defaults(run=_finetune)
     cdemo = sub.add_parser(
         "cluster-demo", help="SPSA steps as a 3-party SecretFlow job on loopback (ABY3)"
     )

@@ -1,0 +1,296 @@
+"""`secfwt finetune`: one run, written once, driven on any backend.
+
+`run_finetune(spec, backend, ...)` is the whole job. Every party's process runs it (on a
+SecretFlow cluster) or one process plays every party (the in-process simulator). The data
+flow is the same on both, and the backend enforces it:
+
+1. the data owner loads the (public) tokenizer and publishes the head's verbalizer ids;
+2. the model owner loads its checkpoint (or draws an inline model from its PRIVATE seed),
+   splits it into trainable / frozen and publishes only the architecture and shapes;
+3. the data owner samples its k-shot set from its file, tokenises it and publishes only
+   shapes and counts;
+4. every party builds the same programs from those public facts (`run.build`) and reports
+   their compile-cache keys;
+5. weights enter SPU as shares from the model owner, data and labels from the data owner;
+6. with a cached trunk, the frozen lower layers run once per chunk under MPC and their
+   activations stay shares;
+7. test predictions before tuning are revealed to the data owner only;
+8. SPSA steps (z and the step size public, theta secret between steps; the loss revealed
+   to the data owner if it opted in) or CMA-ES generations (candidates public, their losses
+   to the data owner, who runs CMA-ES in plaintext);
+9. predictions after tuning, to the data owner only;
+10. the tuned parameters to the receiving party only, which writes them.
+
+The returned report holds what THIS process may know: on a cluster the data owner's report
+has the losses and accuracies, the others' do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secfwt_jax.run import build
+from secfwt_jax.run.spec import RunSpec
+from secfwt_jax.tuning.schedules import make_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateSeeds:
+    """Each owner's own seed (fresh head, LoRA factors, inline weights). Never in the spec,
+    never sent: the operator gives it to the owner's process only."""
+
+    model_owner: int
+
+
+# ---------------------------------------------------------------------- owner-side functions
+def _owner_head(spec: RunSpec):
+    from secfwt_jax.models.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.resolve(spec.model.tokenizer_path))
+    return build.head_config(spec, tokenizer), tokenizer
+
+
+def _data_owner_load(spec: RunSpec, head_and_tokenizer, vocab_size: int):
+    return build.data_owner_inputs(spec, head_and_tokenizer[1], vocab_size)
+
+
+def _accuracy(data: build.DataOwnerInputs, *predictions) -> dict[str, Any]:
+    stacked = np.concatenate([np.asarray(p) for p in predictions], axis=0)
+    pred = np.argmax(stacked[: len(data.eval_labels)], axis=-1)
+    return {"accuracy": float(np.mean(pred == data.eval_labels)), "predictions": pred.tolist()}
+
+
+def _save_params(theta: dict, path: str) -> str:
+    from secfwt_jax.files import write_atomic
+
+    write_atomic(path, lambda f: np.savez(f, **build.flatten(theta)))
+    return path
+
+
+# ---------------------------------------------------------------------- the job
+class Progress:
+    """tqdm progress: step, cumulative MB and rounds, and the loss where it is known."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=label, unit="step", disable=not enabled, dynamic_ncols=True)  # fmt: skip
+
+    def update(self, cost, loss: float | None) -> None:
+        post = {}
+        if cost is not None:
+            post["MB"] = f"{cost.total_bytes / 1e6:,.0f}"
+            post["rounds"] = f"{cost.max_rounds:,}"
+        if loss is not None:
+            post["loss"] = f"{loss:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_finetune(
+    spec: RunSpec,
+    backend,
+    seeds: PrivateSeeds,
+    *,
+    out_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the job of `spec` on `backend` (module doc); return this process's report."""
+    start = time.perf_counter()
+    mo, do = spec.parties.model_owner, spec.parties.data_owner
+    out_dir = Path(out_dir or spec.output_dir)
+    report: dict[str, Any] = {"spec": spec.to_dict(), "spec_hash": spec.spec_hash, "party": backend.me or "all (simulator)"}  # fmt: skip
+    timings: dict[str, float] = {}
+
+    def mark(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    # 1-3: each owner loads its own inputs; only public facts are published.
+    t = time.perf_counter()
+    head_h = backend.at(do, _owner_head, spec)
+    head = backend.publish(backend.at(do, lambda h: h[0], head_h))
+    theta_h, frozen_h, model_pub_h = backend.at(
+        mo, build.model_owner_inputs, spec, head, seeds.model_owner, log, num_returns=3
+    )
+    model_public = backend.publish(model_pub_h)
+    vocab = model_public.model_config["vocab_size"]
+    data_h = backend.at(do, _data_owner_load, spec, head_h, vocab)
+    data_public = backend.publish(backend.at(do, lambda d: d.public(), data_h))
+    counts = data_public["counts"]
+    log(
+        f"data owner: {counts['train']} training examples in {data_public['train_chunks']} "
+        f"chunks of {spec.tuning.batch_size}, {counts['mpc_eval']} test examples under MPC, "
+        f"{counts['test']} in the plaintext test split, {counts['max_len']} tokens"
+    )
+    t = mark("load", t)
+
+    # 4: the programs, from public facts only.
+    programs = build.build_programs(spec, model_public, head, data_public)
+    needed = [programs.predict, programs.step if spec.tuning.method == "spsa" else programs.population_loss]  # fmt: skip
+    if programs.trunk is not None:
+        needed.insert(0, programs.trunk)
+    compiled = {}
+    for program in needed:
+        compiled[program.name] = backend.compile(program)
+        c = compiled[program.name]
+        how = "cache hit" if c.cache_hit else f"compiled in {c.compile_seconds:.1f} s"
+        log(f"program {program.name}: key {c.key[:16]}... ({how})")
+    report["programs"] = {n: {"key": c.key, "cache_hit": c.cache_hit} for n, c in compiled.items()}
+    t = mark("compile", t)
+
+    # 5-6: shares from the owners; the frozen trunk once per chunk.
+    theta_s, frozen_s = backend.share(theta_h), backend.share(frozen_h)
+
+    def chunk(kind: str, i: int):
+        return backend.share(backend.at(do, lambda d: getattr(d, kind)[i], data_h))
+
+    train_x = [chunk("train_inputs", i) for i in range(data_public["train_chunks"])]
+    train_y = [chunk("train_labels", i) for i in range(data_public["train_chunks"])]
+    eval_x = [chunk("eval_inputs", i) for i in range(data_public["eval_chunks"])]
+    if programs.trunk is not None:
+        trunk = compiled["trunk"]
+        bar = Progress(len(train_x) + len(eval_x), "frozen trunk (MPC, once)", progress)
+        cached = []
+        for x in train_x + eval_x:
+            (h,) = backend.run(trunk, frozen_s, x)
+            cached.append(h)
+            bar.update(backend.cost, None)
+        bar.close()
+        train_x, eval_x = cached[: len(train_x)], cached[len(train_x) :]
+    t = mark("trunk", t)
+
+    def evaluate(theta_secret) -> Any:
+        preds = [backend.reveal_to(do, backend.run(compiled["predict"], theta_secret, frozen_s, x)[0]) for x in eval_x]  # fmt: skip
+        return backend.at(do, _accuracy, data_h, *preds)
+
+    # 7: before.
+    before_h = evaluate(theta_s)
+    before = backend.local(before_h)
+    if before is not None:
+        log(f"data owner: MPC test accuracy before tuning {before['accuracy']:.3f}")
+    t = mark("eval_before", t)
+
+    # 8: tuning.
+    losses_h, theta_s = _tune(spec, backend, compiled, programs, theta_s, frozen_s, train_x, train_y, data_h, progress)  # fmt: skip
+    t = mark("tuning", t)
+
+    # 9: after.
+    after_h = evaluate(theta_s)
+    after = backend.local(after_h)
+    if after is not None:
+        log(f"data owner: MPC test accuracy after tuning {after['accuracy']:.3f}")
+    t = mark("eval_after", t)
+
+    # 10: the result to its receiver only.
+    receiver = spec.parties.receiver
+    if receiver is not None:
+        path = str(out_dir / receiver / "tuned_params.npz")
+        saved = backend.at(receiver, _save_params, backend.reveal_to(receiver, theta_s), path)
+        if backend.local(saved) is not None:
+            report["tuned_params"] = {"party": receiver, "path": path}
+    mark("deliver", t)
+
+    losses = backend.local(losses_h) if losses_h is not None else None
+    report.update(
+        counts=counts,
+        mpc={"accuracy_before": before and before["accuracy"], "accuracy_after": after and after["accuracy"],
+             "predictions_before": before and before["predictions"], "predictions_after": after and after["predictions"],
+             "losses": losses},
+        cost={"total_bytes": backend.cost.total_bytes, "max_rounds": backend.cost.max_rounds,
+              "per_program": backend.cost.per_program} if backend.cost is not None else None,
+        seconds=timings | {"total": round(time.perf_counter() - start, 2)},
+        result_to=spec.parties.result_to,
+    )  # fmt: skip
+    report["_private"] = {"theta": theta_h, "frozen": frozen_h, "data": data_h, "head": head_h}
+    report["_programs"] = programs
+    return report
+
+
+def _tune(spec, backend, compiled, programs, theta_s, frozen_s, train_x, train_y, data_h, progress):
+    """SPSA steps or CMA-ES generations; returns (losses held by the data owner, theta)."""
+    do = spec.parties.data_owner
+    steps = spec.tuning.steps
+    bar = Progress(steps, f"{spec.tuning.method} ({spec.protocol.name}, MPC)", progress)
+    losses_held = []
+    if spec.tuning.method == "spsa":
+        schedule = make_schedule(spec.tuning.schedule_config())
+        theta_like = programs.problem.trainable
+        for i in range(steps):
+            z = build.step_directions(spec, i, theta_like)  # public
+            lr = np.float32(schedule(i))  # public
+            c = i % len(train_x)
+            theta_s, loss_s = backend.run(compiled["spsa_step"], theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
+            loss = None
+            if spec.parties.reveal_loss:
+                held = backend.reveal_to(do, loss_s)
+                losses_held.append(held)
+                value = backend.local(held)
+                loss = None if value is None else float(np.asarray(value))
+            bar.update(backend.cost, loss)
+        bar.close()
+    else:
+        theta_s, losses_held = _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar)  # fmt: skip
+    if not losses_held:
+        return None, theta_s
+    collected = backend.at(do, lambda *ls: [np.asarray(x).tolist() for x in ls], *losses_held)
+    return collected, theta_s
+
+
+def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
+    """CMA-ES at the data owner: public candidates, their losses to the data owner only."""
+    from secfwt_jax.tuning.cmaes import CmaConfig
+
+    do = spec.parties.data_owner
+    c = spec.tuning.cma
+    cfg = CmaConfig(c.population, c.sigma0, spec.tuning.steps, spec.seed)
+    dim = spec.tuning.trainable.intrinsic_dim
+    es_h = backend.at(do, _cma_start, dim, cfg)
+    losses_held = []
+    for g in range(spec.tuning.steps):
+        candidates = backend.publish(backend.at(do, _cma_ask, es_h))  # public by design
+        k = g % len(train_x)
+        (loss_s,) = backend.run(compiled["population_loss"], {"z": candidates}, frozen_s, train_x[k], train_y[k])  # fmt: skip
+        held = backend.reveal_to(do, loss_s)
+        es_h = backend.at(do, _cma_tell, es_h, candidates, held)
+        losses_held.append(backend.at(do, lambda x: float(np.min(x)), held))
+        value = backend.local(losses_held[-1])
+        bar.update(backend.cost, value)
+    bar.close()
+    best_h = backend.at(do, lambda es: {"z": np.asarray(es.result.xbest, np.float32)}, es_h)
+    return backend.share(best_h), losses_held
+
+
+def _cma_start(dim: int, cfg):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not import matplotlib")
+        import cma
+
+    return cma.CMAEvolutionStrategy(
+        np.zeros(dim), cfg.sigma0, {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9}
+    )
+
+
+def _cma_ask(es) -> np.ndarray:
+    return np.asarray(es.ask(), np.float32)
+
+
+def _cma_tell(es, candidates, losses):
+    es.tell(list(np.asarray(candidates, np.float64)), list(np.asarray(losses, np.float64)))
+    return es
+
+
+__all__ = ["PrivateSeeds", "run_finetune"]

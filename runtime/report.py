@@ -1,0 +1,79 @@
+"""The run report: JSON (spec, hash, costs, losses, accuracies, reference) and a PNG of the
+curves, each written atomically into the run's output directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from secfwt_jax.files import write_atomic, write_json_atomic
+
+REPORT_JSON, CURVES_PNG = "report.json", "curves.png"
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse an unusable output directory before any work is done (one line)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output.dir: {probe} exists and is not a directory")
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise ValueError(f"output.dir: {probe} is not writable")
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> Path | None:
+    """Loss per step (MPC and plaintext) and accuracy before/after; None if nothing to plot."""
+    mpc = report.get("mpc") or {}
+    ref = report.get("plaintext_reference") or {}
+    if not mpc.get("losses") and mpc.get("accuracy_after") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if mpc.get("losses"):
+        ax1.plot(mpc["losses"], label="MPC (revealed to the data owner)")
+    if ref.get("losses"):
+        ax1.plot(ref["losses"], "--", label="plaintext reference")
+    ax1.set_xlabel("step" if report["spec"]["tuning"]["method"] == "spsa" else "generation")
+    ax1.set_ylabel("training loss")
+    ax1.legend()
+    names, values = [], []
+    for label, value in (
+        ("MPC before", mpc.get("accuracy_before")),
+        ("MPC after", mpc.get("accuracy_after")),
+        ("plain before", (ref.get("before") or {}).get("accuracy")),
+        ("plain after", (ref.get("after") or {}).get("accuracy")),
+        ("full test before", (ref.get("before") or {}).get("full_test_accuracy")),
+        ("full test after", (ref.get("after") or {}).get("full_test_accuracy")),
+    ):
+        if value is not None:
+            names.append(label)
+            values.append(100 * value)
+    ax2.bar(names, values, color=["#999", "#1f77b4"] * 3)
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{report['spec']['name']}: {report['spec']['tuning']['method']} under {report['spec']['protocol']['name']}")  # fmt: skip
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write report.json (and curves.png when there are curves) into `out_dir`."""
+    out_dir = Path(out_dir)
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    paths = {"report": str(out_dir / REPORT_JSON)}
+    png = plot_curves(public, out_dir / CURVES_PNG)
+    if png is not None:
+        paths["curves"] = str(png)
+    public["files"] = paths
+    write_json_atomic(out_dir / REPORT_JSON, public)
+    return paths

@@ -1,0 +1,93 @@
+"""`secfwt finetune` on the embedded backend: the in-process SPU simulator.
+
+One process plays every party (the backend still enforces who may read what), so it can
+also run the plaintext reference on request and compare: predictions agreement, the loss
+gap and the parameter gap between the MPC run and plaintext with the same seeds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secfwt_jax.compile import protocols
+from secfwt_jax.compile.sim_backend import SimBackend
+from secfwt_jax.run import build
+from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
+from secfwt_jax.run.spec import RunSpec
+from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
+from secfwt_jax.runtime.report import check_output_dir, write_report
+
+
+def preset_of(spec: RunSpec) -> protocols.ProtocolPreset:
+    p = spec.protocol
+    return protocols.preset(p.name, p.field, fxp_fraction_bits=p.fxp_fraction_bits,
+                            exp_mode=p.exp_mode, beaver_type=p.beaver_type)  # fmt: skip
+
+
+def private_seeds(model_owner: int | None) -> PrivateSeeds:
+    """The given seed (tests, reproducible runs) or fresh OS entropy."""
+    return PrivateSeeds(model_owner=secrets.randbits(31) if model_owner is None else model_owner)
+
+
+def run_sim(
+    spec: RunSpec,
+    *,
+    seeds: PrivateSeeds,
+    cache_dir: str | Path | None = None,
+    out_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `spec` on the simulator; write report.json, curves.png and the tuned params."""
+    out_dir = Path(out_dir or spec.output_dir)
+    check_output_dir(out_dir)
+    preset = preset_of(spec)
+    log(f"run {spec.name} ({spec.spec_hash[:12]}): {spec.tuning.method} on {preset.name} {preset.field}, simulator with {preset.world_size} parties")  # fmt: skip
+    backend = SimBackend(preset, cache_dir=cache_dir)
+    report = run_finetune(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress)
+    private = report.pop("_private")
+    programs = report.pop("_programs")
+    if spec.evaluation.plaintext_reference:
+        log("operator: plaintext reference (reads both owners' secrets; simulator only)")
+        head, tokenizer = private["head"].value
+        ref = plaintext_reference(spec, programs, private["theta"].value, private["frozen"].value, private["data"].value, tokenizer)  # fmt: skip
+        mpc = report["mpc"]
+        summary = {k: ref[k] for k in ("before", "after", "losses")}
+        summary["agreement_before"] = agreement(mpc["predictions_before"], ref["before"]["predictions"])  # fmt: skip
+        summary["agreement_after"] = agreement(mpc["predictions_after"], ref["after"]["predictions"])  # fmt: skip
+        if mpc.get("losses") and ref["losses"]:
+            summary["max_loss_gap"] = float(np.max(np.abs(np.subtract(mpc["losses"], ref["losses"]))))  # fmt: skip
+        tuned = report.get("tuned_params")
+        if tuned:
+            with np.load(tuned["path"]) as f:
+                summary["relative_param_gap"] = relative_gap(dict(f), build.flatten(ref["theta"]))
+        report["plaintext_reference"] = summary
+    report["files"] = write_report(report, out_dir)
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The lines `secfwt finetune` prints at the end."""
+    mpc, ref = report["mpc"], report.get("plaintext_reference")
+    lines = [f"run {report['spec']['name']}  spec {report['spec_hash'][:12]}"]
+    if mpc["accuracy_before"] is not None:
+        lines.append(f"  MPC test accuracy ({report['counts']['mpc_eval']} examples): before {100 * mpc['accuracy_before']:.1f}%  after {100 * mpc['accuracy_after']:.1f}%")  # fmt: skip
+    if ref:
+        lines.append(f"  plaintext, same examples:            before {100 * ref['before']['accuracy']:.1f}%  after {100 * ref['after']['accuracy']:.1f}%  (MPC/plaintext agree on {100 * ref['agreement_before']:.1f}% / {100 * ref['agreement_after']:.1f}%)")  # fmt: skip
+        lines.append(f"  plaintext, full test split ({report['counts']['test']}):     before {100 * ref['before']['full_test_accuracy']:.1f}%  after {100 * ref['after']['full_test_accuracy']:.1f}%")  # fmt: skip
+        if "relative_param_gap" in ref:
+            lines.append(f"  tuned parameters, MPC vs plaintext: relative gap {ref['relative_param_gap']:.2e}")  # fmt: skip
+    cost = report.get("cost")
+    if cost:
+        lines.append(f"  communication: {cost['total_bytes'] / 1e9:.2f} GB over all parties, {cost['max_rounds']:,} rounds")  # fmt: skip
+    lines.append(f"  time: {report['seconds']}")
+    for name, path in report["files"].items():
+        lines.append(f"  {name}: {path}")
+    if report.get("tuned_params"):
+        lines.append(f"  tuned parameters (only at {report['tuned_params']['party']}): {report['tuned_params']['path']}")  # fmt: skip
+    return lines

@@ -1,0 +1,445 @@
+"""The one builder: a `RunSpec` -> each owner's inputs and the run's programs.
+
+Each function here runs where its data lives, so the same code serves the in-process
+simulator and SecretFlow parties:
+
+  model_owner_inputs(spec, head, private_seed)   at the model owner: its checkpoint (or an
+      inline model from its private seed) -> trainable / frozen parameter trees + the
+      public facts about them (architecture, shapes, the embedding std BBT's scaling needs)
+  data_owner_inputs(spec, tokenizer)             at the data owner: its file -> k-shot
+      train chunks and the evaluation subset, tokenised (one-hot ids, the MPC form)
+  build_programs(spec, model_public, head)       anywhere, from public facts only: the pure
+      functions that run under SPU (trunk, step, predict, population_loss) with their
+      argument roles
+
+Programs (all pure; `features` is a batch without labels; labels are one-hot [B, C]):
+
+  trunk(frozen, inputs) -> features             the frozen lower layers, run once per chunk
+                                                (only with `trainable.cache_trunk`)
+  step(theta, frozen, features, labels, z, lr) -> (theta', loss)          one SPSA step
+  predict(theta, frozen, features) -> one-hot predictions [B, C]          (argmax inside MPC)
+  population_loss(population, frozen, features, labels) -> losses [P]     one CMA-ES generation
+
+`plaintext_run` replays the same steps in the clear for the report's reference (it needs
+both owners' secrets, so only an operator process that holds both may call it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from secfwt_jax.data.batching import encode
+from secfwt_jax.data.loaders import DataError, LabelledText, load_labelled
+from secfwt_jax.data.sampling import k_shot_splits
+from secfwt_jax.data.templates import PromptTemplate
+from secfwt_jax.models import checkpoint
+from secfwt_jax.models.classifier import Classifier, cross_entropy
+from secfwt_jax.models.config import AttentionConfig, ModelConfig
+from secfwt_jax.models.heads import HeadConfig
+from secfwt_jax.run.spec import RunSpec, SpecError
+from secfwt_jax.tuning import spsa
+from secfwt_jax.tuning.sets import TuningProblem, build_problem
+
+Shapes = dict[str, tuple[tuple[int, ...], str]]
+
+
+# ---------------------------------------------------------------------- pytrees
+def flatten(tree: dict) -> dict[str, np.ndarray]:
+    """Nested dict -> {'a/b/c': array} (the .npz and share-file layout)."""
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def shapes_of(tree: dict) -> Shapes:
+    """Public metadata of a private tree: {'a/b': (shape, dtype)}; no values."""
+    return {k: (tuple(v.shape), v.dtype.str) for k, v in flatten(tree).items()}
+
+
+def zeros_like_shapes(shapes: Shapes) -> dict:
+    """A tree of zeros with the published shapes (what non-owners trace programs with)."""
+    return unflatten({k: np.zeros(s, np.dtype(d)) for k, (s, d) in shapes.items()})
+
+
+# ---------------------------------------------------------------------- the model owner
+@dataclasses.dataclass(frozen=True)
+class ModelPublic:
+    """What the model owner publishes: architecture, tree shapes, BBT's embedding std."""
+
+    model_config: dict
+    trainable_shapes: Shapes
+    frozen_shapes: Shapes
+    embed_std: float
+
+    def classifier(self, head: HeadConfig) -> Classifier:
+        cfg = dict(self.model_config)
+        cfg["attention"] = AttentionConfig(**cfg["attention"])
+        return Classifier(ModelConfig(**cfg), head)
+
+
+def head_config(spec: RunSpec, tokenizer) -> HeadConfig:
+    """The head from the spec and the (public) tokenizer's verbalizer ids."""
+    kind = spec.model.head.kind
+    ids: tuple[int, ...] = ()
+    if kind != "linear":
+        template = PromptTemplate(spec.data.template or "{text}", spec.data.verbalizer or {})
+        try:
+            ids = template.verbalizer_ids(tokenizer, spec.data.labels)
+        except DataError as error:
+            raise SpecError(f"data.verbalizer: {error}") from None
+    return HeadConfig(kind, len(spec.data.labels), spec.model.head.pooling, ids)
+
+
+def model_checkpoint_dir(spec: RunSpec, log: Callable[[str], None] = print):
+    """The checkpoint the model owner loads: the adapted one when present, else the base."""
+    adapted = spec.resolve(spec.model.adapted_checkpoint)
+    if adapted is not None:
+        if (adapted / "config.json").is_file():
+            log(f"model owner: using the attention-adapted checkpoint {adapted}")
+            return adapted
+        log(
+            f"model owner: no adapted checkpoint at {adapted} (run `secfwt adapt` to make one); "
+            "using the base checkpoint: RFA swapped into a softmax-trained model loses accuracy"
+        )
+    return spec.resolve(spec.model.checkpoint)
+
+
+def load_model(
+    spec: RunSpec, head: HeadConfig, private_seed: int, log: Callable[[str], None] = print
+) -> tuple[Classifier, dict]:
+    """At the model owner: (classifier, params) from its checkpoint or its private seed."""
+    attention = spec.model.attention
+    if spec.model.architecture is not None:
+        arch = spec.model.architecture.model_dump()
+        classifier = Classifier(ModelConfig(**arch, attention=attention), head)
+        return classifier, classifier.init(private_seed)
+    path = model_checkpoint_dir(spec, log)
+    try:
+        return checkpoint.load_pretrained(path, attention, head, seed=private_seed)
+    except checkpoint.CheckpointError as error:
+        raise SpecError(f"model.checkpoint: {error}") from None
+
+
+def model_owner_inputs(
+    spec: RunSpec, head: HeadConfig, private_seed: int, log: Callable[[str], None] = print
+) -> tuple[dict, dict, ModelPublic]:
+    """At the model owner: (trainable, frozen, public facts)."""
+    classifier, params = load_model(spec, head, private_seed, log)
+    _check_positions(spec, classifier)
+    problem = build_problem(spec.tuning.trainable, classifier, params, seed=private_seed)
+    config = dataclasses.asdict(classifier.config)
+    public = ModelPublic(
+        model_config=config,
+        trainable_shapes=shapes_of(problem.trainable),
+        frozen_shapes=shapes_of(problem.frozen),
+        embed_std=float(np.asarray(classifier.word_table(params)).std()),
+    )
+    as_np = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731
+    return as_np(problem.trainable), as_np(problem.frozen), public
+
+
+def _check_positions(spec: RunSpec, classifier: Classifier) -> None:
+    prompt = spec.tuning.trainable.prompt_length if spec.tuning.trainable.kind == "prompt" else 0
+    if spec.data.max_len + prompt > classifier.config.max_positions:
+        raise SpecError(
+            f"data.max_len: {spec.data.max_len} (+ prompt {prompt}) exceeds the model's "
+            f"max_positions {classifier.config.max_positions}"
+        )
+
+
+# ---------------------------------------------------------------------- the data owner
+@dataclasses.dataclass(frozen=True)
+class DataOwnerInputs:
+    """The data owner's encoded examples; chunks are dicts of numpy arrays."""
+
+    train_inputs: list[dict]  # features of each training chunk [B, N(, V)]
+    train_labels: list[np.ndarray]  # one-hot [B, C]
+    eval_inputs: list[dict]  # features of each evaluation chunk
+    eval_labels: np.ndarray  # int [mpc_examples] (the real ones, padding excluded)
+    test: LabelledText  # the plaintext test split (for the reference only)
+    counts: dict[str, int]
+
+    def public(self) -> dict[str, Any]:
+        """Shapes and counts only (what the other parties need to trace and loop)."""
+        return {
+            "train_chunks": len(self.train_inputs),
+            "eval_chunks": len(self.eval_inputs),
+            "train_shapes": shapes_of(self.train_inputs[0]),
+            "label_shape": tuple(self.train_labels[0].shape),
+            "eval_shapes": shapes_of(self.eval_inputs[0]),
+            "counts": dict(self.counts),
+        }
+
+
+def load_data(spec: RunSpec) -> LabelledText:
+    """At the data owner: its labelled file (one-line DataError on bad input)."""
+    d = spec.data
+    return load_labelled(
+        spec.resolve(d.path),
+        text_column=d.text_column,
+        label_column=d.label_column,
+        labels=d.labels,
+        keep_labels=d.labels,
+        file_format=d.format,
+    )
+
+
+def _encode(spec: RunSpec, data: LabelledText, rows, tokenizer, vocab: int) -> dict:
+    template = None
+    if spec.data.template is not None:
+        template = PromptTemplate(spec.data.template, spec.data.verbalizer or {})
+    return encode(
+        [data.texts[i] for i in rows],
+        data.labels[rows],
+        tokenizer,
+        spec.data.max_len,
+        template=template,
+        head_kind=spec.model.head.kind,
+        num_labels=len(spec.data.labels),
+        one_hot_vocab=vocab,
+    )
+
+
+def _split_labels(batch: dict) -> tuple[dict, np.ndarray]:
+    return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+
+
+def data_owner_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> DataOwnerInputs:
+    """At the data owner: k-shot sampling, chunking and tokenisation (module doc).
+
+    Training chunks are `tuning.batch_size` rows in an order fixed by the public run seed;
+    step i uses chunk i mod #chunks. The evaluation subset is the first
+    `evaluation.mpc_examples` rows of the test split, padded to whole chunks by repeating
+    its first rows (their predictions are dropped).
+    """
+    data = load_data(spec)
+    d, t, e = spec.data, spec.tuning, spec.evaluation
+    try:
+        splits = k_shot_splits(data, d.k, d.seed, dev_k=0, test_size=d.test_size)
+    except DataError as error:
+        raise SpecError(f"data.k: {error}") from None
+    n_train = len(splits.train)
+    if t.batch_size > n_train:
+        raise SpecError(f"tuning.batch_size: {t.batch_size} exceeds the {n_train} training examples (k={d.k} x {len(d.labels)} labels)")  # fmt: skip
+    if e.mpc_examples > len(splits.test):
+        raise SpecError(f"evaluation.mpc_examples: {e.mpc_examples} exceeds data.test_size {len(splits.test)}")  # fmt: skip
+    order = np.random.default_rng([spec.seed, 3]).permutation(n_train)
+    train_inputs, train_labels = [], []
+    for start in range(0, n_train - n_train % t.batch_size, t.batch_size):
+        rows = order[start : start + t.batch_size]
+        inputs, labels = _split_labels(_encode(spec, splits.train, rows, tokenizer, vocab_size))
+        train_inputs.append(inputs)
+        train_labels.append(labels)
+    n_eval = e.mpc_examples
+    padded = -(-n_eval // e.batch_size) * e.batch_size
+    eval_rows = np.concatenate([np.arange(n_eval), np.arange(padded - n_eval) % n_eval])
+    eval_inputs = []
+    for start in range(0, padded, e.batch_size):
+        rows = eval_rows[start : start + e.batch_size]
+        eval_inputs.append(_split_labels(_encode(spec, splits.test, rows, tokenizer, vocab_size))[0])  # fmt: skip
+    counts = {"train": n_train, "test": len(splits.test), "mpc_eval": n_eval, "max_len": d.max_len}
+    return DataOwnerInputs(
+        train_inputs,
+        train_labels,
+        eval_inputs,
+        splits.test.labels[:n_eval].copy(),
+        splits.test,
+        counts,
+    )
+
+
+# ---------------------------------------------------------------------- programs
+@dataclasses.dataclass(frozen=True)
+class ProgramDef:
+    """One function to run under SPU: example arguments (zeros of the right shapes) and,
+    per argument, a name and a visibility-policy role (`secfwt_jax.compile.visibility`)."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    arg_names: tuple[str, ...]
+    roles: tuple[Any, ...]
+    description: dict
+
+
+def _batch_role(path: str) -> str:
+    return "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPrograms:
+    """The run's SPU programs; `trunk` is None unless the lower trunk is cached."""
+
+    problem: TuningProblem
+    step: ProgramDef
+    predict: ProgramDef
+    population_loss: ProgramDef
+    trunk: ProgramDef | None
+    first_layer: int
+
+
+def _like_problem(spec: RunSpec, public: ModelPublic, head: HeadConfig) -> TuningProblem:
+    """The tuning problem rebuilt from public facts: zero parameters of the right shapes
+    (the closures it makes read only public constants: scales, projections, features)."""
+    classifier = public.classifier(head)
+    spec_t = spec.tuning.trainable
+    # The model's own parameters: frozen plus trainable, minus the added trainables
+    # (LoRA factors, the prompt's z), which build_problem creates itself.
+    model_shapes = {
+        k: v for k, v in public.trainable_shapes.items() if k.split("/")[0] not in ("lora", "z")
+    }
+    like = zeros_like_shapes({**public.frozen_shapes, **model_shapes})
+    problem = build_problem(spec_t, classifier, like, seed=0, embed_std=public.embed_std)
+    return dataclasses.replace(
+        problem,
+        trainable=zeros_like_shapes(public.trainable_shapes),
+        frozen=zeros_like_shapes(public.frozen_shapes),
+    )
+
+
+def _first_layer(spec: RunSpec, classifier: Classifier) -> int:
+    t = spec.tuning.trainable
+    layers = classifier.config.num_layers
+    return layers if t.kind == "head" else layers - min(t.top_layers, layers)
+
+
+def _abstract_features(spec, classifier, data_public: dict, first: int, key: str) -> dict:
+    """Zero features of a chunk: the raw inputs, or the cached trunk's hidden states."""
+    inputs = zeros_like_shapes(data_public[key])
+    if not spec.tuning.trainable.cache_trunk:
+        return inputs
+    b, n = inputs["attention_mask"].shape
+    feats = {
+        "hidden": np.zeros((b, n, classifier.config.hidden_size), np.float32),
+        "attention_mask": np.zeros((b, n), np.float32),
+    }
+    if "select" in inputs:
+        feats["select"] = inputs["select"]
+    return feats
+
+
+def build_programs(
+    spec: RunSpec, public: ModelPublic, head: HeadConfig, data_public: dict
+) -> RunPrograms:
+    """The run's programs from public facts only (every party builds the same ones)."""
+    problem = _like_problem(spec, public, head)
+    classifier = public.classifier(head)
+    first = _first_layer(spec, classifier)
+    cfg = spec.tuning.spsa
+    theta, frozen = problem.trainable, problem.frozen
+    feats = _abstract_features(spec, classifier, data_public, first, "train_shapes")
+    eval_feats = _abstract_features(spec, classifier, data_public, first, "eval_shapes")
+    labels = np.zeros(data_public["label_shape"], np.float32)
+    num_labels = head.num_labels
+    desc = {"spec": spec.to_dict(), "model": public.model_config}
+    desc["spec"].pop("backend")
+    desc["spec"].pop("output")
+
+    def loss_fn(t, f, b):
+        return cross_entropy(problem.logits(t, f, b), b["labels"])
+
+    def step(t, f, x, y, z, lr):
+        # Only the new (secret) parameters and the batch loss leave the step.
+        new_t, info = spsa.spsa_step(loss_fn, t, f, {**x, "labels": y}, z, lr, cfg)
+        return new_t, info["loss"]
+
+    def predict(t, f, x):
+        return jax.nn.one_hot(jnp.argmax(problem.logits(t, f, x), axis=-1), num_labels)
+
+    def population_loss(pop, f, x, y):
+        return spsa.evaluate_population(loss_fn, pop, f, {**x, "labels": y})
+
+    z = jax.tree_util.tree_map(
+        lambda a: np.zeros((cfg.num_directions, *a.shape), np.float32), theta
+    )
+    pop = jax.tree_util.tree_map(
+        lambda a: np.zeros((spec.tuning.cma.population, *a.shape), np.float32), theta
+    )
+    lr = np.float32(0)
+    trunk = None
+    if spec.tuning.trainable.cache_trunk:
+
+        def trunk_fn(f, inputs):
+            hidden, mask = classifier.lower_hidden(f, inputs, first)
+            out = {"hidden": hidden, "attention_mask": mask}
+            if "select" in inputs:
+                out["select"] = inputs["select"]
+            return out
+
+        trunk_inputs = zeros_like_shapes(data_public["train_shapes"])
+        trunk = ProgramDef("trunk", trunk_fn, (frozen, trunk_inputs), ("frozen", "inputs"),
+                           ("weights", _batch_role), desc)  # fmt: skip
+    return RunPrograms(
+        problem=problem,
+        step=ProgramDef(
+            "spsa_step",
+            step,
+            (theta, frozen, feats, labels, z, lr),
+            ("trainable", "frozen", "features", "labels", "z", "step_size"),
+            ("trainable", "weights", _batch_role, "labels", "directions", "step_size"),
+            desc,
+        ),  # fmt: skip
+        predict=ProgramDef(
+            "predict",
+            predict,
+            (theta, frozen, eval_feats),
+            ("trainable", "frozen", "features"),
+            ("trainable", "weights", _batch_role),
+            desc,
+        ),  # fmt: skip
+        population_loss=ProgramDef(
+            "population_loss",
+            population_loss,
+            (pop, frozen, feats, labels),
+            ("population", "frozen", "features", "labels"),
+            ("directions", "weights", _batch_role, "labels"),
+            desc,
+        ),  # fmt: skip
+        trunk=trunk,
+        first_layer=first,
+    )
+
+
+def trunk_inputs_like(data_public: dict, key: str) -> dict:
+    return zeros_like_shapes(data_public[key])
+
+
+# ---------------------------------------------------------------------- public per-step values
+def step_directions(spec: RunSpec, step: int, theta_like: dict) -> dict:
+    """Public directions z of step `step`, regenerated from the public run seed."""
+    return spsa.directions(spec.seed, step, theta_like, spec.tuning.spsa.num_directions)
+
+
+def accuracy(predictions_onehot: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose predicted class equals the int label (first len(labels) rows)."""
+    pred = np.argmax(np.asarray(predictions_onehot)[: len(labels)], axis=-1)
+    return float(np.mean(pred == labels))
+
+
+__all__ = [
+    "DataOwnerInputs",
+    "ModelPublic",
+    "ProgramDef",
+    "RunPrograms",
+    "accuracy",
+    "build_programs",
+    "data_owner_inputs",
+    "flatten",
+    "head_config",
+    "load_data",
+    "load_model",
+    "model_owner_inputs",
+    "shapes_of",
+    "step_directions",
+    "unflatten",
+    "zeros_like_shapes",
+]
