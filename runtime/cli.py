@@ -44,14 +44,46 @@ def _finetune(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
     if args.backend:
         spec = spec.replace(backend={**spec.backend.model_dump(), "kind": args.backend})
-    if spec.backend.kind == "cluster":
-        from secfwt_jax.runtime.cluster_run import launch_local
-
-        return launch_local(spec, args)
     seeds = private_seeds(args.private_seed)
+    if spec.backend.kind == "cluster":
+        return _launch(spec, args, seeds.model_owner)
     cache = args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir()
     report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None)  # fmt: skip
     print("\n".join(summary_lines(report)))
+    return 0
+
+
+def _launch(spec, args: argparse.Namespace, private_seed: int) -> int:
+    from secfwt_jax.runtime.cluster_run import launch_local, summary_json
+
+    results = launch_local(spec, args.spec, args.set, private_seed, Path(args.out) if args.out else None)  # fmt: skip
+    print(summary_json(results))
+    return 0
+
+
+def _cluster_launch(args: argparse.Namespace) -> int:
+    """All of the spec's parties as SecretFlow processes on this host."""
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.sim_run import private_seeds
+
+    spec = load_spec(args.spec, args.set)
+    return _launch(spec, args, private_seeds(args.private_seed).model_owner)
+
+
+def _party(args: argparse.Namespace) -> int:
+    """One party of the spec's cluster, on its own host."""
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.cluster import load_cluster_config
+    from secfwt_jax.runtime.cluster_run import run_party
+
+    spec = load_spec(args.spec, args.set)
+    cluster_file = args.cluster or spec.resolve(spec.backend.cluster)
+    if cluster_file is None:
+        raise ValueError("--cluster: a party needs the cluster file (or backend.cluster in the spec)")  # fmt: skip
+    cluster = load_cluster_config(cluster_file)
+    out = Path(args.out) if args.out else spec.output_dir
+    report = run_party(spec, args.party, cluster, args.private_seed, out, progress=True)
+    print(json.dumps({k: report[k] for k in ("party", "spec_hash", "programs", "files")}))
     return 0
 
 
@@ -147,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     fine.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
     fine.set_defaults(run=_finetune)
+    cl = sub.add_parser("cluster", help="SecretFlow cluster commands")
+    cl_sub = cl.add_subparsers(dest="cluster_command", required=True)
+    launch = cl_sub.add_parser("launch", help="run the spec's parties as processes on this host (loopback)")  # fmt: skip
+    launch.add_argument("spec", help="run spec (YAML)")
+    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    launch.add_argument("--out", help="output directory (default: the spec's output.dir)")
+    launch.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
+    launch.set_defaults(run=_cluster_launch)
+    party = sub.add_parser("party", help="run one party of a SecretFlow cluster (real deployment)")
+    party.add_argument("spec", help="run spec (YAML), the same file at every party")
+    party.add_argument("--party", required=True, help="this party's name")
+    party.add_argument("--cluster", help="cluster file (default: the spec's backend.cluster)")
+    party.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    party.add_argument("--out", help="output directory (default: the spec's output.dir)")
+    party.add_argument("--private-seed", type=int, help="the model owner's private seed (model owner only)")  # fmt: skip
+    party.set_defaults(run=_party)
     cdemo = sub.add_parser(
         "cluster-demo", help="SPSA steps as a 3-party SecretFlow job on loopback (ABY3)"
     )
@@ -166,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"secfwt: error: {err}", file=sys.stderr)
+        print(f"secfwt: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)  # fmt: skip
         return 2
+    except RuntimeError as err:  # a party failed (PartyFailedError) or SPU refused to run
+        print(f"secfwt: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

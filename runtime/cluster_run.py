@@ -1,0 +1,240 @@
+"""`secfwt finetune` on SecretFlow parties: the same job as the simulator, one process per party.
+
+    secfwt cluster launch RUN.yaml            all parties as processes on loopback
+    secfwt party RUN.yaml --party NAME        one party on its own host (real deployment)
+
+Every party process runs `runtime.finetune.run_finetune` with a `ClusterBackend`: an owner's
+function runs in that owner's process only (a SecretFlow PYU), secrets live in the SPU
+device, and a value reaches a party's driver only if that party owns it or it was
+published as public metadata. The programs are the ones `run.build` makes for every
+backend, traced with their closed-over arrays hoisted into public inputs (the same program
+and cache key as the simulator). Each party writes `report.json` into its own folder of the
+output directory with what it may know; only the receiving party writes the tuned params.
+
+Private seeds: the model owner's seed (fresh head, LoRA factors, an inline model's weights)
+is read by the model owner's process only, from `--private-seed` (or a file the launcher
+writes for that party alone on loopback); no other party ever holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secfwt_jax.run.spec import RunSpec, load_spec
+from secfwt_jax.runtime.cluster import PARTY_WORK_DIR_ENV, ClusterConfig, load_cluster_config
+
+JOB = "secfwt_jax.runtime.cluster_run:finetune_job"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterProgram:
+    name: str
+    fn: Any
+    constants: tuple
+    key: str
+    cache_hit: bool
+    compile_seconds: float
+    num_outputs: int
+
+
+class ClusterBackend:
+    """The placement interface of `compile.sim_backend.SimBackend` on SecretFlow devices."""
+
+    kind = "cluster"
+
+    def __init__(self, spu, me: str, preset):
+        self.spu, self.me, self.preset = spu, me, preset
+        self.cost = None  # spu 0.9.3 exposes no link statistics to Python (see README)
+
+    def at(self, party: str, fn, *args, num_returns: int = 1):
+        import secretflow as sf
+
+        return sf.PYU(party)(fn, num_returns=num_returns)(*args)
+
+    def publish(self, obj) -> Any:
+        import secretflow as sf
+
+        return sf.reveal(obj)
+
+    def local(self, obj) -> Any:
+        """The value of a PYU object in its owner's process; None everywhere else."""
+        if obj.device.party != self.me:
+            return None
+        return obj.data.get_object()
+
+    def share(self, obj):
+        return obj.to(self.spu)
+
+    def reveal_to(self, party: str, secret):
+        import secretflow as sf
+
+        return secret.to(sf.PYU(party))
+
+    def compile(self, program) -> ClusterProgram:
+        import jax
+
+        from secfwt_jax.compile.artifacts import cache_key, key_payload
+        from secfwt_jax.compile.sim_backend import _num_outputs, job_of
+        from secfwt_jax.compile.simulator import hoist_constants
+
+        hoisted, constants, out_shape = hoist_constants(
+            program.fn, program.args, rewrites=self.preset.rewrites
+        )
+        out_tree = jax.tree_util.tree_structure(out_shape)
+
+        single = _num_outputs(program) == 1
+
+        def spu_fn(*args):
+            *inputs, consts = args
+            flat = jax.tree_util.tree_leaves(tuple(inputs))
+            out = jax.tree_util.tree_unflatten(out_tree, hoisted(*flat, *consts))
+            # SecretFlow splits a FROM_USER output by iterating its top level, so a lone
+            # dict output would be split into its keys: wrap single outputs in a tuple.
+            return (out,) if single else out
+
+        spu_fn.__name__ = program.name
+        key = cache_key(key_payload(job_of(program), self.preset))
+        return ClusterProgram(program.name, spu_fn, constants, key, False, 0.0, _num_outputs(program))  # fmt: skip
+
+    def run(self, program: ClusterProgram, *args):
+        from secretflow.device.device.spu import SPUCompilerNumReturnsPolicy
+
+        call = self.spu(
+            program.fn,
+            num_returns_policy=SPUCompilerNumReturnsPolicy.FROM_USER,
+            user_specified_num_returns=program.num_outputs,
+        )
+        out = call(*args, program.constants)
+        return tuple(out) if program.num_outputs > 1 else (out,)
+
+
+def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
+    """The cluster with the preset's exp mode; refuses a cluster that disagrees with the spec."""
+    from secfwt_jax.compile import protocols
+    from secfwt_jax.runtime.sim_run import preset_of
+
+    if set(cluster.parties) != set(spec.parties.compute):
+        raise ValueError(f"backend.cluster: parties {list(cluster.parties)} differ from parties.compute {list(spec.parties.compute)}")  # fmt: skip
+    if (cluster.protocol, cluster.field) != (spec.protocol.name, spec.protocol.field):
+        raise ValueError(f"backend.cluster: protocol {cluster.protocol} {cluster.field} differs from the spec's {spec.protocol.name} {spec.protocol.field}")  # fmt: skip
+    preset = preset_of(spec)
+    protocols.check_cluster_allowed(preset, spec.protocol.allow_insecure_beaver)
+    extra = {"fxp_exp_mode": f"EXP_{preset.exp_mode}", **cluster.spu_runtime_extra}
+    if preset.fxp_fraction_bits is not None:
+        extra.setdefault("fxp_fraction_bits", preset.fxp_fraction_bits)
+    if preset.name == "SEMI2K":
+        extra.setdefault("beaver_type", preset.beaver_type)
+    return dataclasses.replace(cluster, spu_runtime_extra=extra)
+
+
+def run_party(
+    spec: RunSpec,
+    party: str,
+    cluster: ClusterConfig,
+    private_seed: int | None,
+    out_dir: Path,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One party's side of the run; writes `<out_dir>/<party>/report.json`."""
+    from secfwt_jax.runtime.cluster import sf_party_session
+    from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
+    from secfwt_jax.runtime.report import check_output_dir, write_report
+    from secfwt_jax.runtime.sim_run import preset_of
+
+    if party not in spec.parties.compute:
+        raise ValueError(f"--party: {party!r} is not a compute party {list(spec.parties.compute)}")
+    if party == spec.parties.model_owner and private_seed is None:
+        raise ValueError("--private-seed: the model owner needs its private seed")
+    check_output_dir(out_dir)
+    cluster = _cluster_for(spec, cluster)
+    seeds = PrivateSeeds(model_owner=private_seed if party == spec.parties.model_owner else -1)
+    with sf_party_session(cluster, party, job_name=f"secfwt-{spec.spec_hash[:12]}") as spu:
+        backend = ClusterBackend(spu, party, preset_of(spec))
+        report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress,
+                              log=lambda m: print(f"[{party}] {m}", flush=True))  # fmt: skip
+    report.pop("_private")
+    report.pop("_programs")
+    report["files"] = write_report(report, out_dir / party)
+    return report
+
+
+def finetune_job(
+    party: str,
+    cluster: ClusterConfig,
+    spec_path: str,
+    overrides: list[str],
+    out_dir: str,
+    private_seed_dir: str | None = None,
+) -> dict[str, Any]:
+    """The launcher's per-party entry (`party_main`): run_party, return a short summary."""
+    spec = load_spec(spec_path, overrides)
+    seed = None
+    seed_file = Path(private_seed_dir or os.environ.get(PARTY_WORK_DIR_ENV, ".")) / f"{party}.private_seed"  # fmt: skip
+    if seed_file.is_file():  # written for the model owner alone
+        seed = int(seed_file.read_text())
+    report = run_party(spec, party, cluster, seed, Path(out_dir))
+    mpc = report["mpc"]
+    return {
+        "party": party,
+        "spec_hash": report["spec_hash"],
+        "programs": {k: v["key"] for k, v in report["programs"].items()},
+        "accuracy_before": mpc["accuracy_before"],
+        "accuracy_after": mpc["accuracy_after"],
+        "losses": mpc["losses"],
+        "tuned_params": report.get("tuned_params"),
+        "report": report["files"]["report"],
+    }
+
+
+def launch_local(
+    spec: RunSpec,
+    spec_path: str,
+    overrides: list[str],
+    private_seed: int,
+    out_dir: Path | None = None,
+    timeout_s: float | None = None,
+    work_dir: Path | None = None,
+) -> dict[str, Any]:
+    """All compute parties as processes on this host (loopback unless the spec's cluster
+    file says otherwise); returns each party's summary."""
+    import tempfile
+
+    from secfwt_jax.runtime.cluster import loopback_cluster
+    from secfwt_jax.runtime.launcher import launch_parties
+
+    out_dir = Path(out_dir or spec.output_dir)
+    if spec.backend.cluster:
+        cluster = load_cluster_config(spec.resolve(spec.backend.cluster))
+    else:
+        cluster = loopback_cluster(spec.parties.compute, spec.protocol.name, spec.protocol.field)
+    _cluster_for(spec, cluster)  # refuse a bad cluster before any process starts
+    wd = Path(work_dir or tempfile.mkdtemp(prefix="secfwt-cluster-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    seed_file = wd / f"{spec.parties.model_owner}.private_seed"
+    seed_file.write_text(str(private_seed))
+    seed_file.chmod(0o600)
+    args = {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "out_dir": str(out_dir.resolve())}  # fmt: skip
+    try:
+        return launch_parties(cluster, JOB, args, timeout_s=timeout_s or spec.backend.timeout_s,
+                              work_dir=wd, keep_work_dir=True)  # fmt: skip
+    finally:
+        seed_file.unlink(missing_ok=True)
+
+
+def load_theta(path: str | Path) -> dict[str, np.ndarray]:
+    """A party's tuned parameters as {'a/b/c': array}."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def summary_json(results: dict[str, Any]) -> str:
+    return "\n".join(f"{party}: {json.dumps(r)}" for party, r in results.items())
+
+
+__all__ = ["JOB", "ClusterBackend", "finetune_job", "launch_local", "load_theta", "run_party"]
