@@ -46,8 +46,9 @@ from secfwt_jax.models.heads import HeadConfig
 from secfwt_jax.run.spec import RunSpec, SpecError
 from secfwt_jax.tuning import spsa
 from secfwt_jax.tuning.sets import TuningProblem, build_problem
+from secfwt_jax.tuning.trainable import merge
 
-Shapes = dict[str, tuple[tuple[int, ...], str]]
+Shapes = Any  # a tree of jax.ShapeDtypeStruct
 
 
 # ---------------------------------------------------------------------- pytrees
@@ -60,14 +61,15 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
-def shapes_of(tree: dict) -> Shapes:
-    """Public metadata of a private tree: {'a/b': (shape, dtype)}; no values."""
-    return {k: (tuple(v.shape), v.dtype.str) for k, v in flatten(tree).items()}
+def shapes_of(tree: Any) -> Any:
+    """Public metadata of a private tree: the same structure with `ShapeDtypeStruct`
+    leaves (shapes and dtypes, no values). Keys may hold '/' (LoRA's factor names)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)  # fmt: skip
 
 
-def zeros_like_shapes(shapes: Shapes) -> dict:
+def zeros_like_shapes(shapes: Any) -> Any:
     """A tree of zeros with the published shapes (what non-owners trace programs with)."""
-    return unflatten({k: np.zeros(s, np.dtype(d)) for k, (s, d) in shapes.items()})
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 # ---------------------------------------------------------------------- the model owner
@@ -294,10 +296,8 @@ def _like_problem(spec: RunSpec, public: ModelPublic, head: HeadConfig) -> Tunin
     spec_t = spec.tuning.trainable
     # The model's own parameters: frozen plus trainable, minus the added trainables
     # (LoRA factors, the prompt's z), which build_problem creates itself.
-    model_shapes = {
-        k: v for k, v in public.trainable_shapes.items() if k.split("/")[0] not in ("lora", "z")
-    }
-    like = zeros_like_shapes({**public.frozen_shapes, **model_shapes})
+    model_part = {k: v for k, v in public.trainable_shapes.items() if k not in ("lora", "z")}
+    like = zeros_like_shapes(merge(model_part, public.frozen_shapes))
     problem = build_problem(spec_t, classifier, like, seed=0, embed_std=public.embed_std)
     return dataclasses.replace(
         problem,
@@ -340,9 +340,15 @@ def build_programs(
     eval_feats = _abstract_features(spec, classifier, data_public, first, "eval_shapes")
     labels = np.zeros(data_public["label_shape"], np.float32)
     num_labels = head.num_labels
-    desc = {"spec": spec.to_dict(), "model": public.model_config}
-    desc["spec"].pop("backend")
-    desc["spec"].pop("output")
+    # What fixes the programs besides input shapes (and so the cache key): not the steps,
+    # the data file or the parties, so a longer run reuses the compiled programs.
+    desc = {
+        "model": public.model_config,
+        "head": dataclasses.asdict(head),
+        "trainable": dataclasses.asdict(spec.tuning.trainable),
+        "spsa": dataclasses.asdict(cfg),
+        "embed_std": public.embed_std if spec.tuning.trainable.kind == "prompt" else None,
+    }
 
     def loss_fn(t, f, b):
         return cross_entropy(problem.logits(t, f, b), b["labels"])

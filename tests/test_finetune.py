@@ -1,0 +1,132 @@
+"""`secfwt finetune` on the embedded simulator: the whole job through the one builder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secfwt_jax.compile import protocols
+from secfwt_jax.compile.sim_backend import Held, PlacementError, SimBackend
+from secfwt_jax.run.spec import load_spec
+from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.sim_run import run_sim
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+CSV = ROOT / "tests" / "data" / "sentiment_small.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    spec = load_spec(TINY)
+    report = run_sim(spec, seeds=PrivateSeeds(11), cache_dir=out / "cache", out_dir=out, progress=False)  # fmt: skip
+    return spec, report, out
+
+
+def test_mpc_run_equals_its_plaintext_reference(tiny_run):
+    _, report, _ = tiny_run
+    ref = report["plaintext_reference"]
+    assert ref["relative_param_gap"] < 1e-3
+    assert ref["max_loss_gap"] < 1e-2
+    assert ref["agreement_before"] == 1.0 and ref["agreement_after"] == 1.0
+    assert len(report["mpc"]["losses"]) == 3
+
+
+def test_the_report_holds_spec_hash_costs_keys_and_curves(tiny_run):
+    spec, report, out = tiny_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["spec_hash"] == spec.spec_hash
+    assert set(on_disk["programs"]) == {"trunk", "predict", "spsa_step"}
+    assert all(len(p["key"]) == 64 for p in on_disk["programs"].values())
+    assert on_disk["cost"]["total_bytes"] > 0 and on_disk["cost"]["per_program"]["spsa_step"]["runs"] == 3  # fmt: skip
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuned_parameters_are_written_only_at_the_receiver(tiny_run):
+    _, report, out = tiny_run
+    assert report["tuned_params"]["party"] == "alice"
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz") if "cache" not in p.parts)  # fmt: skip
+    assert written == ["alice/tuned_params.npz"]
+
+
+def test_a_second_run_hits_the_compile_cache(tiny_run, tmp_path):
+    spec, first, out = tiny_run
+    again = run_sim(spec.replace(tuning={**spec.tuning.model_dump(), "steps": 1}), seeds=PrivateSeeds(11),
+                    cache_dir=out / "cache", out_dir=tmp_path, progress=False)  # fmt: skip
+    assert all(p["cache_hit"] for p in again["programs"].values())
+    assert {k: p["key"] for k, p in again["programs"].items()} == {k: p["key"] for k, p in first["programs"].items()}  # fmt: skip
+
+
+def test_a_party_cannot_read_another_partys_private_value():
+    backend = SimBackend(protocols.preset("SEMI2K"), profile=False)
+    mine = backend.at("bob", lambda: np.ones(3))
+    assert isinstance(mine, Held) and mine.party == "bob"
+    with pytest.raises(PlacementError, match="alice cannot read a private value of bob"):
+        backend.at("alice", lambda x: x, mine)
+    secret = backend.share(mine)
+    with pytest.raises(PlacementError, match="secret-shared value"):
+        backend.at("bob", lambda x: x, secret)
+    np.testing.assert_allclose(backend.reveal_to("bob", secret).value, np.ones(3), atol=1e-4)
+
+
+# --------------------------------------------------------------- other checkpoint families
+def _bpe_tokenizer(directory: Path, kind: str):
+    """A small byte-level BPE tokenizer trained on the test CSV (offline), saved as HF files."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast, RobertaTokenizerFast
+
+    texts = CSV.read_text().splitlines() + [" It was great . It was terrible ."] * 200
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(texts, vocab_size=420, min_frequency=2, special_tokens=specials)
+    files = directory / "bpe"
+    files.mkdir(parents=True)
+    vocab, merges = bpe.save_model(str(files))
+    if kind == "roberta":
+        tok = RobertaTokenizerFast(vocab_file=vocab, merges_file=merges)
+    else:
+        tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges, unk_token="<unk>",
+                                bos_token="<s>", eos_token="</s>", pad_token="<pad>")  # fmt: skip
+    tok.save_pretrained(directory)
+    return tok
+
+
+def _checkpoint(directory: Path, kind: str) -> Path:
+    from transformers import (
+        FlaxGPT2LMHeadModel,
+        FlaxRobertaForMaskedLM,
+        GPT2Config,
+        RobertaConfig,  # fmt: skip
+    )
+
+    tok = _bpe_tokenizer(directory, kind)
+    if kind == "roberta":
+        cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=40, pad_token_id=tok.pad_token_id,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        FlaxRobertaForMaskedLM(cfg, seed=3).save_pretrained(directory)
+    else:
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=40,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        FlaxGPT2LMHeadModel(cfg, seed=3).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind, head, trainable", [("roberta", "mlm", "lora"), ("gpt2", "lm", "bitfit")])  # fmt: skip
+def test_roberta_and_gpt2_checkpoints_tune_through_finetune(kind, head, trainable, tmp_path):
+    ckpt = _checkpoint(tmp_path / kind, kind)
+    spec = load_spec(TINY, [
+        "model.architecture=null", f"model.checkpoint={ckpt}", "model.tokenizer=null",
+        f"model.head.kind={head}", "data.template='{text} It was {mask} .'",
+        "data.verbalizer={negative: ' terrible', positive: ' great'}",
+        f"tuning.trainable={{kind: {trainable}, lora_rank: 2}}", "tuning.steps=2",
+        "data.max_len=16", "evaluation.mpc_examples=4", "evaluation.batch_size=4",
+    ])  # fmt: skip
+    report = run_sim(spec, seeds=PrivateSeeds(5), out_dir=tmp_path / "out", progress=False)
+    assert set(report["programs"]) == {"predict", "spsa_step"}
+    ref = report["plaintext_reference"]
+    assert ref["relative_param_gap"] < 1e-3
+    assert ref["agreement_after"] == 1.0
+    assert report["tuned_params"]["party"] == "alice"

@@ -1,0 +1,123 @@
+"""The run spec: typed, validated at the edge, one line naming the field, stable hash."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from secfwt_jax.run.spec import (
+    SpecError,
+    apply_overrides,
+    load_spec,
+    read_spec_file,
+    spec_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_dict() -> dict:
+    return read_spec_file(TINY)
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, TINY.parent)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_validates(path):
+    if path.name.startswith("compile_"):
+        pytest.skip("compile configs are not run specs")
+    spec = load_spec(path)
+    assert spec.name and len(spec.spec_hash) == 64
+
+
+def test_relative_paths_resolve_against_the_spec_file():
+    spec = load_spec(TINY)
+    assert spec.resolve(spec.data.path) == (ROOT / "tests" / "data" / "sentiment_small.csv")
+    assert (spec.resolve(spec.model.tokenizer) / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"tuning": {"bogus": 1}}, "tuning.bogus: unknown key"),
+        ({"tuning": {"spsa": {"eps": -1.0}}}, "tuning.spsa.eps: must be positive"),
+        ({"tuning": {"spsa": {"num_directions": "many"}}}, "tuning.spsa.num_directions"),
+        ({"tuning": {"trainable": {"kind": "everything"}}}, "tuning.trainable.kind"),
+        ({"tuning": {"method": "cma"}}, "tuning.trainable.kind: method 'cma'"),
+        ({"data": {"labels": ["only"]}}, "data.labels"),
+        ({"data": {"k": 0}}, "data.k"),
+        ({"protocol": {"name": "SPDZ"}}, "protocol.name"),
+        ({"parties": {"data_owner": "alice"}}, "parties.data_owner: must differ"),
+        ({"parties": {"data_owner": "dave"}}, "parties.data_owner: 'dave' is not a compute party"),
+        ({"protocol": {"name": "SEMI2K"}}, "parties.compute: SEMI2K needs 2"),
+        ({"model": {"checkpoint": "x"}}, "model.checkpoint: give exactly one"),
+        (
+            {"model": {"attention": {"num_features": 0}}},
+            "model.attention.num_features: must be positive",
+        ),  # fmt: skip
+        (
+            {"model": {"architecture": {"hidden_size": 33}}},
+            "model.architecture.hidden_size: 33 is not divisible",
+        ),
+        ({"backend": {"kind": "ray"}}, "backend.kind"),
+        ({"surprise": True}, "surprise: unknown key"),
+    ],
+)
+def test_bad_values_are_refused_with_one_line_naming_the_field(change, field):
+    data = tiny_dict()
+    for section, value in change.items():
+        if isinstance(value, dict) and isinstance(data.get(section), dict):
+            merged = dict(data[section])
+            for k, v in value.items():
+                merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v  # fmt: skip
+            data[section] = merged
+        else:
+            data[section] = value
+    assert field in error_of(data)
+
+
+def test_semi2k_with_a_trusted_first_party_is_refused_on_a_cluster():
+    data = apply_overrides(tiny_dict(), ["protocol.name=SEMI2K", "parties.compute=[alice, bob]", "backend.kind=cluster"])  # fmt: skip
+    assert "protocol.beaver_type: SEMI2K with TrustedFirstParty is insecure" in error_of(data)
+    ok = apply_overrides(data, ["protocol.beaver_type=TrustedThirdParty"])
+    assert spec_from_dict(ok, TINY.parent).protocol.beaver_type == "TrustedThirdParty"
+
+
+def test_overrides_change_the_value_and_the_hash():
+    base = load_spec(TINY)
+    changed = load_spec(TINY, ["tuning.steps=7", "tuning.spsa.eps=0.5"])
+    assert (changed.tuning.steps, changed.tuning.spsa.eps) == (7, 0.5)
+    assert changed.spec_hash != base.spec_hash
+    assert load_spec(TINY).spec_hash == base.spec_hash  # deterministic
+
+
+def test_a_malformed_override_is_refused():
+    with pytest.raises(SpecError, match="--set 'tuning.steps': expected key=value"):
+        load_spec(TINY, ["tuning.steps"])
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(SpecError, match="cannot parse YAML"):
+        load_spec(bad)
+
+
+def test_the_cli_exits_2_with_one_line_for_a_bad_spec(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("steps: 3", "steps: -3"))
+    out = subprocess.run(
+        [sys.executable, "-m", "secfwt_jax.runtime.cli", "finetune", str(bad)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("secfwt: error:")]
+    assert lines == ["secfwt: error: tuning.steps: Input should be greater than or equal to 1"]
