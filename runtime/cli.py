@@ -87,6 +87,26 @@ def _party(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    """The model owner's attention adaptation on public text -> an adapted checkpoint dir."""
+    from secfwt_jax.models.config import AttentionConfig
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.adapt import _public_texts, adapt_checkpoint
+
+    spec = load_spec(args.spec, args.set)
+    if spec.model.checkpoint is None:
+        raise ValueError("model.checkpoint: adaptation needs a pretrained checkpoint")
+    out = Path(args.out) if args.out else spec.resolve(spec.model.adapted_checkpoint)
+    if out is None:
+        raise ValueError("--out: give a directory (or model.adapted_checkpoint in the spec)")
+    texts = _public_texts(spec.resolve(args.text), args.text_column, args.rows)
+    attention: AttentionConfig = spec.model.attention
+    info = adapt_checkpoint(spec.resolve(spec.model.checkpoint), texts, out, attention,
+                            steps=args.steps, learning_rate=args.lr, max_len=spec.data.max_len)  # fmt: skip
+    print(json.dumps({"out": str(out), **info}, indent=2))
+    return 0
+
+
 def _cluster_demo(args: argparse.Namespace) -> int:
     """SPSA steps as a 3-party ABY3 SecretFlow job on loopback; print each party's JSON."""
     from secfwt_jax.runtime.cluster import loopback_cluster
@@ -179,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     fine.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
     fine.set_defaults(run=_finetune)
+    adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint's attention to RFA on public text (plaintext)")  # fmt: skip
+    adapt.add_argument("spec", help="run spec (its model section: checkpoint, attention, adapted_checkpoint)")  # fmt: skip
+    adapt.add_argument("--text", default="bundled:sentiment", help="public unlabelled text: CSV/TSV/JSONL")  # fmt: skip
+    adapt.add_argument("--text-column", default="text")
+    adapt.add_argument("--rows", type=int, default=4000, help="use the first N rows")
+    adapt.add_argument("--steps", type=int, default=600)
+    adapt.add_argument("--lr", type=float, default=2e-4, help="peak step size (warmup, cosine decay)")  # fmt: skip
+    adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    adapt.add_argument("--out", help="output directory (default: the spec's model.adapted_checkpoint)")  # fmt: skip
+    adapt.set_defaults(run=_adapt)
     cl = sub.add_parser("cluster", help="SecretFlow cluster commands")
     cl_sub = cl.add_subparsers(dest="cluster_command", required=True)
     launch = cl_sub.add_parser("launch", help="run the spec's parties as processes on this host (loopback)")  # fmt: skip

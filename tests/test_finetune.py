@@ -130,3 +130,39 @@ def test_roberta_and_gpt2_checkpoints_tune_through_finetune(kind, head, trainabl
     assert ref["relative_param_gap"] < 1e-3
     assert ref["agreement_after"] == 1.0
     assert report["tuned_params"]["party"] == "alice"
+
+
+def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
+    import shutil
+
+    from transformers import BertConfig, FlaxBertModel
+
+    from secfwt_jax.models.checkpoint import bundled_minilm_dir
+    from secfwt_jax.run.build import load_model
+    from secfwt_jax.run.spec import SpecError
+    from secfwt_jax.runtime.adapt import adapt_checkpoint
+
+    base = tmp_path / "base"
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    FlaxBertModel(cfg, seed=1).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (bundled_minilm_dir() / name).is_file():
+            shutil.copy2(bundled_minilm_dir() / name, base / name)
+    spec = load_spec(TINY, ["model.architecture=null", f"model.checkpoint={base}",
+                            f"model.adapted_checkpoint={tmp_path / 'adapted'}"])  # fmt: skip
+    texts = [line.split(",")[0] for line in CSV.read_text().splitlines()[1:60]]
+    info = adapt_checkpoint(base, texts, tmp_path / "adapted", spec.model.attention, steps=3,
+                            learning_rate=1e-3, batch_size=8, max_len=12, log=lambda m: None)  # fmt: skip
+    assert info["steps"] == 3 and (tmp_path / "adapted" / "secfwt_adaptation.json").is_file()
+    logs = []
+    head = __import__("secfwt_jax.models.heads", fromlist=["HeadConfig"]).HeadConfig(num_labels=2)
+    _, adapted = load_model(spec, head, 0, log=logs.append)
+    _, original = load_model(spec.replace(model={**spec.model.model_dump(), "adapted_checkpoint": None}), head, 0)  # fmt: skip
+    assert "attention-adapted checkpoint" in logs[0]
+    q = ("bert", "encoder", "layer", "0", "attention", "self", "query", "kernel")
+    pick = lambda p: __import__("functools").reduce(lambda d, k: d[k], q, p)  # noqa: E731
+    assert not np.allclose(pick(adapted), pick(original))
+    other = spec.replace(model={**spec.model.model_dump(), "attention": {**spec.model.attention.__dict__, "num_features": 8}})  # fmt: skip
+    with pytest.raises(SpecError, match="adapted for other attention settings \\(num_features\\)"):
+        load_model(other, head, 0, log=lambda m: None)

@@ -101,11 +101,29 @@ def head_config(spec: RunSpec, tokenizer) -> HeadConfig:
     return HeadConfig(kind, len(spec.data.labels), spec.model.head.pooling, ids)
 
 
+ADAPTATION_FILE = "secfwt_adaptation.json"  # written by `secfwt adapt`
+
+
+def check_adapted_attention(directory, attention: AttentionConfig) -> None:
+    """Refuse an adapted checkpoint made for other random features (one line)."""
+    import json
+
+    record = directory / ADAPTATION_FILE
+    if not record.is_file():
+        return
+    made_for = json.loads(record.read_text())["attention"]
+    wanted = dataclasses.asdict(attention)
+    diff = sorted(k for k in made_for if made_for[k] != wanted.get(k))
+    if diff:
+        raise SpecError(f"model.attention: {directory} was adapted for other attention settings ({', '.join(diff)})")  # fmt: skip
+
+
 def model_checkpoint_dir(spec: RunSpec, log: Callable[[str], None] = print):
     """The checkpoint the model owner loads: the adapted one when present, else the base."""
     adapted = spec.resolve(spec.model.adapted_checkpoint)
     if adapted is not None:
         if (adapted / "config.json").is_file():
+            check_adapted_attention(adapted, spec.model.attention)
             log(f"model owner: using the attention-adapted checkpoint {adapted}")
             return adapted
         log(
