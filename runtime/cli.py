@@ -1,8 +1,11 @@
 """`secfwt` command line.
 
-    secfwt demo [--protocol ABY3|SEMI2K|CHEETAH] [--steps N] [--json PATH]
+    secfwt finetune RUN.yaml [--set key=value ...] [--backend sim|cluster] [--out DIR]
+    secfwt cluster launch RUN.yaml            all parties as processes on this host
+    secfwt party RUN.yaml --party NAME        one party on its own host
+    secfwt adapt RUN.yaml [--text FILE]       the model owner's attention adaptation
     secfwt compile CONFIG --out DIR [--cache-dir DIR | --no-cache]
-    secfwt cluster-demo [--steps N] [--seed S] [--out DIR] [--timeout S]
+    secfwt demo [--protocol ABY3|SEMI2K|CHEETAH] [--steps N] [--json PATH]   (walking skeleton)
 
 Bad input exits non-zero with a one-line `secfwt: error: ...` that names the field.
 """
@@ -14,7 +17,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from secfwt_jax.files import write_json_atomic
@@ -104,26 +106,6 @@ def _adapt(args: argparse.Namespace) -> int:
     info = adapt_checkpoint(spec.resolve(spec.model.checkpoint), texts, out, attention,
                             steps=args.steps, learning_rate=args.lr, max_len=spec.data.max_len)  # fmt: skip
     print(json.dumps({"out": str(out), **info}, indent=2))
-    return 0
-
-
-def _cluster_demo(args: argparse.Namespace) -> int:
-    """SPSA steps as a 3-party ABY3 SecretFlow job on loopback; print each party's JSON."""
-    from secfwt_jax.runtime.cluster import loopback_cluster
-    from secfwt_jax.runtime.jobs_spsa import JOB
-    from secfwt_jax.runtime.launcher import launch_parties
-
-    out = Path(args.out or tempfile.mkdtemp(prefix="secfwt-cluster-demo-"))
-    results = launch_parties(
-        loopback_cluster(("alice", "bob", "carol"), "ABY3"),
-        JOB,
-        {"steps": args.steps, "seed": args.seed, "model_owner": "alice", "data_owner": "bob"},
-        timeout_s=args.timeout,
-        work_dir=out,
-        keep_work_dir=True,
-    )
-    for party, result in results.items():
-        print(f"{party}: {json.dumps(result)}")
     return 0
 
 
@@ -225,14 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--out", help="output directory (default: the spec's output.dir)")
     party.add_argument("--private-seed", type=int, help="the model owner's private seed (model owner only)")  # fmt: skip
     party.set_defaults(run=_party)
-    cdemo = sub.add_parser(
-        "cluster-demo", help="SPSA steps as a 3-party SecretFlow job on loopback (ABY3)"
-    )
-    cdemo.add_argument("--steps", type=int, default=2)
-    cdemo.add_argument("--seed", type=int, default=0)
-    cdemo.add_argument("--out", help="work dir for logs and the model owner's theta file")
-    cdemo.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
-    cdemo.set_defaults(run=_cluster_demo)
     return parser
 
 
