@@ -138,11 +138,8 @@ def run_finetune(
 
     # 4: the programs, from public facts only.
     programs = build.build_programs(spec, model_public, head, data_public)
-    needed = [programs.predict, programs.step if spec.tuning.method == "spsa" else programs.population_loss]  # fmt: skip
-    if programs.trunk is not None:
-        needed.insert(0, programs.trunk)
     compiled = {}
-    for program in needed:
+    for program in programs.needed(spec.tuning.method):
         compiled[program.name] = backend.compile(program)
         c = compiled[program.name]
         how = "cache hit" if c.cache_hit else f"compiled in {c.compile_seconds:.1f} s"
@@ -160,15 +157,17 @@ def run_finetune(
     train_y = [chunk("train_labels", i) for i in range(data_public["train_chunks"])]
     eval_x = [chunk("eval_inputs", i) for i in range(data_public["eval_chunks"])]
     if programs.trunk is not None:
-        trunk = compiled["trunk"]
+        trunk_eval = compiled.get("trunk_eval", compiled["trunk"])
         bar = Progress(len(train_x) + len(eval_x), "frozen trunk (MPC, once)", progress)
-        cached = []
-        for x in train_x + eval_x:
-            (h,) = backend.run(trunk, frozen_s, x)
-            cached.append(h)
+
+        def through(program, x):
+            (h,) = backend.run(program, frozen_s, x)
             bar.update(backend.cost, None)
+            return h
+
+        train_x = [through(compiled["trunk"], x) for x in train_x]
+        eval_x = [through(trunk_eval, x) for x in eval_x]
         bar.close()
-        train_x, eval_x = cached[: len(train_x)], cached[len(train_x) :]
     t = mark("trunk", t)
 
     def evaluate(theta_secret) -> Any:

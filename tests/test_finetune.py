@@ -38,7 +38,7 @@ def test_the_report_holds_spec_hash_costs_keys_and_curves(tiny_run):
     spec, report, out = tiny_run
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["spec_hash"] == spec.spec_hash
-    assert set(on_disk["programs"]) == {"trunk", "predict", "spsa_step"}
+    assert set(on_disk["programs"]) == {"trunk", "trunk_eval", "predict", "spsa_step"}
     assert all(len(p["key"]) == 64 for p in on_disk["programs"].values())
     assert on_disk["cost"]["total_bytes"] > 0 and on_disk["cost"]["per_program"]["spsa_step"]["runs"] == 3  # fmt: skip
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -122,7 +122,7 @@ def test_roberta_and_gpt2_checkpoints_tune_through_finetune(kind, head, trainabl
         f"model.head.kind={head}", "data.template='{text} It was {mask} .'",
         "data.verbalizer={negative: ' terrible', positive: ' great'}",
         f"tuning.trainable={{kind: {trainable}, lora_rank: 2}}", "tuning.steps=2",
-        "data.max_len=16", "evaluation.mpc_examples=4", "evaluation.batch_size=4",
+        "data.max_len=16", "evaluation.mpc_examples=4", "evaluation.batch_size=8",
     ])  # fmt: skip
     report = run_sim(spec, seeds=PrivateSeeds(5), out_dir=tmp_path / "out", progress=False)
     assert set(report["programs"]) == {"predict", "spsa_step"}

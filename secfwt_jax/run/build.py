@@ -304,7 +304,13 @@ class RunPrograms:
     predict: ProgramDef
     population_loss: ProgramDef
     trunk: ProgramDef | None
+    trunk_eval: ProgramDef | None  # the trunk at the evaluation chunk's shape, if it differs
     first_layer: int
+
+    def needed(self, method: str) -> list[ProgramDef]:
+        """The programs a run of `method` ("spsa" | "cma") executes, in order of use."""
+        tuning = self.step if method == "spsa" else self.population_loss
+        return [p for p in (self.trunk, self.trunk_eval, self.predict, tuning) if p is not None]
 
 
 def _like_problem(spec: RunSpec, public: ModelPublic, head: HeadConfig) -> TuningProblem:
@@ -389,7 +395,7 @@ def build_programs(
         lambda a: np.zeros((spec.tuning.cma.population, *a.shape), np.float32), theta
     )
     lr = np.float32(0)
-    trunk = None
+    trunk = trunk_eval = None
     if spec.tuning.trainable.cache_trunk:
 
         def trunk_fn(f, inputs):
@@ -399,9 +405,14 @@ def build_programs(
                 out["select"] = inputs["select"]
             return out
 
-        trunk_inputs = zeros_like_shapes(data_public["train_shapes"])
-        trunk = ProgramDef("trunk", trunk_fn, (frozen, trunk_inputs), ("frozen", "inputs"),
-                           ("weights", _batch_role), desc)  # fmt: skip
+        def trunk_program(name: str, key: str) -> ProgramDef:
+            inputs = zeros_like_shapes(data_public[key])
+            return ProgramDef(name, trunk_fn, (frozen, inputs), ("frozen", "inputs"),
+                              ("weights", _batch_role), desc)  # fmt: skip
+
+        trunk = trunk_program("trunk", "train_shapes")
+        if data_public["eval_shapes"] != data_public["train_shapes"]:
+            trunk_eval = trunk_program("trunk_eval", "eval_shapes")
     return RunPrograms(
         problem=problem,
         step=ProgramDef(
@@ -429,6 +440,7 @@ def build_programs(
             desc,
         ),  # fmt: skip
         trunk=trunk,
+        trunk_eval=trunk_eval,
         first_layer=first,
     )
 

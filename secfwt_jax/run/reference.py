@@ -54,7 +54,7 @@ def plaintext_reference(
     """Losses, predictions and accuracies of the plaintext run, and its final theta."""
     trunk, predict = _jit(programs.trunk), _jit(programs.predict)
     train_x = _features(trunk, frozen, data.train_inputs)
-    eval_x = _features(trunk, frozen, data.eval_inputs)
+    eval_x = _features(trunk, frozen, data.eval_inputs)  # jit retraces per shape
     test_x = _features(trunk, frozen, full_test_inputs(spec, data, tokenizer))
     n = len(data.eval_labels)
 
