@@ -88,6 +88,7 @@ def job_of(program) -> CompileJob:
         program.arg_names,
         program.roles,
         program.description,
+        program.known_constants,
     )
 
 

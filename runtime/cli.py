@@ -4,7 +4,7 @@
     secfwt cluster launch RUN.yaml            all parties as processes on this host
     secfwt party RUN.yaml --party NAME        one party on its own host
     secfwt adapt RUN.yaml [--text FILE]       the model owner's attention adaptation
-    secfwt compile CONFIG --out DIR [--cache-dir DIR | --no-cache]
+    secfwt compile RUN.yaml --out DIR [--cache-dir DIR | --no-cache]
     secfwt demo [--protocol ABY3|SEMI2K|CHEETAH] [--steps N] [--json PATH]   (walking skeleton)
 
 Bad input exits non-zero with a one-line `secfwt: error: ...` that names the field.
@@ -118,41 +118,34 @@ def default_cache_dir() -> Path:
 
 
 def _check_out_dir(out: Path) -> None:
-    """--out may be new, empty, or a previous artifact (replaced); nothing else."""
+    """--out may be new, empty, or a previous compile output (replaced); nothing else."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "metadata.json").is_file():
-        raise ValueError(f"--out: {out} is not empty and holds no artifact; refusing to replace it")
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if not (p / "metadata.json").is_file()]
+        if foreign:
+            raise ValueError(f"--out: {out} holds {foreign[0]!r}, not a compile output; refusing to replace it")  # fmt: skip
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from secfwt_jax.compile import artifacts
-    from secfwt_jax.compile.job_config import load_config
-    from secfwt_jax.compile.jobs import build_job
+    """The run's programs as SPU artifacts, through the same cache `finetune` uses."""
+    from secfwt_jax.compile.run_compile import compile_run, preset_of
+    from secfwt_jax.run.spec import load_spec
 
     out = Path(args.out)
     _check_out_dir(out)
-    cfg = load_config(args.config)
-    job = build_job(cfg)
-    if args.no_cache:
-        artifact, hit = artifacts.compile_job(job, cfg.protocol), False
-    else:
-        artifact, hit = artifacts.compile_cached(job, cfg.protocol, args.cache_dir or default_cache_dir())  # fmt: skip
-    artifacts.write_artifact(artifact, out)
-    meta = artifact.metadata
-    secret = sum(i["visibility"] == "secret" for i in meta["inputs"])
-    constants = sum(i["arg"] == "constant" for i in meta["inputs"])
-    how = "cache hit" if hit else f"compiled in {meta['compile_seconds']:.1f} s"
-    print(
-        f"{meta['name']} for {cfg.protocol.name} {meta['field']} "
-        f"(fraction bits {meta['fxp_fraction_bits']}): {how}"
-    )
-    print(
-        f"  inputs {len(meta['inputs'])} (secret {secret}, public "
-        f"{len(meta['inputs']) - secret} incl. {constants} hoisted constants), "
-        f"outputs {len(meta['outputs'])}, pphlo {len(artifact.pphlo_text.splitlines())} lines"
-    )
-    print(f"  key {meta['key'][:16]}...  wrote {out}/{{executable.pb,program.pphlo,constants.npz,metadata.json}}")  # fmt: skip
+    spec = load_spec(args.spec, args.set)
+    cache = None if args.no_cache else (args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir())  # fmt: skip
+    preset = preset_of(spec)
+    print(f"run {spec.name} ({spec.spec_hash[:12]}): {preset.name} {preset.field}, fraction bits {preset.fxp_fraction_bits}")  # fmt: skip
+    for artifact, hit in compile_run(spec, cache, out):
+        meta = artifact.metadata
+        secret = sum(i["visibility"] == "secret" for i in meta["inputs"])
+        how = "cache hit" if hit else f"compiled in {meta['compile_seconds']:.1f} s"
+        print(
+            f"  {meta['name']}: key {meta['key'][:16]}... ({how}); inputs {len(meta['inputs'])} "
+            f"(secret {secret}), outputs {len(meta['outputs'])} -> {out / meta['name']}"
+        )
     return 0
 
 
@@ -166,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the summary to this JSON file")
     demo.set_defaults(run=_demo)
-    comp = sub.add_parser("compile", help="compile a config's function to SPU bytecode + metadata")
-    comp.add_argument("config", help="compile config (.yaml/.yml/.json), see configs/")
-    comp.add_argument("--out", required=True, help="artifact directory to write")
+    comp = sub.add_parser("compile", help="compile a run's SPU programs to artifacts (bytecode + metadata)")  # fmt: skip
+    comp.add_argument("spec", help="run spec (YAML), see configs/")
+    comp.add_argument("--out", required=True, help="directory to write, one artifact folder per program")  # fmt: skip
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cache = comp.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     cache.add_argument("--no-cache", action="store_true", help="always compile; no cache")

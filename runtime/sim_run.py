@@ -14,19 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from secfwt_jax.compile import protocols
+from secfwt_jax.compile.run_compile import preset_of
 from secfwt_jax.compile.sim_backend import SimBackend
 from secfwt_jax.run import build
 from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
 from secfwt_jax.run.spec import RunSpec
 from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
 from secfwt_jax.runtime.report import check_output_dir, write_report
-
-
-def preset_of(spec: RunSpec) -> protocols.ProtocolPreset:
-    p = spec.protocol
-    return protocols.preset(p.name, p.field, fxp_fraction_bits=p.fxp_fraction_bits,
-                            exp_mode=p.exp_mode, beaver_type=p.beaver_type)  # fmt: skip
 
 
 def private_seeds(model_owner: int | None) -> PrivateSeeds:

@@ -1,4 +1,4 @@
-"""Compile artifacts on disk, the compile cache, job building and `secfwt compile`."""
+"""Compile artifacts on disk, the compile cache, the run's programs and `secfwt compile`."""
 
 from __future__ import annotations
 
@@ -12,31 +12,18 @@ import pytest
 import yaml
 
 from secfwt_jax.compile import artifacts, protocols, simulator
-from secfwt_jax.compile.job_config import config_from_dict, load_config
-from secfwt_jax.compile.jobs import build_job
+from secfwt_jax.compile.run_compile import compile_run, preset_of, run_programs
 from secfwt_jax.compile.session import SimulatorSession
+from secfwt_jax.compile.sim_backend import job_of
+from secfwt_jax.run.spec import load_spec, read_spec_file
 from secfwt_jax.runtime.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {
-    "family": "bert", "vocab_size": 16, "hidden_size": 8, "num_layers": 1, "num_heads": 2,
-    "intermediate_size": 16, "max_positions": 16,
-}  # fmt: skip
+TINY = REPO / "configs" / "tiny.yaml"
 
 
-def tiny_config(**overrides) -> dict:
-    body = {
-        "function": "spsa_step",
-        "batch_size": 2,
-        "seq_len": 4,
-        "model": dict(TINY_MODEL),
-        "attention": {"kind": "rfa", "trig": "poly", "num_features": 4},
-        "trainable": {"kind": "head"},
-        "spsa": {"eps": 1e-2, "num_directions": 2},
-        "protocol": {"name": "ABY3"},
-    }
-    body.update(overrides)
-    return {"compile": body}
+def tiny_spec(*overrides: str):
+    return load_spec(TINY, list(overrides))
 
 
 @pytest.fixture
@@ -87,14 +74,14 @@ def test_cache_key_changes_with_shape_config_protocol_and_version(monkeypatch):
 def test_second_compile_is_a_disk_cache_hit_that_skips_the_spu_compiler(
     tmp_path, spu_compile_calls
 ):
-    cfg = config_from_dict(tiny_config())
-    first, hit = artifacts.compile_cached(build_job(cfg), cfg.protocol, tmp_path)
-    assert not hit and len(spu_compile_calls) == 1
-    # A fresh job object (new closures, so the in-memory cache cannot answer either).
-    second, hit = artifacts.compile_cached(build_job(cfg), cfg.protocol, tmp_path)
-    assert hit and len(spu_compile_calls) == 1
-    assert second.key == first.key and second.pphlo_text == first.pphlo_text
-    assert [p.name for p in tmp_path.iterdir()] == [first.key]  # no temp dirs left behind
+    spec = tiny_spec("tuning.trainable={kind: bitfit}")
+    first = compile_run(spec, tmp_path)
+    assert [hit for _, hit in first] == [False, False] and len(spu_compile_calls) == 2
+    # Fresh programs (new closures, so the in-memory cache cannot answer either).
+    second = compile_run(spec, tmp_path)
+    assert [hit for _, hit in second] == [True, True] and len(spu_compile_calls) == 2
+    assert [a.key for a, _ in second] == [a.key for a, _ in first]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(a.key for a, _ in first)
 
 
 @pytest.mark.parametrize("damage", ["truncate_executable", "drop_metadata", "edit_constants"])
@@ -117,32 +104,31 @@ def test_corrupt_cache_entry_is_detected_and_recompiled(tmp_path, spu_compile_ca
 
 
 def test_loaded_artifact_runs_and_matches_a_fresh_compile(tmp_path):
-    cfg = config_from_dict(tiny_config(trainable={"kind": "bitfit"}))
-    job = build_job(cfg)
-    art, _ = artifacts.compile_cached(job, cfg.protocol, tmp_path)
+    spec = tiny_spec("tuning.trainable={kind: bitfit}", "tuning.spsa.num_directions=2")
+    program = run_programs(spec).step
+    preset = preset_of(spec)
+    art, _ = artifacts.compile_cached(job_of(program), preset, tmp_path)
     loaded = artifacts.load_artifact(tmp_path / art.key)
     rng = np.random.default_rng(0)
-    theta, frozen, batch, z, _ = job.args
-    batch = {
-        "input_ids": np.eye(16, dtype=np.float32)[rng.integers(0, 16, (2, 4))],
-        "attention_mask": np.ones((2, 4), np.float32),
-        "labels": np.eye(2, dtype=np.float32)[[0, 1]],
-    }
-    z = jax.tree_util.tree_map(lambda v: rng.standard_normal(np.shape(v)).astype(np.float32), z)
-    args = (theta, frozen, batch, z, np.float32(0.05))
+    theta, frozen, features, labels, z, _ = program.args
+    frozen = jax.tree_util.tree_map(lambda v: (0.1 * rng.standard_normal(v.shape)).astype(np.float32), frozen)  # fmt: skip
+    b, n, v = features["input_ids"].shape
+    features = {**features, "input_ids": np.eye(v, dtype=np.float32)[rng.integers(0, 50, (b, n))],
+                "attention_mask": np.ones((b, n), np.float32)}  # fmt: skip
+    labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, b)]
+    z = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32), z)
+    args = (theta, frozen, features, labels, z, np.float32(0.05))
 
-    fresh = simulator.compile_to_pphlo(job.fn, args, {3, 4}, name=job.name, rewrites=cfg.protocol.rewrites)  # fmt: skip
-    session = SimulatorSession(cfg.protocol)
-    for name, value, public in zip(job.arg_names, args, [0, 0, 0, 1, 1], strict=True):
+    fresh = simulator.compile_to_pphlo(program.fn, args, {4, 5}, name=program.name, rewrites=preset.rewrites)  # fmt: skip
+    session = SimulatorSession(preset)
+    for name, value, public in zip(program.arg_names, args, [0, 0, 0, 0, 1, 1], strict=True):
         session.put(name, value, public=bool(public))
-    session.run(fresh, list(job.arg_names), ["theta_fresh", "info_fresh"])
-    session.run(loaded, list(job.arg_names), ["theta_loaded", "info_loaded"])
-    info_fresh, info_loaded = session.reveal("info_fresh"), session.reveal("info_loaded")
-    np.testing.assert_allclose(info_loaded["loss_plus"], info_fresh["loss_plus"], atol=1e-4)
-    theta_loaded, info_run = artifacts.run_artifact(loaded, args)  # one-shot runner
-    np.testing.assert_allclose(info_run["loss"], info_fresh["loss"], atol=1e-4)
-    plain_theta, plain_info = job.fn(*args)
-    np.testing.assert_allclose(info_run["loss"], plain_info["loss"], atol=5e-3)
+    session.run(fresh, list(program.arg_names), ["theta_fresh", "loss_fresh"])
+    session.run(loaded, list(program.arg_names), ["theta_loaded", "loss_loaded"])
+    np.testing.assert_allclose(session.reveal("loss_loaded"), session.reveal("loss_fresh"), atol=1e-4)  # fmt: skip
+    _, loss_run = artifacts.run_artifact(loaded, args)  # one-shot runner
+    _, plain_loss = program.fn(*args)
+    np.testing.assert_allclose(loss_run, plain_loss, atol=5e-3)
     assert loaded.metadata["declassifications"] == 0
 
 
@@ -150,79 +136,68 @@ def _roles(meta):
     return {i["arg"]: (i["role"], i["visibility"]) for i in meta["inputs"]}
 
 
-def test_each_function_compiles_with_policy_roles(tmp_path):
-    prompt = {"kind": "prompt", "prompt_length": 2, "intrinsic_dim": 4}
-    cases = {
-        "cma_forward": tiny_config(function="cma_forward", trainable=prompt, cma={"population": 3}),
-        "backprop_step": tiny_config(function="backprop_step"),
-        "forward": tiny_config(function="forward", trainable=prompt),
-    }
-    metas = {}
-    for name, raw in cases.items():
-        cfg = config_from_dict(raw)
-        metas[name] = artifacts.compile_job(build_job(cfg), cfg.protocol).metadata
-        assert metas[name]["name"] == name and metas[name]["declassifications"] == 0
-    cma = metas["cma_forward"]
-    assert _roles(cma)["population"] == ("directions", "public")
-    assert _roles(cma)["frozen"] == ("weights", "secret")
-    assert [i["shape"] for i in cma["inputs"] if i["arg"] == "population"] == [[3, 4]]
-    assert cma["outputs"][0]["shape"] == [3]  # one loss per candidate
-    assert "projection" in {i["role"] for i in cma["inputs"]}  # A found among the constants
-    bp = metas["backprop_step"]
-    assert _roles(bp)["step_size"] == ("step_size", "public")
-    assert {o["name"] for o in bp["outputs"]} == {"0/classifier/bias", "0/classifier/kernel", "1/loss"}  # fmt: skip
-    fwd = metas["forward"]
-    assert "labels" not in {i["role"] for i in fwd["inputs"]}
-    assert fwd["outputs"][0]["shape"] == [2, 2]  # logits [B, C]
+def test_every_run_program_compiles_with_policy_roles(tmp_path):
+    spsa = {a.metadata["name"]: a.metadata for a, _ in compile_run(tiny_spec(), None)}
+    assert set(spsa) == {"trunk", "trunk_eval", "predict", "spsa_step"}
+    assert all(m["declassifications"] == 0 for m in spsa.values())
+    step = spsa["spsa_step"]
+    assert _roles(step)["trainable"] == ("trainable", "secret")
+    assert _roles(step)["frozen"] == ("weights", "secret")
+    assert _roles(step)["labels"] == ("labels", "secret")
+    assert _roles(step)["z"] == ("directions", "public")
+    assert _roles(step)["step_size"] == ("step_size", "public")
+    assert spsa["predict"]["outputs"][0]["shape"] == [4, 2]  # one-hot predictions [B, C]
+    assert _roles(spsa["trunk"])["inputs"] == ("data", "secret")
+    cma = tiny_spec("tuning.method=cma", "tuning.trainable={kind: prompt, prompt_length: 2, intrinsic_dim: 4}",
+                    "tuning.cma={population: 3}")  # fmt: skip
+    metas = {a.metadata["name"]: a.metadata for a, _ in compile_run(cma, None)}
+    pop = metas["population_loss"]
+    assert _roles(pop)["population"] == ("directions", "public")
+    assert [i["shape"] for i in pop["inputs"] if i["arg"] == "population"] == [[3, 4]]
+    assert pop["outputs"][0]["shape"] == [3]  # one loss per candidate
+    assert pop["declassifications"] == 0
 
 
-def test_cli_compile_writes_artifact_from_the_shipped_config(tmp_path, capsys):
-    config = REPO / "configs" / "compile_tiny.yaml"
+def test_cli_compile_writes_artifacts_from_the_shipped_spec(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert main(["compile", str(config), "--out", str(out), "--cache-dir", str(cache)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [artifacts.EXECUTABLE, artifacts.PPHLO, artifacts.CONSTANTS, artifacts.METADATA]
-    )
-    meta = json.loads((out / "metadata.json").read_text())
-    cfg = load_config(config)
-    assert meta["name"] == "spsa_step" and meta["protocol"]["name"] == "ABY3"
-    assert meta["field"] == "FM64" and meta["fxp_fraction_bits"] == 18
-    assert meta["protocol"]["exp_mode"] == "PADE" and "compiler_options" in meta
+    assert main(["compile", str(TINY), "--out", str(out), "--cache-dir", str(cache)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["predict", "spsa_step", "trunk", "trunk_eval"]
+    for program in out.iterdir():
+        assert sorted(p.name for p in program.iterdir()) == sorted(
+            [artifacts.EXECUTABLE, artifacts.PPHLO, artifacts.CONSTANTS, artifacts.METADATA]
+        )
+    meta = json.loads((out / "spsa_step" / "metadata.json").read_text())
+    assert meta["protocol"]["name"] == "ABY3" and meta["field"] == "FM64"
+    assert meta["fxp_fraction_bits"] == 18 and meta["protocol"]["exp_mode"] == "PADE"
     assert set(meta["versions"]) >= {"jax", "jaxlib", "spu", "flax", "secfwt_jax"}
-    roles = _roles(meta)
-    assert roles["trainable"] == ("trainable", "secret") and roles["z"] == ("directions", "public")
-    assert {i["role"] for i in meta["inputs"] if i["arg"] == "batch"} == {"data", "labels"}
-    ids = next(i for i in meta["inputs"] if i["name"] == "batch/input_ids")
-    assert ids["shape"] == [cfg.batch_size, cfg.seq_len, cfg.model.vocab_size]
-    assert ids["dtype"] == "float32" and ids["visibility"] == "secret"
     assert "features" in {i["role"] for i in meta["inputs"]}  # RFA directions are public
-    assert "!pphlo.secret" in (out / "program.pphlo").read_text()
-    assert artifacts.load_artifact(out).key == meta["key"]
+    assert "!pphlo.secret" in (out / "spsa_step" / "program.pphlo").read_text()
+    assert artifacts.load_artifact(out / "spsa_step").key == meta["key"]
     assert "compiled in" in capsys.readouterr().out
-    assert main(["compile", str(config), "--out", str(out), "--cache-dir", str(cache)]) == 0
-    assert "cache hit" in capsys.readouterr().out
+    assert main(["compile", str(TINY), "--out", str(out), "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out.count("cache hit") == 4
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["compile"]["model"].update(hidden_size=0), "compile.model.hidden_size: must be positive"),
-        (lambda c: c["compile"]["model"].update(colour="red"), "compile.model.colour: unknown key"),
-        (lambda c: c["compile"].update(batch_size="four"), "compile.batch_size: expected an integer"),
-        (lambda c: c["compile"]["spsa"].update(eps=-1.0), "compile.spsa.eps: must be positive"),
-        (lambda c: c["compile"]["attention"].update(kind="linear"), "compile.attention.kind: unknown"),
-        (lambda c: c["compile"]["protocol"].update(fxp_fraction_bits=40), "compile.protocol.fxp_fraction_bits:"),
-        (lambda c: c["compile"].update(function="train"), "compile.function: unknown 'train'"),
-        (lambda c: c["compile"]["model"].update(checkpoint="x"), "compile.model.checkpoint: cannot be combined"),
-        (lambda c: c["compile"]["model"].pop("num_heads"), "compile.model.num_heads: required"),
-        (lambda c: c["compile"].update(function="cma_forward"), "compile.trainable.kind: cma_forward"),
-        (lambda c: c["compile"].update(seq_len=99), "compile.seq_len: 99 exceeds"),
+        (lambda c: c["model"]["architecture"].update(hidden_size=0), "model.architecture.hidden_size: Input should be greater than 0"),
+        (lambda c: c["model"]["architecture"].update(colour="red"), "model.architecture.colour: unknown key"),
+        (lambda c: c["tuning"].update(batch_size="four"), "tuning.batch_size: Input should be a valid integer"),
+        (lambda c: c["tuning"]["spsa"].update(eps=-1.0), "tuning.spsa.eps: must be positive"),
+        (lambda c: c["model"]["attention"].update(kind="linear"), "model.attention.kind"),
+        (lambda c: c["protocol"].update(field="FM32"), "protocol.field"),
+        (lambda c: c["tuning"].update(method="train"), "tuning.method"),
+        (lambda c: c["model"].update(checkpoint="x"), "model.checkpoint: give exactly one"),
+        (lambda c: c["tuning"].update(method="cma"), "tuning.trainable.kind: method 'cma'"),
+        (lambda c: c["data"].update(max_len=99), "data.max_len: 99 (+ prompt 0) exceeds"),
     ],
 )  # fmt: skip
-def test_cli_bad_config_exits_2_with_one_line_error_and_writes_nothing(
+def test_cli_bad_spec_exits_2_with_one_line_error_and_writes_nothing(
     tmp_path, capsys, edit, message
 ):
-    raw = tiny_config()
+    raw = read_spec_file(TINY)
+    raw["data"]["path"] = str(REPO / "tests" / "data" / "sentiment_small.csv")
     edit(raw)
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -235,14 +210,12 @@ def test_cli_bad_config_exits_2_with_one_line_error_and_writes_nothing(
     assert not out.exists() and not (tmp_path / "c").exists()
 
 
-def test_cli_missing_config_and_foreign_out_dir_are_refused(tmp_path, capsys):
+def test_cli_missing_spec_and_foreign_out_dir_are_refused(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
-    assert "config: file not found" in capsys.readouterr().err and not out.exists()
+    assert "run spec not found" in capsys.readouterr().err and not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    config = tmp_path / "ok.json"
-    config.write_text(json.dumps(tiny_config()))
-    assert main(["compile", str(config), "--out", str(out)]) == 2
+    assert main(["compile", str(TINY), "--out", str(out)]) == 2
     assert "--out:" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]

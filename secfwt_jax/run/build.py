@@ -277,6 +277,20 @@ def data_owner_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> DataOwnerInp
     )
 
 
+def public_data_shapes(spec: RunSpec, tokenizer, vocab_size: int) -> dict[str, Any]:
+    """What the data owner publishes, derived from the spec and the public tokenizer alone
+    (no data file): chunk shapes for compiling ahead of a run (`secfwt compile`)."""
+    n = max(spec.tuning.batch_size, spec.evaluation.batch_size)
+    dummy = LabelledText(["x"] * n, np.zeros(n, np.int64), spec.data.labels)
+    train = _split_labels(_encode(spec, dummy, np.arange(spec.tuning.batch_size), tokenizer, vocab_size))  # fmt: skip
+    evals = _split_labels(_encode(spec, dummy, np.arange(spec.evaluation.batch_size), tokenizer, vocab_size))  # fmt: skip
+    return {
+        "train_shapes": shapes_of(train[0]),
+        "label_shape": tuple(train[1].shape),
+        "eval_shapes": shapes_of(evals[0]),
+    }
+
+
 # ---------------------------------------------------------------------- programs
 @dataclasses.dataclass(frozen=True)
 class ProgramDef:
@@ -289,10 +303,29 @@ class ProgramDef:
     arg_names: tuple[str, ...]
     roles: tuple[Any, ...]
     description: dict
+    known_constants: dict = dataclasses.field(default_factory=dict)
 
 
 def _batch_role(path: str) -> str:
     return "data"
+
+
+def known_constants(spec: RunSpec, classifier: Classifier, embed_std: float) -> dict:
+    """Public arrays the programs close over, by label: the RFA directions of each layer and
+    the prompt projection A (the artifact metadata names them among the hoisted constants)."""
+    from secfwt_jax.models.feature_maps import random_directions
+    from secfwt_jax.tuning.sets import prompt_projection
+
+    c, known = classifier.config, {}
+    if c.attention.kind == "rfa":
+        a = c.attention
+        for layer in range(c.num_layers):
+            w = random_directions(a.seed, layer, c.num_heads, c.head_dim, a.num_features, a.sigma)
+            known[f"attention/layer/{layer}/directions"] = ("features", w)
+    if spec.tuning.trainable.kind == "prompt":
+        projection = prompt_projection(spec.tuning.trainable, c.hidden_size, embed_std)
+        known["prompt/projection"] = ("projection", projection)
+    return known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +406,10 @@ def build_programs(
         "spsa": dataclasses.asdict(cfg),
         "embed_std": public.embed_std if spec.tuning.trainable.kind == "prompt" else None,
     }
+    known = known_constants(spec, classifier, public.embed_std)
+
+    def make(*fields) -> ProgramDef:
+        return ProgramDef(*fields, description=desc, known_constants=known)
 
     def loss_fn(t, f, b):
         return cross_entropy(problem.logits(t, f, b), b["labels"])
@@ -407,46 +444,38 @@ def build_programs(
 
         def trunk_program(name: str, key: str) -> ProgramDef:
             inputs = zeros_like_shapes(data_public[key])
-            return ProgramDef(name, trunk_fn, (frozen, inputs), ("frozen", "inputs"),
-                              ("weights", _batch_role), desc)  # fmt: skip
+            return make(name, trunk_fn, (frozen, inputs), ("frozen", "inputs"), ("weights", _batch_role))  # fmt: skip
 
         trunk = trunk_program("trunk", "train_shapes")
         if data_public["eval_shapes"] != data_public["train_shapes"]:
             trunk_eval = trunk_program("trunk_eval", "eval_shapes")
     return RunPrograms(
         problem=problem,
-        step=ProgramDef(
+        step=make(
             "spsa_step",
             step,
             (theta, frozen, feats, labels, z, lr),
             ("trainable", "frozen", "features", "labels", "z", "step_size"),
             ("trainable", "weights", _batch_role, "labels", "directions", "step_size"),
-            desc,
         ),  # fmt: skip
-        predict=ProgramDef(
+        predict=make(
             "predict",
             predict,
             (theta, frozen, eval_feats),
             ("trainable", "frozen", "features"),
             ("trainable", "weights", _batch_role),
-            desc,
         ),  # fmt: skip
-        population_loss=ProgramDef(
+        population_loss=make(
             "population_loss",
             population_loss,
             (pop, frozen, feats, labels),
             ("population", "frozen", "features", "labels"),
             ("directions", "weights", _batch_role, "labels"),
-            desc,
         ),  # fmt: skip
         trunk=trunk,
         trunk_eval=trunk_eval,
         first_layer=first,
     )
-
-
-def trunk_inputs_like(data_public: dict, key: str) -> dict:
-    return zeros_like_shapes(data_public[key])
 
 
 # ---------------------------------------------------------------------- public per-step values
