@@ -129,7 +129,7 @@ def component_cases(classifier: Classifier, params: dict, shape: StepShape, seed
         return LayerNorm(epsilon=cfg.layer_norm_eps).apply({"params": pl}, xx)
 
     def gelu(xx):
-        return activation_fn(cfg.activation)(xx)
+        return activation_fn(cfg.activation, cfg.gelu_impl)(xx)
 
     def head_fn(ph, xx, m):
         return classifier.scores({classifier.head_name: ph}, xx, m, batch)

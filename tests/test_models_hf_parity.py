@@ -6,6 +6,10 @@ back through `load_pretrained`, so the loader, the parameter layout and the forw
 are all under test. No mocks, no hub: tiny random configs plus the bundled real
 all-MiniLM-L6-v2.
 
+Every comparison loads with `gelu_impl="exact"` (jax.nn.gelu, the same function as
+transformers); the default "piecewise" GeLU is the MPC-cheap approximation (max error
+7.5e-4) and is held by tests/test_gelu.py instead.
+
 What is compared: hidden states at REAL tokens of a right-padded batch. Pad positions are
 never read downstream; for RoBERTa they differ by design (our public position ids are
 arange + pad + 1 everywhere, HF gives pads the padding index).
@@ -127,7 +131,7 @@ def base_checkpoints(tmp_path_factory):
 def test_loaded_trunk_matches_hf_flax_hidden_states(family, fmt, tmp_path):
     hf_model = BASE_MODELS[family](HF_CONFIGS[family](), seed=1)
     save_checkpoint(hf_model, tmp_path, fmt)
-    classifier, params = load_pretrained(tmp_path)
+    classifier, params = load_pretrained(tmp_path, gelu_impl="exact")
     ids, mask = padded_batch(classifier.config.pad_token_id)
     types = None
     if family == "bert":
@@ -169,7 +173,7 @@ def test_minilm_softmax_hidden_states_match_transformers():
         return_tensors="np",
     )
     mask = enc["attention_mask"].astype(np.float32)
-    classifier, params = load_pretrained(directory)
+    classifier, params = load_pretrained(directory, gelu_impl="exact")
     assert classifier.config.num_layers == 6 and classifier.config.hidden_size == 384
     batch = {"input_ids": enc["input_ids"], "attention_mask": mask}
     batch["token_type_ids"] = enc["token_type_ids"]
@@ -207,7 +211,7 @@ def test_mlm_head_logits_match_hf_at_mask_position_and_verbalizer_ids(family, fm
     save_checkpoint(hf_model, tmp_path, fmt)
     verbalizer = (17, 42, 77)
     head = HeadConfig(kind="mlm", num_labels=3, verbalizer_ids=verbalizer)
-    classifier, params = load_pretrained(tmp_path, head=head)
+    classifier, params = load_pretrained(tmp_path, head=head, gelu_impl="exact")
     assert set(params) == {classifier.trunk_name, classifier.head_name}
     ids, mask = padded_batch(classifier.config.pad_token_id, seed=6)
     positions = np.asarray([6, 3, 1])  # the "mask token" slot, inside each row's real tokens
@@ -229,7 +233,7 @@ def test_gpt2_lm_head_matches_hf_logits_at_last_real_token(gpt2_lm_checkpoint):
     hf_model, directory = gpt2_lm_checkpoint
     verbalizer = (11, 23)
     head = HeadConfig(kind="lm", num_labels=2, verbalizer_ids=verbalizer)
-    classifier, params = load_pretrained(directory, head=head)
+    classifier, params = load_pretrained(directory, head=head, gelu_impl="exact")
     ids, mask = padded_batch(classifier.config.pad_token_id, seed=8)
     last = np.asarray(LENGTHS) - 1
     select = np.eye(ids.shape[1], dtype=np.float32)[last]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from secfwt_jax.models.classifier import Classifier
-from secfwt_jax.models.config import AttentionConfig, ModelConfig
+from secfwt_jax.models.config import AttentionConfig, GeluImpl, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
 
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -172,18 +172,21 @@ def load_pretrained(
     head: HeadConfig | None = None,
     *,
     seed: int = 0,
+    gelu_impl: GeluImpl = "piecewise",
 ) -> tuple[Classifier, dict]:
     """A local HF checkpoint directory -> (`Classifier`, params as numpy arrays).
 
     Params follow `Classifier`'s layout: `{trunk: ...}` (`bert`, `roberta` or
     `transformer`) plus the head: a fresh linear `classifier` (from `init_head(seed)`), the
     checkpoint's MLM head (`cls` for BERT, `lm_head` for RoBERTa), or nothing for GPT-2's
-    tied LM head. The trunk's `pooler` is dropped: no head here reads it.
+    tied LM head. The trunk's `pooler` is dropped: no head here reads it. `gelu_impl`
+    "exact" reproduces transformers' activations; the default "piecewise" is the MPC-cheap
+    GeLU (max error 7.5e-4, see `ModelConfig.gelu_impl`).
     """
     directory = _checkpoint_dir(path)
     hf = read_hf_config(directory)
     try:
-        config = ModelConfig.from_hf(hf, attention)
+        config = ModelConfig.from_hf(hf, attention, gelu_impl)
     except ValueError as error:
         raise CheckpointError(f"{_one_line(error)} (in {directory / 'config.json'})") from None
     head = head or HeadConfig()

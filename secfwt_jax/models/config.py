@@ -20,6 +20,14 @@ AttentionKind = Literal["softmax", "rfa"]
 #   "positive":       FAVOR+ positive features exp(w.x - |x|^2/2) (Choromanski et al. 2021).
 RfaVariant = Literal["softmax_kernel", "l2", "positive"]
 TrigMode = Literal["exact", "poly"]
+# How the GeLU activations ("gelu", "gelu_new", "gelu_pytorch_tanh") are computed:
+#   "piecewise": two comparisons and one even Chebyshev polynomial (max error 7.5e-4 over
+#                the real line; about a fifth of the exact form's MPC bytes, see
+#                `mpc_ops.gelu_piecewise` and docs/cost.md). The default: every model here
+#                is built to run under MPC, and plaintext references must compute the
+#                same function.
+#   "exact":     jax.nn.gelu (erf or tanh form), for parity with Hugging Face.
+GeluImpl = Literal["piecewise", "exact"]
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("bert", "roberta", "gpt2")
 SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
@@ -95,6 +103,7 @@ class ModelConfig:
     activation: str = "gelu"
     pad_token_id: int = 0
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    gelu_impl: GeluImpl = "piecewise"
 
     def __post_init__(self) -> None:
         _require(
@@ -119,6 +128,11 @@ class ModelConfig:
             "hidden_act",
             f"unsupported {self.activation!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
+        _require(
+            self.gelu_impl in ("piecewise", "exact"),
+            "gelu_impl",
+            f"unknown {self.gelu_impl!r}; expected 'piecewise' or 'exact'",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -132,8 +146,14 @@ class ModelConfig:
         return dataclasses.replace(self, attention=attention)
 
     @classmethod
-    def from_hf(cls, hf_config, attention: AttentionConfig | None = None) -> ModelConfig:
+    def from_hf(
+        cls, hf_config, attention: AttentionConfig | None = None, gelu_impl: GeluImpl = "piecewise"
+    ) -> ModelConfig:
         """Map a `transformers.PretrainedConfig` onto our config."""
+        return dataclasses.replace(cls._from_hf(hf_config, attention), gelu_impl=gelu_impl)
+
+    @classmethod
+    def _from_hf(cls, hf_config, attention: AttentionConfig | None) -> ModelConfig:
         family = getattr(hf_config, "model_type", None)
         attention = attention or AttentionConfig()
         if family == "gpt2":

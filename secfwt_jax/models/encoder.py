@@ -27,15 +27,18 @@ import numpy as np
 
 from secfwt_jax.models.attention import attend
 from secfwt_jax.models.config import ModelConfig
-from secfwt_jax.models.mpc_ops import layer_norm
+from secfwt_jax.models.mpc_ops import gelu_piecewise, layer_norm
 
 
-def activation_fn(name: str):
-    """Hugging Face activation name -> function ("gelu" is the exact erf form)."""
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
+def activation_fn(name: str, gelu_impl: str = "piecewise"):
+    """Hugging Face activation name -> function ("gelu" is the erf form, "gelu_new" and
+    "gelu_pytorch_tanh" the tanh form). `gelu_impl` "exact" uses jax.nn.gelu,
+    "piecewise" the MPC-cheap `mpc_ops.gelu_piecewise` fitted to the same form."""
+    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        approximate = name != "gelu"
+        if gelu_impl == "exact":
+            return lambda x: jax.nn.gelu(x, approximate=approximate)
+        return lambda x: gelu_piecewise(x, approximate=approximate)
     return {"relu": jax.nn.relu, "tanh": jnp.tanh}[name]
 
 
@@ -151,7 +154,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         x = nn.Dense(self.config.intermediate_size, name="dense")(hidden)
-        return activation_fn(self.config.activation)(x)
+        return activation_fn(self.config.activation, self.config.gelu_impl)(x)
 
 
 class EncoderLayer(nn.Module):

@@ -63,7 +63,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         x = Conv1D(self.config.intermediate_size, name="c_fc")(hidden)
-        x = activation_fn(self.config.activation)(x)
+        x = activation_fn(self.config.activation, self.config.gelu_impl)(x)
         return Conv1D(self.config.hidden_size, name="c_proj")(x)
 
 

@@ -111,7 +111,7 @@ def mlm_scores(head_params, word_table, h, cfg: ModelConfig, verbalizer_ids):
         block, norm, bias = preds["transform"], preds["transform"]["LayerNorm"], preds["bias"]
     else:
         block, norm, bias = head_params, head_params["layer_norm"], head_params["bias"]
-    act = activation_fn(cfg.activation if cfg.family == "bert" else "gelu")
+    act = activation_fn(cfg.activation if cfg.family == "bert" else "gelu", cfg.gelu_impl)
     h = layer_norm(act(dense(h, block["dense"])), norm["scale"], norm["bias"], cfg.layer_norm_eps)
     ids = np.asarray(verbalizer_ids)
     return h @ word_table[ids].T + bias[ids]
