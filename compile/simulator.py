@@ -128,7 +128,7 @@ def hoist_constants(
     precision ``rewrites`` applied. Only shapes/dtypes of ``args`` matter (arrays or
     ``jax.ShapeDtypeStruct``). Feed ``constants`` to SPU as PUBLIC inputs: see the module
     docstring for the miscompile this avoids. Used by :func:`compile_to_pphlo` and by the
-    SecretFlow cluster jobs (``secfwt_jax.runtime.jobs_spsa``).
+    SecretFlow backend (``secfwt_jax.runtime.cluster_run``).
     """
     rewrites = validate(rewrites)
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)

@@ -5,7 +5,6 @@
     secfwt party RUN.yaml --party NAME        one party on its own host
     secfwt adapt RUN.yaml [--text FILE]       the model owner's attention adaptation
     secfwt compile RUN.yaml --out DIR [--cache-dir DIR | --no-cache]
-    secfwt demo [--protocol ABY3|SEMI2K|CHEETAH] [--steps N] [--json PATH]   (walking skeleton)
 
 Bad input exits non-zero with a one-line `secfwt: error: ...` that names the field.
 """
@@ -13,29 +12,10 @@ Bad input exits non-zero with a one-line `secfwt: error: ...` that names the fie
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-
-from secfwt_jax.files import write_json_atomic
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from secfwt_jax.runtime.demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(
-        protocol=args.protocol,
-        field=args.field,
-        steps=args.steps,
-        seed=args.seed,
-        schedule=dataclasses.replace(DemoConfig().schedule, total_steps=args.steps),
-    )
-    summary = run_demo(cfg)
-    if args.json:
-        write_json_atomic(args.json, summary)
-    return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -152,13 +132,6 @@ def _compile(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secfwt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="walking skeleton: SPSA steps of a tiny RFA BERT under SPU")
-    demo.add_argument("--protocol", default="ABY3", choices=["ABY3", "SEMI2K", "CHEETAH"])
-    demo.add_argument("--field", default="FM64", choices=["FM64", "FM128"])
-    demo.add_argument("--steps", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", help="also write the summary to this JSON file")
-    demo.set_defaults(run=_demo)
     comp = sub.add_parser("compile", help="compile a run's SPU programs to artifacts (bytecode + metadata)")  # fmt: skip
     comp.add_argument("spec", help="run spec (YAML), see configs/")
     comp.add_argument("--out", required=True, help="directory to write, one artifact folder per program")  # fmt: skip

@@ -51,7 +51,7 @@ def run_sim(
         head, tokenizer = private["head"].value
         ref = plaintext_reference(spec, programs, private["theta"].value, private["frozen"].value, private["data"].value, tokenizer)  # fmt: skip
         mpc = report["mpc"]
-        summary = {k: ref[k] for k in ("before", "after", "losses")}
+        summary = {k: ref[k] for k in ("before", "after", "losses", "relative_param_change")}
         summary["agreement_before"] = agreement(mpc["predictions_before"], ref["before"]["predictions"])  # fmt: skip
         summary["agreement_after"] = agreement(mpc["predictions_after"], ref["after"]["predictions"])  # fmt: skip
         if mpc.get("losses") and ref["losses"]:

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
-import numpy as np
 
 from secfwt_jax.compile import simulator, visibility
-from secfwt_jax.models.classifier import Classifier
-from secfwt_jax.models.heads import HeadConfig
-from secfwt_jax.runtime.demo import DEMO_MODEL, DemoConfig, make_step, synthetic_batch
-from secfwt_jax.tuning import spsa, trainable
+from secfwt_jax.compile.run_compile import run_programs
+from secfwt_jax.run.spec import load_spec
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _compiled_step():
-    clf = Classifier(DEMO_MODEL, HeadConfig(num_labels=2))
-    theta, frozen = trainable.partition(clf.init(0), lambda p: "embeddings" not in p)
-    batch = synthetic_batch(DemoConfig(), DEMO_MODEL.vocab_size)
-    z = spsa.directions(0, 0, theta)
-    args = (theta, frozen, batch, z, np.float32(1e-3))
-    comp = simulator.compile_to_pphlo(
-        make_step(clf, spsa.SpsaConfig(eps=1e-2)), args, public={3, 4}
-    )
+    step = run_programs(load_spec(TINY, ["tuning.trainable={kind: bitfit}"])).step
+    comp = simulator.compile_to_pphlo(step.fn, step.args, public={4, 5})
     roles = [
-        r for a, r in zip(args, ["trainable", "frozen", "batch", "directions", "step_size"], strict=False)
+        r for a, r in zip(step.args, ["trainable", "frozen", "data", "labels", "directions", "step_size"], strict=True)
         for _ in jax.tree_util.tree_leaves(a)
     ] + ["constant"] * len(comp.constants)  # fmt: skip
     return comp, roles

@@ -67,7 +67,7 @@ def plaintext_reference(
             "full_test_accuracy": float(np.mean(full == data.test.labels)),
         }
 
-    before = scores(theta)
+    before, initial = scores(theta), theta
     losses: list[float] = []
     if spec.tuning.method == "spsa":
         step = jax.jit(programs.step.fn)
@@ -79,7 +79,8 @@ def plaintext_reference(
             losses.append(float(loss))
         theta = jax.tree_util.tree_map(np.asarray, theta)
     after = scores(theta)
-    return {"before": before, "after": after, "losses": losses, "theta": theta}
+    change = relative_gap(build.flatten(theta), build.flatten(initial))
+    return {"before": before, "after": after, "losses": losses, "theta": theta, "relative_param_change": change}  # fmt: skip
 
 
 def agreement(a: list[int], b: list[int]) -> float:
