@@ -20,8 +20,9 @@ from secfwt_jax.tuning import backprop, spsa, trainable
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The step being profiled: batch [B, N], K directions (population P = 2K), and
-    whether the word/position embeddings are trainable (the demo freezes them)."""
+    """The step being profiled: batch [B, N], K directions (population P = 2K), whether
+    the word/position embeddings are trainable (the demo freezes them), and the direction
+    distribution ("gaussian" or "rademacher", `tuning.spsa.SpsaConfig.directions`)."""
 
     batch_size: int
     seq_len: int
@@ -29,6 +30,7 @@ class StepShape:
     embeddings_trainable: bool = False
     eps: float = 1e-2
     learning_rate: float = 1e-3
+    directions: str = "gaussian"
 
     def __post_init__(self) -> None:
         for f in ("batch_size", "seq_len", "num_directions"):
@@ -73,12 +75,14 @@ def make_loss(classifier: Classifier):
     return loss_fn
 
 
-def spsa_update(theta, z, loss_pm, step_size, eps: float, weight_decay: float = 0.0):
+def spsa_update(
+    theta, z, loss_pm, step_size, eps: float, weight_decay: float = 0.0, directions="gaussian"
+):
     """The SPSA step's non-forward part, by the same functions as ``tuning.spsa.spsa_step``:
     the population theta +- eps z and the update. loss_pm: [2K] secret; step_size public."""
     k = jax.tree_util.tree_leaves(z)[0].shape[0]
-    config = spsa.SpsaConfig(eps=eps, weight_decay=weight_decay)
-    pair = spsa.perturbed_pair(theta, z, eps)
+    config = spsa.SpsaConfig(eps=eps, weight_decay=weight_decay, directions=directions)
+    pair = spsa.perturbed_pair(theta, z, eps, directions)
     new, _ = spsa.spsa_update(theta, z, loss_pm[:k], loss_pm[k:], step_size, config)
     return pair, new
 
@@ -92,8 +96,8 @@ def _split_layer0(theta: dict) -> tuple[dict, dict]:
 
 
 def _update_case(theta: dict, shape: StepShape, seed: int, rng):
-    z = spsa.directions(seed, 0, theta, shape.num_directions)
-    fn = lambda t, zz, lpm, lr: spsa_update(t, zz, lpm, lr, shape.eps)  # noqa: E731
+    z = spsa.directions(seed, 0, theta, shape.num_directions, shape.directions)
+    fn = lambda t, zz, lpm, lr: spsa_update(t, zz, lpm, lr, shape.eps, 0.0, shape.directions)  # noqa: E731
     return (
         fn,
         (theta, z, _normal(rng, (shape.population,)), np.float32(shape.learning_rate)),
@@ -158,12 +162,14 @@ def spsa_step_case(classifier: Classifier, params: dict, shape: StepShape, seed:
     """(fn, args, public) of the whole SPSA step as the demo compiles it."""
     theta, frozen = trainable.partition(params, is_trainable(shape))
     loss_fn = make_loss(classifier)
-    config = spsa.SpsaConfig(eps=shape.eps, num_directions=shape.num_directions)
+    config = spsa.SpsaConfig(
+        eps=shape.eps, num_directions=shape.num_directions, directions=shape.directions
+    )
 
     def spsa_step(t, f, batch, z, lr):
         return spsa.spsa_step(loss_fn, t, f, batch, z, lr, config)
 
-    z = spsa.directions(seed, 0, theta, shape.num_directions)
+    z = spsa.directions(seed, 0, theta, shape.num_directions, shape.directions)
     args = (theta, frozen, synthetic_batch(classifier, shape, seed), z, np.float32(1e-3))
     return spsa_step, args, (3, 4)
 
