@@ -44,12 +44,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from google.protobuf import json_format
-from spu import api as spu_api
 from spu import spu_pb2
 
 from . import visibility
-from .protocols import ProtocolPreset, runtime_config
-from .simulator import Compiled, _canon, compile_to_pphlo, pphlo_input_types, run_executable
+from .protocols import ProtocolPreset
+from .simulator import Compiled, _canon, compile_to_pphlo, execute, pphlo_input_types
 
 FORMAT = "secfwt-spu-artifact/1"
 EXECUTABLE, PPHLO, CONSTANTS, METADATA = (
@@ -443,14 +442,11 @@ def run_artifact(
     records = [i for i in artifact.metadata["inputs"] if i["arg"] != "constant"]
     if len(leaves) != len(records):
         raise ValueError(f"args: {len(leaves)} leaves for a program with {len(records)} inputs")
-    io = spu_api.Io(p.world_size, runtime_config(p))
-    shares = []
+    visibilities = []
     for leaf, rec in zip(leaves, records, strict=True):
         if list(leaf.shape) != rec["shape"]:
             raise ValueError(f"{rec['name']}: shape {list(leaf.shape)}, expected {rec['shape']}")
-        vis = spu_pb2.Visibility.VIS_PUBLIC if rec["visibility"] == "public" else spu_pb2.Visibility.VIS_SECRET  # fmt: skip
-        shares.append(io.make_shares(leaf, vis))
-    shares += [io.make_shares(c, spu_pb2.Visibility.VIS_PUBLIC) for c in artifact.constants]
-    outs = run_executable(artifact.executable, shares, p)
-    flat = [io.reconstruct([outs[r][j] for r in range(p.world_size)]) for j in range(len(outs[0]))]
+        public = rec["visibility"] == "public"
+        visibilities.append(spu_pb2.Visibility.VIS_PUBLIC if public else spu_pb2.Visibility.VIS_SECRET)  # fmt: skip
+    flat = execute(artifact.compiled, leaves, visibilities, p).outputs
     return jax.tree_util.tree_unflatten(artifact.output_treedef, flat)

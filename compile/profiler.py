@@ -36,17 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from spu import api as spu_api
 
 from secfwt_jax.models.classifier import Classifier
 
 from . import network
-from .cost import OpCost, capture_fds, parse_profile_log
+from .cost import OpCost
 from .profile_cases import (  # noqa: F401  (StepShape and the cases are part of this API)
     StepShape,
     backprop_step_case,
@@ -55,9 +53,8 @@ from .profile_cases import (  # noqa: F401  (StepShape and the cases are part of
     spsa_update,
     synthetic_batch,
 )
-from .protocols import ProtocolPreset, runtime_config
-from .simulator import Public, _canon, _flat_vis, compile_to_pphlo, constant_shares, public_mask
-from .simulator import run_executable as _run
+from .protocols import ProtocolPreset
+from .simulator import Public, _canon, _flat_vis, compile_to_pphlo, execute, public_mask
 
 #: Component names in table order; per-layer ones are multiplied by the layer count.
 COMPONENTS = (
@@ -129,16 +126,9 @@ def profile_function(
     mask = public_mask(public, len(args))
     name = name or getattr(fn, "__name__", "program")
     compiled = compile_to_pphlo(fn, args, mask, name=name, rewrites=p.rewrites)
-    io = spu_api.Io(p.world_size, runtime_config(p))
     leaves = jax.tree_util.tree_leaves(args)
-    vis = _flat_vis(args, mask)
-    shares = [io.make_shares(x, v) for x, v in zip(leaves, vis, strict=True)]
-    shares += constant_shares(io, compiled)
-    with capture_fds() as cap:
-        start = time.perf_counter()
-        _run(compiled.executable, shares, p, profile=True)
-        wall = time.perf_counter() - start
-    cost = parse_profile_log(cap.text, p.world_size)
+    run = execute(compiled, leaves, _flat_vis(args, mask), p, profile=True, reveal=False)
+    cost, wall = run.cost, run.seconds
     return FunctionProfile(
         name, p.name, p.world_size, cost.total_bytes, cost.total_send_actions,
         cost.per_party_bytes, cost.max_rounds, wall, cost.per_op,

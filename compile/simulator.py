@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple
 
@@ -273,6 +274,46 @@ def constant_shares(io: spu_api.Io, compiled: Compiled) -> list[list[Any]]:
     return [io.make_shares(c, spu_pb2.Visibility.VIS_PUBLIC) for c in compiled.constants]
 
 
+class Execution(NamedTuple):
+    """One run of a compiled program: flat revealed outputs (None when not revealed), the
+    communication cost (None unless profiled) and the wall seconds of the run itself."""
+
+    outputs: list[Any] | None
+    cost: CommCost | None
+    seconds: float
+
+
+def execute(
+    compiled: Compiled,
+    leaves: Sequence[Any],
+    visibilities: Sequence[int],
+    p: ProtocolPreset,
+    *,
+    profile: bool = False,
+    reveal: bool = True,
+) -> Execution:
+    """Share, run and (optionally) reveal, once: THE one-shot path under every runner
+    (`mpc_run`, `artifacts.run_artifact`, the profiler). ``leaves`` are the program's
+    input leaves in order, ``visibilities`` one SPU visibility each; the hoisted constants
+    are appended as public inputs here."""
+    io = spu_api.Io(p.world_size, runtime_config(p))
+    shares = [io.make_shares(np.asarray(x), v) for x, v in zip(leaves, visibilities, strict=True)]
+    shares += constant_shares(io, compiled)
+    cost = None
+    start = time.perf_counter()
+    if profile:
+        with capture_fds() as cap:
+            outs = run_executable(compiled.executable, shares, p, profile=True)
+        cost = parse_profile_log(cap.text, p.world_size)
+    else:
+        outs = run_executable(compiled.executable, shares, p)
+    seconds = time.perf_counter() - start
+    flat = None
+    if reveal:
+        flat = [io.reconstruct([outs[r][j] for r in range(p.world_size)]) for j in range(len(outs[0]))]  # fmt: skip
+    return Execution(flat, cost, seconds)
+
+
 def mpc_run(
     fn: Callable,
     args: Sequence[Any],
@@ -299,19 +340,6 @@ def mpc_run(
     args = _canon(args)
     mask = public_mask(public, len(args))
     compiled = compile_to_pphlo(fn, args, mask, name=name, rewrites=p.rewrites)
-    io = spu_api.Io(p.world_size, runtime_config(p))
-    vis = _flat_vis(args, mask)
     leaves = jax.tree_util.tree_leaves(args)
-    shares = [io.make_shares(x, v) for x, v in zip(leaves, vis, strict=True)]
-    shares += constant_shares(io, compiled)
-
-    cost = None
-    if profile:
-        with capture_fds() as cap:
-            outs = run_executable(compiled.executable, shares, p, profile=True)
-        cost = parse_profile_log(cap.text, p.world_size)
-    else:
-        outs = run_executable(compiled.executable, shares, p)
-
-    flat = [io.reconstruct([outs[r][j] for r in range(p.world_size)]) for j in range(len(outs[0]))]
-    return MpcResult(jax.tree_util.tree_unflatten(compiled.output_treedef, flat), cost)
+    run = execute(compiled, leaves, _flat_vis(args, mask), p, profile=profile)
+    return MpcResult(jax.tree_util.tree_unflatten(compiled.output_treedef, run.outputs), run.cost)
