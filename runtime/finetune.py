@@ -148,7 +148,8 @@ def run_finetune(
     t = mark("compile", t)
 
     # 5-6: shares from the owners; the frozen trunk once per chunk.
-    theta_s, frozen_s = backend.share(theta_h), backend.share(frozen_h)
+    lower_h, upper_h = backend.at(mo, programs.frozen_parts, frozen_h, num_returns=2)
+    theta_s, frozen_s = backend.share(theta_h), backend.share(upper_h)
 
     def chunk(kind: str, i: int):
         return backend.share(backend.at(do, lambda d: getattr(d, kind)[i], data_h))
@@ -157,11 +158,12 @@ def run_finetune(
     train_y = [chunk("train_labels", i) for i in range(data_public["train_chunks"])]
     eval_x = [chunk("eval_inputs", i) for i in range(data_public["eval_chunks"])]
     if programs.trunk is not None:
+        lower_s = backend.share(lower_h)
         trunk_eval = compiled.get("trunk_eval", compiled["trunk"])
         bar = Progress(len(train_x) + len(eval_x), "frozen trunk (MPC, once)", progress)
 
         def through(program, x):
-            (h,) = backend.run(program, frozen_s, x)
+            (h,) = backend.run(program, lower_s, x)
             bar.update(backend.cost, None)
             return h
 

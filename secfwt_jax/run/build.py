@@ -45,7 +45,7 @@ from secfwt_jax.models.config import AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
 from secfwt_jax.run.spec import RunSpec, SpecError
 from secfwt_jax.tuning import spsa
-from secfwt_jax.tuning.sets import TuningProblem, build_problem
+from secfwt_jax.tuning.sets import TuningProblem, build_problem, layer_index
 from secfwt_jax.tuning.trainable import merge
 
 Shapes = Any  # a tree of jax.ShapeDtypeStruct
@@ -310,6 +310,38 @@ def _batch_role(path: str) -> str:
     return "data"
 
 
+_EMBEDDINGS = ("embeddings", "wte", "wpe")
+_WORD_TABLES = ("embeddings/word_embeddings/", "/wte/")
+
+
+def split_frozen(frozen: Any, first: int, verbalizer_head: bool) -> tuple[Any, Any]:
+    """(lower, upper): the frozen leaves the cached trunk reads (embeddings and layers below
+    `first`) and those the per-step programs read (the rest; plus the word table, which a
+    verbalizer head scores with). Each program then takes only what it reads: an unread
+    input still costs a copy of its shares on every run. Works on arrays and shape trees."""
+    flat = traverse_util.flatten_dict(frozen, sep="/")
+
+    def is_embedding(path: str) -> bool:
+        return any(part in _EMBEDDINGS for part in path.split("/"))
+
+    def lower(path: str) -> bool:
+        index = layer_index(path)
+        return (index is not None and index < first) or is_embedding(path)
+
+    def upper(path: str) -> bool:
+        index = layer_index(path)
+        if index is not None:
+            return index >= first
+        if is_embedding(path):
+            return verbalizer_head and any(t in path for t in _WORD_TABLES)
+        return True
+
+    def pick(keep) -> Any:
+        return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)}, sep="/")
+
+    return pick(lower), pick(upper)
+
+
 def known_constants(spec: RunSpec, classifier: Classifier, embed_std: float) -> dict:
     """Public arrays the programs close over, by label: the RFA directions of each layer and
     the prompt projection A (the artifact metadata names them among the hoisted constants)."""
@@ -339,6 +371,15 @@ class RunPrograms:
     trunk: ProgramDef | None
     trunk_eval: ProgramDef | None  # the trunk at the evaluation chunk's shape, if it differs
     first_layer: int
+
+    verbalizer_head: bool = False
+
+    def frozen_parts(self, frozen: Any) -> tuple[Any, Any]:
+        """(what the trunk programs read, what the other programs read) of `frozen`; without
+        a cached trunk, (None, frozen)."""
+        if self.trunk is None:
+            return None, frozen
+        return split_frozen(frozen, self.first_layer, self.verbalizer_head)
 
     def needed(self, method: str) -> list[ProgramDef]:
         """The programs a run of `method` ("spsa" | "cma") executes, in order of use."""
@@ -393,6 +434,10 @@ def build_programs(
     first = _first_layer(spec, classifier)
     cfg = spec.tuning.spsa
     theta, frozen = problem.trainable, problem.frozen
+    verbalizer = head.kind != "linear"
+    frozen_lower, frozen = (
+        split_frozen(frozen, first, verbalizer) if spec.tuning.trainable.cache_trunk else (None, frozen)
+    )  # fmt: skip
     feats = _abstract_features(spec, classifier, data_public, first, "train_shapes")
     eval_feats = _abstract_features(spec, classifier, data_public, first, "eval_shapes")
     labels = np.zeros(data_public["label_shape"], np.float32)
@@ -444,7 +489,7 @@ def build_programs(
 
         def trunk_program(name: str, key: str) -> ProgramDef:
             inputs = zeros_like_shapes(data_public[key])
-            return make(name, trunk_fn, (frozen, inputs), ("frozen", "inputs"), ("weights", _batch_role))  # fmt: skip
+            return make(name, trunk_fn, (frozen_lower, inputs), ("frozen", "inputs"), ("weights", _batch_role))  # fmt: skip
 
         trunk = trunk_program("trunk", "train_shapes")
         if data_public["eval_shapes"] != data_public["train_shapes"]:
@@ -475,6 +520,7 @@ def build_programs(
         trunk=trunk,
         trunk_eval=trunk_eval,
         first_layer=first,
+        verbalizer_head=verbalizer,
     )
 
 

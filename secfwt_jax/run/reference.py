@@ -53,9 +53,10 @@ def plaintext_reference(
 ) -> dict[str, Any]:
     """Losses, predictions and accuracies of the plaintext run, and its final theta."""
     trunk, predict = _jit(programs.trunk), _jit(programs.predict)
-    train_x = _features(trunk, frozen, data.train_inputs)
-    eval_x = _features(trunk, frozen, data.eval_inputs)  # jit retraces per shape
-    test_x = _features(trunk, frozen, full_test_inputs(spec, data, tokenizer))
+    lower, frozen = programs.frozen_parts(frozen)
+    train_x = _features(trunk, lower, data.train_inputs)
+    eval_x = _features(trunk, lower, data.eval_inputs)  # jit retraces per shape
+    test_x = _features(trunk, lower, full_test_inputs(spec, data, tokenizer))
     n = len(data.eval_labels)
 
     def scores(t) -> dict[str, Any]:
