@@ -17,6 +17,8 @@ from typing import Any
 
 from spu import spu_pb2
 
+from secfwt_jax.run.spec import WORLD_SIZE
+
 from .precision import DEFAULT_REWRITES, validate
 
 #: What each protocol assumes about the compute parties. Keep these in user-facing docs.
@@ -38,7 +40,6 @@ TRUST: dict[str, str] = {
 }
 
 #: Parties each protocol runs with.
-WORLD_SIZE: dict[str, int] = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
 
 #: SPU's implementation-defined default fraction bits for each ring.
 DEFAULT_FRACTION_BITS: dict[str, int] = {"FM64": 18, "FM128": 26}
@@ -178,5 +179,5 @@ def check_cluster_allowed(p: ProtocolPreset, allow_insecure_beaver: bool = False
         raise ValueError(
             "protocol: SEMI2K with beaver_type=TrustedFirstParty is insecure (party 0 knows "
             "all Beaver triples); use ABY3, CHEETAH, a TrustedThirdParty/MultiParty beaver "
-            "source, or pass allow_insecure_beaver=True for tests"
+            "source, or set protocol.allow_insecure_beaver: true (tests only)"
         )

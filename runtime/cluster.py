@@ -35,10 +35,12 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
+from secfwt_jax.run.spec import FIELDS, WORLD_SIZE
+
 __all__ = [
     "FIELDS",
     "PARTY_WORK_DIR_ENV",
-    "PROTOCOL_PARTIES",
+    "WORLD_SIZE",
     "ClusterConfig",
     "free_ports",
     "load_cluster_config",
@@ -46,14 +48,6 @@ __all__ = [
     "sf_party_session",
 ]
 
-# SPU protocol -> allowed number of SPU nodes. SEMI2K is n-party in SPU (>= 2);
-# ABY3 is strictly 3PC honest-majority; CHEETAH is strictly 2PC.
-PROTOCOL_PARTIES: dict[str, tuple[int, int | None]] = {
-    "ABY3": (3, 3),
-    "SEMI2K": (2, None),
-    "CHEETAH": (2, 2),
-}
-FIELDS = ("FM32", "FM64", "FM128")
 
 # The launcher points party processes' side files (SPU logs) at its work dir through this.
 PARTY_WORK_DIR_ENV = "SECFWT_PARTY_WORK_DIR"
@@ -107,13 +101,13 @@ class ClusterConfig:
                 raise _fail("parties", f"bad party name {p!r} (letters, digits, '_', '-')")
         if len(set(self.parties)) != len(self.parties):
             raise _fail("parties", f"duplicate party names in {list(self.parties)}")
-        if self.protocol not in PROTOCOL_PARTIES:
-            raise _fail("protocol", f"{self.protocol!r} not one of {sorted(PROTOCOL_PARTIES)}")
-        lo, hi = PROTOCOL_PARTIES[self.protocol]
+        if self.protocol not in WORLD_SIZE:
+            raise _fail("protocol", f"{self.protocol!r} not one of {sorted(WORLD_SIZE)}")
         n = len(self.parties)
-        if n < lo or (hi is not None and n > hi):
-            need = str(lo) if lo == hi else f"at least {lo}"
-            raise _fail("parties", f"{self.protocol} needs {need} parties, got {n}")
+        if n != WORLD_SIZE[self.protocol]:
+            raise _fail(
+                "parties", f"{self.protocol} needs {WORLD_SIZE[self.protocol]} parties, got {n}"
+            )
         if self.field not in FIELDS:
             raise _fail("field", f"{self.field!r} not one of {list(FIELDS)}")
         if not isinstance(self.host, str) or not self.host:

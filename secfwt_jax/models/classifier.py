@@ -116,8 +116,9 @@ class Classifier:
 
     def upper_logits(self, params, hidden, mask, batch, first_layer: int):
         """Layers `first_layer..` on cached hidden states [B, N, H], then the head."""
+        # A head-only set caches every layer: no trunk parameters are left to read.
         hidden, mask = trunk_module(self.config).apply(
-            {"params": params[self.trunk_name]}, hidden, mask, embed=False,
+            {"params": params.get(self.trunk_name, {})}, hidden, mask, embed=False,
             first_layer=first_layer,
         )  # fmt: skip
         return self.scores(params, hidden, mask, batch)

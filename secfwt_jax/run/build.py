@@ -339,7 +339,10 @@ def split_frozen(frozen: Any, first: int, verbalizer_head: bool) -> tuple[Any, A
     def pick(keep) -> Any:
         return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)}, sep="/")
 
-    return pick(lower), pick(upper)
+    upper_part = pick(upper)
+    for top in frozen:  # keep every section (the trunk's may be empty for a head-only set)
+        upper_part.setdefault(top, {})
+    return pick(lower), upper_part
 
 
 def known_constants(spec: RunSpec, classifier: Classifier, embed_std: float) -> dict:

@@ -40,7 +40,10 @@ from secfwt_jax.tuning.spsa import SpsaConfig
 
 BUNDLED_MINILM = "bundled:minilm"
 BUNDLED_SENTIMENT = "bundled:sentiment"
-PROTOCOL_WORLD_SIZE = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
+#: The one table of protocols: SPU protocol -> number of compute parties (the simulator's
+#: world size, the run spec's rule and the cluster config's check), and the rings.
+WORLD_SIZE: dict[str, int] = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
+FIELDS: tuple[str, ...] = ("FM64", "FM128")
 
 
 class SpecError(ValueError):
@@ -245,7 +248,7 @@ class RunSpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
-        need = PROTOCOL_WORLD_SIZE[self.protocol.name]
+        need = WORLD_SIZE[self.protocol.name]
         if len(self.parties.compute) != need:
             raise ValueError(f"parties.compute: {self.protocol.name} needs {need} compute parties, got {len(self.parties.compute)}")  # fmt: skip
         if self.model.head.kind in ("mlm", "lm") and self.data.verbalizer is None:
