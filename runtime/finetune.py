@@ -251,47 +251,26 @@ def _tune(spec, backend, compiled, programs, theta_s, frozen_s, train_x, train_y
 
 def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
     """CMA-ES at the data owner: public candidates, their losses to the data owner only."""
-    from secfwt_jax.tuning.cmaes import CmaConfig
+    from secfwt_jax.tuning import cmaes
 
     do = spec.parties.data_owner
     c = spec.tuning.cma
-    cfg = CmaConfig(c.population, c.sigma0, spec.tuning.steps, spec.seed)
+    cfg = cmaes.CmaConfig(c.population, c.sigma0, spec.tuning.steps, spec.seed)
     dim = spec.tuning.trainable.intrinsic_dim
-    es_h = backend.at(do, _cma_start, dim, cfg)
+    es_h = backend.at(do, cmaes.start_strategy, dim, cfg)
     losses_held = []
     for g in range(spec.tuning.steps):
-        candidates = backend.publish(backend.at(do, _cma_ask, es_h))  # public by design
+        candidates = backend.publish(backend.at(do, cmaes.ask, es_h))  # public by design
         k = g % len(train_x)
         (loss_s,) = backend.run(compiled["population_loss"], {"z": candidates}, frozen_s, train_x[k], train_y[k])  # fmt: skip
         held = backend.reveal_to(do, loss_s)
-        es_h = backend.at(do, _cma_tell, es_h, candidates, held)
+        es_h = backend.at(do, cmaes.tell, es_h, candidates, held)
         losses_held.append(backend.at(do, lambda x: float(np.min(x)), held))
         value = backend.local(losses_held[-1])
         bar.update(backend.cost, value)
     bar.close()
-    best_h = backend.at(do, lambda es: {"z": np.asarray(es.result.xbest, np.float32)}, es_h)
+    best_h = backend.at(do, cmaes.best, es_h)
     return backend.share(best_h), losses_held
-
-
-def _cma_start(dim: int, cfg):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Could not import matplotlib")
-        import cma
-
-    return cma.CMAEvolutionStrategy(
-        np.zeros(dim), cfg.sigma0, {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9}
-    )
-
-
-def _cma_ask(es) -> np.ndarray:
-    return np.asarray(es.ask(), np.float32)
-
-
-def _cma_tell(es, candidates, losses):
-    es.tell(list(np.asarray(candidates, np.float64)), list(np.asarray(losses, np.float64)))
-    return es
 
 
 __all__ = ["PrivateSeeds", "run_finetune"]

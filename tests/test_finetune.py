@@ -166,3 +166,20 @@ def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
     other = spec.replace(model={**spec.model.model_dump(), "attention": {**spec.model.attention.__dict__, "num_features": 8}})  # fmt: skip
     with pytest.raises(SpecError, match="adapted for other attention settings \\(num_features\\)"):
         load_model(other, head, 0, log=lambda m: None)
+
+
+def test_cma_es_prompt_tuning_runs_through_the_same_command(tmp_path):
+    spec = load_spec(TINY, [
+        "tuning.method=cma", "tuning.trainable={kind: prompt, prompt_length: 2, intrinsic_dim: 6}",
+        "tuning.cma={population: 3, sigma0: 1.0}", "tuning.steps=2", "parties.result_to=data_owner",
+        "evaluation.mpc_examples=4", "evaluation.batch_size=4",
+    ])  # fmt: skip
+    report = run_sim(spec, seeds=PrivateSeeds(2), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
+    assert set(report["programs"]) == {"predict", "population_loss"}
+    assert len(report["mpc"]["losses"]) == 2  # the best candidate's loss per generation, to bob
+    assert report["tuned_params"]["party"] == "bob"
+    with np.load(report["tuned_params"]["path"]) as f:
+        assert f["z"].shape == (6,) and np.abs(f["z"]).max() > 0
+    ref = report["plaintext_reference"]
+    assert ref["agreement_before"] == 1.0
+    np.testing.assert_allclose(report["mpc"]["losses"][0], ref["losses"][0], atol=1e-2)

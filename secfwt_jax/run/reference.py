@@ -79,6 +79,19 @@ def plaintext_reference(
             theta, loss = step(theta, frozen, train_x[c], data.train_labels[c], z, np.float32(schedule(i)))  # fmt: skip
             losses.append(float(loss))
         theta = jax.tree_util.tree_map(np.asarray, theta)
+    else:  # CMA-ES with the same seed; candidates and rankings may drift from the MPC run's
+        from secfwt_jax.tuning import cmaes
+
+        population_loss = jax.jit(programs.population_loss.fn)
+        c = spec.tuning.cma
+        es = cmaes.start_strategy(spec.tuning.trainable.intrinsic_dim, cmaes.CmaConfig(c.population, c.sigma0, spec.tuning.steps, spec.seed))  # fmt: skip
+        for g in range(spec.tuning.steps):
+            candidates = cmaes.ask(es)
+            k = g % len(train_x)
+            values = np.asarray(population_loss({"z": candidates}, frozen, train_x[k], data.train_labels[k]))  # fmt: skip
+            cmaes.tell(es, candidates, values)
+            losses.append(float(values.min()))
+        theta = cmaes.best(es)
     after = scores(theta)
     change = relative_gap(build.flatten(theta), build.flatten(initial))
     return {"before": before, "after": after, "losses": losses, "theta": theta, "relative_param_change": change}  # fmt: skip

@@ -82,3 +82,27 @@ def cma_search(
             log(f"cma gen {generation}: min {losses.min():.4f} mean {losses.mean():.4f}")
     best = es.result
     return CmaResult(np.asarray(best.xbest, np.float32), float(best.fbest), history)
+
+
+# The ask/tell steps one at a time, for a driver that interleaves them with MPC runs (the data
+# owner's side of `secfwt finetune` with method "cma", and its plaintext reference).
+def start_strategy(dim: int, cfg: CmaConfig) -> cma.CMAEvolutionStrategy:
+    """A CMA-ES state over z in R^dim from the origin (the same options as `cma_search`)."""
+    return cma.CMAEvolutionStrategy(
+        np.zeros(dim), cfg.sigma0, {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9}
+    )
+
+
+def ask(es: cma.CMAEvolutionStrategy) -> np.ndarray:
+    """The next generation's candidates [P, dim] (float32: they become public inputs)."""
+    return np.asarray(es.ask(), np.float32)
+
+
+def tell(es: cma.CMAEvolutionStrategy, candidates, losses) -> cma.CMAEvolutionStrategy:
+    es.tell(list(np.asarray(candidates, np.float64)), list(np.asarray(losses, np.float64)))
+    return es
+
+
+def best(es: cma.CMAEvolutionStrategy) -> dict:
+    """The best candidate so far as the prompt set's trainable tree {'z': [dim]}."""
+    return {"z": np.asarray(es.result.xbest, np.float32)}
