@@ -300,6 +300,9 @@ def compile_job(
             jax.tree_util.tree_leaves(out_shapes), strict=True,
         )
     ]  # fmt: skip
+    leaks = visibility.find_declassifications(compiled.pphlo_text)
+    if leaks:  # the policy: nothing secret may become public inside a program
+        raise ValueError(f"visibility: {job.name} computes a public value from a secret in {len(leaks)} place(s), first: {leaks[0][:160]}")  # fmt: skip
     payload = key_payload(job, preset, copts)
     metadata = {
         "format": FORMAT,
@@ -318,7 +321,7 @@ def compile_job(
         "fxp_fraction_bits": preset.fxp_fraction_bits,
         "compiler_options": payload["compiler_options"],
         "versions": payload["versions"],
-        "declassifications": len(visibility.find_declassifications(compiled.pphlo_text)),
+        "declassifications": 0,  # checked above
         "compile_seconds": round(seconds, 3),
         "created_unix": int(time.time()),
     }

@@ -181,3 +181,41 @@ def check_cluster_allowed(p: ProtocolPreset, allow_insecure_beaver: bool = False
             "all Beaver triples); use ABY3, CHEETAH, a TrustedThirdParty/MultiParty beaver "
             "source, or set protocol.allow_insecure_beaver: true (tests only)"
         )
+
+
+def input_bound(p: ProtocolPreset) -> float:
+    """The largest magnitude an input may have under ``p``'s fixed point.
+
+    A fixed-point value x is stored as x * 2^f in a ring of `bits` bits; a product of two
+    such values holds x * y * 2^(2f) before truncation and wraps past 2^(bits - 1). Keeping
+    every input below 2^((bits - 2) / 2 - f) keeps a product of two inputs in range
+    (FM64, f = 18: 8192). Larger values come back silently wrong, so they are refused.
+    """
+    bits = _FIELD_BITS[p.field]
+    return float(2 ** ((bits - 2) // 2 - p.fxp_fraction_bits))
+
+
+_SHAREABLE_KINDS = {"f", "b"}  # floats and bools; ints are checked separately
+
+
+def check_shareable(name: str, value: Any, p: ProtocolPreset) -> None:
+    """Refuse, with one line naming ``name``, a value SPU would silently corrupt: NaN or inf
+    (encoded as about 0), magnitudes past :func:`input_bound` (saturate or overflow), and
+    64-bit integers (cut to 32 bits)."""
+    import numpy as np
+
+    array = np.asarray(value)
+    if array.dtype.kind in "iu":
+        if array.dtype.itemsize > 4 and array.size and np.abs(array).max() >= 2**31:
+            raise ValueError(f"{name}: int64 values past 2^31 are cut to 32 bits by SPU")
+        return
+    if array.dtype.kind not in _SHAREABLE_KINDS:
+        raise ValueError(f"{name}: dtype {array.dtype} cannot enter SPU (use float32, int32 or bool)")  # fmt: skip
+    if array.dtype.kind == "b" or not array.size:
+        return
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name}: NaN or inf values (SPU encodes them as about 0)")
+    bound = input_bound(p)
+    peak = float(np.abs(array).max())
+    if peak > bound:
+        raise ValueError(f"{name}: |value| {peak:.3g} exceeds {bound:g}, the input bound of {p.field} with {p.fxp_fraction_bits} fraction bits (products would overflow)")  # fmt: skip

@@ -30,8 +30,9 @@ from spu import api as spu_api
 from spu import libspu, spu_pb2
 
 from .cost import CommCost, capture_fds, parse_profile_log
-from .protocols import ProtocolPreset, runtime_config
-from .simulator import Compiled, _canon, constant_shares
+from .protocols import ProtocolPreset, check_shareable, runtime_config
+from .simulator import Compiled, _canon, constant_shares, pphlo_input_types
+from .visibility import is_secret_type
 
 
 class SimulatorSession:
@@ -59,10 +60,14 @@ class SimulatorSession:
         self._runtimes: list[spu_api.Runtime] = _parallel(make_runtime, preset.world_size)
         self._trees: dict[str, Any] = {}  # name -> treedef
         self._public: dict[str, bool] = {}
+        self._shapes: dict[str, list[tuple[int, ...]]] = {}  # None for run outputs
 
     # ------------------------------------------------------------------ values
     def put(self, name: str, value: Any, public: bool = False) -> None:
         """Share a pytree under ``name`` (secret by default; ``public`` = plaintext)."""
+        raw = jax.tree_util.tree_leaves(value)
+        for path, leaf in zip(_leaf_names(name, value), raw, strict=True):
+            check_shareable(path, leaf, self.preset)  # before any cast hides the problem
         (value,) = _canon([value])
         leaves, treedef = jax.tree_util.tree_flatten(value)
         vis = spu_pb2.Visibility.VIS_PUBLIC if public else spu_pb2.Visibility.VIS_SECRET
@@ -72,6 +77,7 @@ class SimulatorSession:
                 rt.set_var(f"{name}/{i}", shares[rank])
         self._trees[name] = treedef
         self._public[name] = public
+        self._shapes[name] = [tuple(leaf.shape) for leaf in leaves]
 
     def delete(self, name: str) -> None:
         """Forget ``name`` in every rank (its shares are dropped)."""
@@ -80,6 +86,7 @@ class SimulatorSession:
             for i in range(treedef.num_leaves):
                 rt.del_var(f"{name}/{i}")
         del self._trees[name], self._public[name]
+        self._shapes.pop(name, None)
 
     def names(self) -> list[str]:
         return sorted(self._trees)
@@ -117,6 +124,7 @@ class SimulatorSession:
                 f"input_names: {len(in_vars)} leaves + {len(const)} constants for a program "
                 f"with {len(exe.input_names)} inputs"
             )
+        self._check_inputs(compiled, input_names)
         out_trees = _split_outputs(compiled.output_treedef, len(output_names))
         out_vars = [f"{n}/{i}" for n, t in zip(output_names, out_trees, strict=False) for i in range(t.num_leaves)]  # fmt: skip
 
@@ -142,7 +150,40 @@ class SimulatorSession:
         for name, tree in zip(output_names, out_trees, strict=True):
             self._trees[name] = tree
             self._public[name] = False
+            self._shapes[name] = None
         return cost
+
+    def _check_inputs(self, compiled: Compiled, input_names: Sequence[str]) -> None:
+        """Refuse, in one line, a stored value whose shape or visibility is not what the
+        program was compiled for (SPU itself answers with a C++ stack, or silently
+        computes on a public value where the policy wants a secret)."""
+        types = pphlo_input_types(compiled.pphlo_text)
+        i = 0
+        for name in input_names:
+            shapes = self._shapes.get(name)
+            for leaf in range(self._tree(name).num_leaves):
+                want_secret, want_shape = is_secret_type(types[i]), type_shape(types[i])
+                if self._public[name] and want_secret:
+                    raise ValueError(f"{name}: put as public, but the program reads input {i} as secret")  # fmt: skip
+                if shapes is not None and shapes[leaf] != want_shape:
+                    raise ValueError(f"{name}: leaf {leaf} has shape {list(shapes[leaf])}, the program expects {list(want_shape)} at input {i}")  # fmt: skip
+                i += 1
+
+
+def type_shape(pphlo_type: str) -> tuple[int, ...]:
+    """The shape of a pphlo tensor type: ``tensor<2x3x!pphlo.secret<f32>>`` -> (2, 3)."""
+    inner = pphlo_type[pphlo_type.index("<") + 1 :]
+    dims = []
+    for part in inner.split("x"):
+        if not part.isdigit():
+            break
+        dims.append(int(part))
+    return tuple(dims)
+
+
+def _leaf_names(name: str, value: Any) -> list[str]:
+    paths, _ = jax.tree_util.tree_flatten_with_path(value)
+    return [name + "".join(str(k) for k in path) for path, _ in paths]
 
 
 def _split_outputs(treedef, n: int) -> list:

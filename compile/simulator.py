@@ -296,7 +296,11 @@ def execute(
     (`mpc_run`, `artifacts.run_artifact`, the profiler). ``leaves`` are the program's
     input leaves in order, ``visibilities`` one SPU visibility each; the hoisted constants
     are appended as public inputs here."""
+    from .protocols import check_shareable
+
     io = spu_api.Io(p.world_size, runtime_config(p))
+    for i, x in enumerate(leaves):
+        check_shareable(f"input {i}", x, p)
     shares = [io.make_shares(np.asarray(x), v) for x, v in zip(leaves, visibilities, strict=True)]
     shares += constant_shares(io, compiled)
     cost = None

@@ -45,6 +45,7 @@ __all__ = [
     "free_ports",
     "load_cluster_config",
     "loopback_cluster",
+    "check_beaver_source",
     "sf_party_session",
 ]
 
@@ -84,6 +85,7 @@ class ClusterConfig:
     field: str = "FM64"
     listen_host: str | None = None
     spu_runtime_extra: Mapping[str, Any] = dc_field(default_factory=dict)
+    allow_insecure_beaver: bool = False
 
     def __post_init__(self) -> None:
         # Normalise containers (YAML/JSON give lists and plain dicts) before validating.
@@ -193,6 +195,7 @@ class ClusterConfig:
             "field": self.field,
             "listen_host": self.listen_host,
             "spu_runtime_extra": dict(self.spu_runtime_extra),
+            "allow_insecure_beaver": self.allow_insecure_beaver,
         }
 
     @classmethod
@@ -265,6 +268,18 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
     return ClusterConfig.from_dict(data)
 
 
+def check_beaver_source(cluster: ClusterConfig) -> None:
+    """Refuse SEMI2K with the TrustedFirstParty Beaver source (party 0 then knows every
+    triple) unless the cluster explicitly allows it; every cluster session starts here."""
+    beaver = cluster.spu_runtime_extra.get("beaver_type", "TrustedFirstParty")
+    if cluster.protocol == "SEMI2K" and beaver == "TrustedFirstParty" and not cluster.allow_insecure_beaver:  # fmt: skip
+        raise ValueError(
+            "ClusterConfig.spu_runtime_extra.beaver_type: SEMI2K with TrustedFirstParty is "
+            "insecure (party 0 knows every Beaver triple); use TrustedThirdParty or "
+            "MultiParty, or set allow_insecure_beaver: true (tests only)"
+        )
+
+
 @contextlib.contextmanager
 def sf_party_session(
     cluster: ClusterConfig,
@@ -285,6 +300,7 @@ def sf_party_session(
     party on the host; by default it goes to ``spu-<party>.log`` in ``$SECFWT_PARTY_WORK_DIR``
     (set by the launcher) or the working directory.
     """
+    check_beaver_source(cluster)  # before anything is started or sent
     import secretflow as sf
     import spu.libspu.logging as spu_logging
 
