@@ -69,7 +69,10 @@ class ClusterBackend:
         return obj.data.get_object()
 
     def share(self, obj):
-        return obj.to(self.spu)
+        """The owner checks its value (range, dtype) in its own process, then shares it."""
+        import secretflow as sf
+
+        return sf.PYU(obj.device.party)(_checked_for_spu)(obj, self.preset).to(self.spu)
 
     def reveal_to(self, party: str, secret):
         import secretflow as sf
@@ -112,6 +115,17 @@ class ClusterBackend:
         )
         out = call(*args, program.constants)
         return tuple(out) if program.num_outputs > 1 else (out,)
+
+
+def _checked_for_spu(value, preset):
+    import jax
+
+    from secfwt_jax.compile.protocols import check_shareable
+
+    paths, _ = jax.tree_util.tree_flatten_with_path(value)
+    for path, leaf in paths:
+        check_shareable("".join(str(k) for k in path) or "value", leaf, preset)
+    return value
 
 
 def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
