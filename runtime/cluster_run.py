@@ -117,6 +117,42 @@ class ClusterBackend:
         return tuple(out) if program.num_outputs > 1 else (out,)
 
 
+def handshake_facts(spec: RunSpec) -> dict[str, Any]:
+    """What every party must agree on before any secret moves."""
+    from secfwt_jax.compile.artifacts import versions
+
+    p = spec.protocol
+    return {"spec_hash": spec.spec_hash, "protocol": f"{p.name} {p.field} {p.fxp_fraction_bits}",
+            "versions": versions()}  # fmt: skip
+
+
+def handshake_mismatch(facts: dict[str, dict]) -> str | None:
+    """One line naming the first fact on which the parties differ, or None."""
+    parties = sorted(facts)
+    first = facts[parties[0]]
+    for party in parties[1:]:
+        for key, value in first.items():
+            if facts[party].get(key) != value:
+                detail = key
+                if isinstance(value, dict):
+                    diff = sorted(k for k in value if facts[party][key].get(k) != value[k])
+                    detail = f"{key} ({', '.join(diff)})"
+                return f"handshake: {party} and {parties[0]} differ in {detail}"
+    return None
+
+
+def handshake(spec: RunSpec, party: str, cluster: ClusterConfig) -> None:
+    """Each party publishes its facts from its own PYU; every party compares them all and
+    stops with one line if any differ."""
+    import secretflow as sf
+
+    mine = handshake_facts(spec)
+    published = sf.reveal([sf.PYU(p)(lambda facts: facts)(mine) for p in cluster.parties])
+    problem = handshake_mismatch(dict(zip(cluster.parties, published, strict=True)))
+    if problem:
+        raise ValueError(problem)
+
+
 def _checked_for_spu(value, preset):
     import jax
 
@@ -169,7 +205,8 @@ def run_party(
     check_output_dir(out_dir)
     cluster = _cluster_for(spec, cluster)
     seeds = PrivateSeeds(model_owner=private_seed if party == spec.parties.model_owner else -1)
-    with sf_party_session(cluster, party, job_name=f"secfwt-{spec.spec_hash[:12]}") as spu:
+    with sf_party_session(cluster, party, job_name="secfwt-finetune") as spu:
+        handshake(spec, party, cluster)  # before any secret moves
         backend = ClusterBackend(spu, party, preset_of(spec))
         report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress,
                               log=lambda m: print(f"[{party}] {m}", flush=True))  # fmt: skip

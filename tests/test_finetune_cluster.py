@@ -97,3 +97,42 @@ def test_no_party_holds_another_partys_secrets(runs):
     for party in ("alice", "carol"):
         assert not _holds(_party_files(base, party), text_needles), party
     assert not (base / "work" / "alice.private_seed").exists()
+
+
+def test_parties_with_different_specs_stop_at_the_handshake_naming_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from secfwt_jax.runtime.cluster import loopback_cluster
+    from secfwt_jax.runtime.launcher import offline_env
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump(loopback_cluster().to_dict()))
+    common = ["--set", f"data.path={ROOT / 'tests' / 'data' / 'sentiment_small.csv'}"]
+    procs = {}
+    for party in ("alice", "bob", "carol"):
+        extra = ["--set", "tuning.steps=4"] if party == "carol" else []  # carol's copy differs
+        seed = ["--private-seed", "1"] if party == "alice" else []
+        cmd = [sys.executable, "-m", "secfwt_jax.runtime.cli", "party", str(TINY), "--party", party,
+               "--cluster", str(cluster), "--out", str(tmp_path / "out"), *common, *extra, *seed]  # fmt: skip
+        log = open(tmp_path / f"{party}.log", "wb")  # noqa: SIM115 - closed below
+        procs[party] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=offline_env(),
+                                         start_new_session=True), log)  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while any(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p, log in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            log.close()
+    for party, (p, _) in procs.items():
+        text = (tmp_path / f"{party}.log").read_text(errors="replace")
+        assert p.returncode == 2, (party, text[-2000:])
+        assert "secfwt: error: handshake: carol and alice differ in spec_hash" in text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.npz"))
