@@ -120,7 +120,7 @@ def test_parties_with_different_specs_stop_at_the_handshake_naming_it(tmp_path):
                "--cluster", str(cluster), "--out", str(tmp_path / "out"), *common, *extra, *seed]  # fmt: skip
         log = open(tmp_path / f"{party}.log", "wb")  # noqa: SIM115 - closed below
         procs[party] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=offline_env(),
-                                         start_new_session=True), log)  # fmt: skip
+                                         cwd=tmp_path, start_new_session=True), log)  # fmt: skip
     deadline = time.monotonic() + 240
     try:
         while any(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline:
