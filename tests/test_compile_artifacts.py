@@ -142,12 +142,12 @@ def test_every_run_program_compiles_with_policy_roles(tmp_path):
     assert all(m["declassifications"] == 0 for m in spsa.values())
     step = spsa["spsa_step"]
     assert _roles(step)["trainable"] == ("trainable", "secret")
-    assert _roles(step)["frozen"] == ("weights", "secret")
     assert _roles(step)["labels"] == ("labels", "secret")
     assert _roles(step)["z"] == ("directions", "public")
     assert _roles(step)["step_size"] == ("step_size", "public")
     assert spsa["predict"]["outputs"][0]["shape"] == [4, 2]  # one-hot predictions [B, C]
     assert _roles(spsa["trunk"])["inputs"] == ("data", "secret")
+    assert _roles(spsa["trunk"])["frozen"] == ("weights", "secret")
     cma = tiny_spec("tuning.method=cma", "tuning.trainable={kind: prompt, prompt_length: 2, intrinsic_dim: 4}",
                     "tuning.cma={population: 3}")  # fmt: skip
     metas = {a.metadata["name"]: a.metadata for a, _ in compile_run(cma, None)}

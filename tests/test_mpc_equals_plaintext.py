@@ -34,7 +34,7 @@ MODEL = ModelConfig(
 @pytest.mark.parametrize("protocol, parties", [("SEMI2K", "[alice, bob]"), ("ABY3", "[alice, bob, carol]")])  # fmt: skip
 def test_spsa_steps_under_mpc_track_plaintext(protocol, parties, tmp_path):
     spec = load_spec(TINY, [f"protocol.name={protocol}", f"parties.compute={parties}",
-                            "tuning.trainable={kind: bitfit}", "tuning.spsa.eps=0.01"])  # fmt: skip
+                            "tuning.spsa.eps=0.01"])  # fmt: skip
     ref = run_sim(spec, seeds=PrivateSeeds(0), out_dir=tmp_path, progress=False, log=lambda m: None)["plaintext_reference"]  # fmt: skip
     assert ref["relative_param_gap"] < 1e-3
     assert ref["max_loss_gap"] < 1e-2
