@@ -13,7 +13,9 @@ Models:
           extrapolated linearly. Extrapolated figures are flagged in the JSON.
 
 Step: the demo's SPSA step (K = 1 direction, population P = 2, everything but the
-embeddings trainable, weights/data/labels secret, z and the step size public). Baseline:
+embeddings trainable, weights/data/labels secret, z and the step size public), with
+Rademacher directions by default (``--directions gaussian`` for the product update).
+GeLU: the models' default piecewise form (`ModelConfig.gelu_impl`). Baseline:
 ``tuning.backprop.backprop_step`` (jax.grad) on the same trainable set and loss, with SGD
 and with Adam (optimiser state created in the step), softmax attention -- the paper's SFT.
 RFA: l2 variant, bounded polynomial sin/cos.
@@ -106,7 +108,7 @@ def print_comparison(name: str, rows: list[dict], log) -> None:
 
 
 def profile_model(name: str, base: ModelConfig, layers: int, preset, args, log) -> dict:
-    shape = SHAPES[name]
+    shape = dataclasses.replace(SHAPES[name], directions=args.directions)
     if name == "minilm":
         shape = dataclasses.replace(shape, batch_size=args.batch, seq_len=args.seq)
         base = dataclasses.replace(base, num_layers=args.minilm_layers)
@@ -138,6 +140,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=16, help="MiniLM sequence length")
     ap.add_argument("--batch", type=int, default=2, help="MiniLM batch size")
     ap.add_argument("--optimizers", nargs="*", default=["sgd", "adam"])
+    ap.add_argument("--directions", choices=["rademacher", "gaussian"], default="rademacher",
+                    help="SPSA direction distribution (rademacher: free update)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     preset = protocols.preset(args.protocol)

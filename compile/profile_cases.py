@@ -15,7 +15,7 @@ import numpy as np
 from secfwt_jax.models.classifier import Classifier, cross_entropy
 from secfwt_jax.models.encoder import Embeddings, LayerNorm, SelfAttention, activation_fn
 from secfwt_jax.models.heads import dense
-from secfwt_jax.tuning import backprop, spsa, trainable
+from secfwt_jax.tuning import backprop, sets, spsa, trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,3 +190,81 @@ def backprop_step_case(
         return new, info
 
     return backprop_step, (theta, frozen, synthetic_batch(classifier, shape, seed)), ()
+
+
+# ------------------------------------------------------------------ bench rows (whole steps)
+
+#: The paper's / BBT's prompt: 50 prompt tokens in a 500-dimensional random subspace.
+PROMPT_LENGTH, INTRINSIC_DIM = 50, 500
+
+
+def _unlabelled(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def forward_case(classifier: Classifier, params: dict, shape: StepShape, seed: int = 0):
+    """(fn, args, public) of one forward: logits [B, C]; weights and data secret."""
+    batch = _unlabelled(synthetic_batch(classifier, shape, seed))
+    return (lambda p, b: classifier.logits(p, b)), (params, batch), ()
+
+
+def prompt_problem(classifier: Classifier, params: dict) -> sets.TuningProblem:
+    spec = sets.TrainableSpec("prompt", prompt_length=PROMPT_LENGTH, intrinsic_dim=INTRINSIC_DIM)
+    return sets.build_problem(spec, classifier, params, embed_std=0.02)
+
+
+def problem_loss(problem: sets.TuningProblem):
+    return lambda t, f, b: cross_entropy(problem.logits(t, f, b), b["labels"])
+
+
+def prompt_backprop_case(
+    classifier: Classifier, params: dict, shape: StepShape, seed: int = 0, optimizer="adam"
+):
+    """Gradient prompt tuning: jax.grad through the whole model to the prompt subspace z
+    (`PROMPT_LENGTH` tokens), optax ``optimizer``; everything but the step size secret."""
+    problem = prompt_problem(classifier, params)
+    opt, loss_fn = backprop.make_optimizer(optimizer, shape.learning_rate), problem_loss(problem)
+
+    def prompt_backprop_step(t, f, batch):
+        new, _, info = backprop.backprop_step(loss_fn, opt, t, f, batch, opt.init(t))
+        return new, info
+
+    args = (problem.trainable, problem.frozen, synthetic_batch(classifier, shape, seed))
+    return prompt_backprop_step, args, ()
+
+
+def cma_generation_case(
+    classifier: Classifier, params: dict, shape: StepShape, seed: int = 0, population: int = 20
+):
+    """One CMA-ES generation: the losses of ``population`` public prompt candidates (one
+    batched forward); the model, data and labels secret."""
+    problem = prompt_problem(classifier, params)
+    loss_fn = problem_loss(problem)
+    rng = np.random.default_rng([seed, 7])
+    candidates = _normal(rng, (population, INTRINSIC_DIM))
+
+    def cma_generation(f, batch, cands):
+        return spsa.evaluate_population(loss_fn, {"z": cands}, f, batch)
+
+    return cma_generation, (problem.frozen, synthetic_batch(classifier, shape, seed), candidates), (2,)  # fmt: skip
+
+
+def cached_trunk_case(classifier: Classifier, params: dict, shape: StepShape, seed: int = 0):
+    """SPSA on the top layer + head over cached (secret) trunk activations [B, N, H]: the
+    frozen lower layers ran once per data chunk, not per step."""
+    spec = sets.TrainableSpec("top", top_layers=1, cache_trunk=True)
+    problem = sets.build_problem(spec, classifier, params)
+    batch = synthetic_batch(classifier, shape, seed)
+    rng = np.random.default_rng([seed, 9])
+    batch["hidden"] = _normal(rng, (shape.batch_size, shape.seq_len, classifier.config.hidden_size))
+    loss_fn = problem_loss(problem)
+    config = spsa.SpsaConfig(
+        eps=shape.eps, num_directions=shape.num_directions, directions=shape.directions
+    )
+
+    def cached_spsa_step(t, f, b, z, lr):
+        return spsa.spsa_step(loss_fn, t, f, b, z, lr, config)
+
+    z = spsa.directions(seed, 0, problem.trainable, shape.num_directions, shape.directions)
+    args = (problem.trainable, problem.frozen, batch, z, np.float32(shape.learning_rate))
+    return cached_spsa_step, args, (3, 4)

@@ -22,7 +22,7 @@ from secfwt_jax.models.feature_maps import (
     random_directions,
     trig_features,
 )
-from secfwt_jax.models.mpc_ops import refined_reciprocal
+from secfwt_jax.models.mpc_ops import heads_matmul, refined_reciprocal
 
 
 def causal_mask(seq_len: int) -> np.ndarray:
@@ -34,14 +34,23 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False):
     """Exact softmax attention with multiplicative masking: [B, N, H, D] -> [B, N, H, D].
 
     The row max is taken over all keys; any per-row constant leaves softmax unchanged and
-    this one keeps every exp argument <= 0, which SPU's exp needs.
+    this one keeps every exp argument <= 0, which SPU's exp needs. The two per-(batch,
+    head) products are packed into single matmuls (`mpc_ops.heads_matmul`), and the
+    1/sqrt(d) scale (a truncation under MPC) goes on the smaller of q [N, D] and the
+    scores [N, N].
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / np.sqrt(q.shape[-1]))
+    seq, head_dim = q.shape[1], q.shape[-1]
+    scale = 1.0 / np.sqrt(head_dim)
+    if seq > head_dim:
+        q = q * scale
+    scores = heads_matmul(q, k, "bqhd,bkhd->bhqk")
+    if seq <= head_dim:
+        scores = scores * scale
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     weights = weights * key_mask[:, None, None, :]
     if causal:
         weights = weights * causal_mask(q.shape[1])
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = heads_matmul(weights, v, "bhqk,bkhd->bqhd")
     denom = jnp.sum(weights, axis=-1)  # [B, H, N]
     return out * jnp.reciprocal(jnp.transpose(denom, (0, 2, 1)))[..., None]
 
@@ -97,8 +106,8 @@ def random_feature_attention(
         kv = jnp.cumsum(jnp.einsum("bnhf,bnhd->bnhfd", phi_k, v1), axis=1)
         out = jnp.einsum("bnhf,bnhfd->bnhd", phi_q, kv)
     else:
-        kv = jnp.einsum("bnhf,bnhd->bhfd", phi_k, v1)
-        out = jnp.einsum("bnhf,bhfd->bnhd", phi_q, kv)
+        kv = heads_matmul(phi_k, v1, "bnhf,bnhd->bhfd")
+        out = heads_matmul(phi_q, kv, "bnhf,bhfd->bnhd")
     return out[..., :-1] * refined_reciprocal(out[..., -1:])
 
 

@@ -137,15 +137,27 @@ def trig_features(x, w, *, trig: str = "exact", bound: float | None = None, degr
     """
     scale = 1.0 / np.sqrt(w.shape[-1])
     if trig == "exact":
-        t = jnp.einsum("bnhd,hdm->bnhm", x, w)
+        t = project(x, w)
         return jnp.concatenate([jnp.sin(t), jnp.cos(t)], axis=-1) * scale
     clip = bound is not None
     bound = float(bound) if clip else float(np.linalg.norm(w, axis=1).max())
-    s = jnp.einsum("bnhd,hdm->bnhm", x, (w / bound).astype(w.dtype))
+    s = project(x, (np.asarray(w) / bound).astype(np.float32))
     if clip:
         s = jnp.clip(s, -1.0, 1.0)
     sin, cos = poly_sin_cos_unit(s, bound=bound, degree=degree, scale=scale)
     return jnp.concatenate([sin, cos], axis=-1)
+
+
+def project(x, w):
+    """w^T x per head, [B, N, H, D] x [H, D, m] -> [B, N, H, m], as ONE matmul with the
+    public block-diagonal [H D, H m] matrix: SPU 0.9.3 would loop over the heads (a
+    truncation round each); the zeros are public, so the result and the bytes are the
+    same."""
+    h, d, m = w.shape
+    blocks = np.zeros((h, d, h, m), np.float32)
+    blocks[np.arange(h), :, np.arange(h), :] = np.asarray(w)
+    out = x.reshape(x.shape[:-2] + (h * d,)) @ blocks.reshape(h * d, h * m)
+    return out.reshape(x.shape[:-2] + (h, m))
 
 
 def positive_features(x: jnp.ndarray, w: jnp.ndarray, sigma: float) -> jnp.ndarray:
@@ -154,6 +166,6 @@ def positive_features(x: jnp.ndarray, w: jnp.ndarray, sigma: float) -> jnp.ndarr
     With w = g / sigma, E[phi(x) . phi(y)] = exp(x . y / sigma^2): positive, so the RFA
     denominator can never cross zero.
     """
-    t = jnp.einsum("bnhd,hdm->bnhm", x, w)
+    t = project(x, w)
     sq = (0.5 / sigma**2) * jnp.sum(x * x, axis=-1, keepdims=True)
     return jnp.exp(t - sq) * (1.0 / np.sqrt(w.shape[-1]))

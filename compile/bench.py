@@ -1,0 +1,304 @@
+"""``secfwt bench``: MPC cost of tuning steps side by side, at RoBERTa / BERT shapes, with the
+issue-9 goals as ratios. A benchmark: it prints and writes figures, it asserts nothing.
+
+    secfwt bench --shapes roberta-base --seqs 128 --protocols ABY3 --out bench/
+    python benchmarks/bench.py ...                                   # the same, as a script
+
+Rows (every one a real SPU program from :mod:`secfwt_jax.compile.profile_cases`, random
+weights, synthetic one-hot data, K = 1 SPSA direction; trainable = every non-embedding
+weight unless the row says otherwise):
+
+    sft_adam           MPC backprop (jax.grad) + Adam, softmax attention (the paper's SFT)
+    bp_prompt          MPC backprop prompt tuning (50-token prompt in a 500-d subspace), Adam
+    spsa_softmax       SPSA, softmax attention
+    spsa_rfa_exact     SPSA, RFA (l2, m = 64), exact sin/cos
+    spsa_rfa_poly      SPSA, RFA (l2, m = 64), bounded polynomial sin/cos
+    cma_generation     one CMA-ES generation (population 20 public prompts), RFA poly
+    spsa_cached_trunk  SPSA on the top layer + head over cached trunk activations, RFA poly
+    forward_softmax    one forward (logits), softmax
+    forward_rfa        one forward (logits), RFA poly
+
+SPSA rows use the project's cheap settings: Rademacher directions (free update) and the
+piecewise GeLU (the model default); ``--directions gaussian`` measures the product update.
+
+Layers. Each row is measured as a whole program at ``--layers-measured`` layer counts
+(default 1 and 2) and extrapolated linearly to the shape's depth: cost(L) = c(1) + (L - 1)
+(c(2) - c(1)); every figure is flagged ``extrapolated`` when L was not measured
+(tests/test_cost_bench.py holds the extrapolation within 2% of whole 3- and 4-layer runs).
+
+Figures: bytes sent by all parties and rounds (send actions per party), both exact and
+repeatable; LAN / WAN seconds from :mod:`secfwt_jax.compile.network` (per-party bytes /
+bandwidth + rounds x latency + the measured, noisy, simulator compute). Goals: P1, a, b,
+c, r of issue 9, each with the figures it compares (see docs/cost.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from secfwt_jax.files import write_json_atomic, write_text_atomic
+from secfwt_jax.models.attention import random_feature_attention, softmax_attention
+from secfwt_jax.models.classifier import Classifier
+from secfwt_jax.models.config import AttentionConfig, ModelConfig
+from secfwt_jax.models.heads import HeadConfig
+
+from . import network, profile_cases, profiler, protocols
+
+_ENC = dict(family="roberta", vocab_size=50265, max_positions=1026, type_vocab_size=1,
+            pad_token_id=1, layer_norm_eps=1e-5, activation="gelu")  # fmt: skip
+_BERT = dict(family="bert", vocab_size=30522, max_positions=1024, type_vocab_size=2,
+             activation="gelu")  # fmt: skip
+SHAPES: dict[str, ModelConfig] = {
+    "roberta-base": ModelConfig(
+        **_ENC, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+    ),  # fmt: skip
+    "roberta-large": ModelConfig(
+        **_ENC, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
+    ),  # fmt: skip
+    "bert-base": ModelConfig(
+        **_BERT, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+    ),  # fmt: skip
+    "bert-large": ModelConfig(
+        **_BERT, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
+    ),  # fmt: skip
+    "minilm": ModelConfig(
+        **_BERT, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+    ),  # fmt: skip
+    "tiny": ModelConfig(
+        **{**_BERT, "vocab_size": 64},
+        hidden_size=32,
+        num_layers=3,
+        num_heads=2,
+        intermediate_size=64,
+    ),  # fmt: skip
+}
+#: Puma (Dong et al. 2023), one 128-token forward on SPU ABY3 FM64, bytes.
+PUMA_BYTES = {"bert-base": 10.77e9, "roberta-base": 11.46e9, "bert-large": 27.25e9}
+RFA_POLY = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=64)
+RFA_EXACT = dataclasses.replace(RFA_POLY, trig="exact")
+SOFTMAX = AttentionConfig()
+ROWS: dict[str, AttentionConfig] = {
+    "sft_adam": SOFTMAX, "bp_prompt": SOFTMAX, "spsa_softmax": SOFTMAX,
+    "spsa_rfa_exact": RFA_EXACT, "spsa_rfa_poly": RFA_POLY, "cma_generation": RFA_POLY,
+    "spsa_cached_trunk": RFA_POLY, "forward_softmax": SOFTMAX, "forward_rfa": RFA_POLY,
+}  # fmt: skip
+KEYS = ("total_bytes", "rounds", "compute_s")
+
+
+def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
+    """(fn, args, public) of ``row`` (see the module doc)."""
+    pc = profile_cases
+    if row == "sft_adam":
+        return pc.backprop_step_case(clf, params, shape, 0, "adam")
+    if row == "bp_prompt":
+        return pc.prompt_backprop_case(clf, params, shape, 0, "adam")
+    if row.startswith("spsa_") and row != "spsa_cached_trunk":
+        return pc.spsa_step_case(clf, params, shape, 0)
+    if row == "cma_generation":
+        return pc.cma_generation_case(clf, params, shape, 0, population)
+    if row == "spsa_cached_trunk":
+        return pc.cached_trunk_case(clf, params, shape, 0)
+    return pc.forward_case(clf, params, shape, 0)
+
+
+def measure_row(row, base: ModelConfig, layers: int, shape, preset, population) -> dict:
+    """One whole-program profile of ``row`` with the model cut to ``layers`` layers."""
+    cfg = dataclasses.replace(base, num_layers=layers, attention=ROWS[row])
+    clf = Classifier(cfg, HeadConfig(num_labels=2))
+    fn, args, public = row_case(row, clf, clf.init(0, seq_len=shape.seq_len), shape, population)
+    prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
+    return {"layers": layers, "total_bytes": prof.total_bytes, "rounds": prof.rounds,
+            "compute_s": prof.compute_s, "per_party_bytes": prof.per_party_bytes}  # fmt: skip
+
+
+def extrapolate(points: list[dict], layers: int) -> dict:
+    """Linear in the layer count through the two largest measured points (one point: that
+    point, if it has ``layers`` layers). Returns bytes/rounds/compute and the flag."""
+    pts = sorted(points, key=lambda p: p["layers"])
+    exact = [p for p in pts if p["layers"] == layers]
+    if exact:
+        return {**{k: exact[0][k] for k in KEYS}, "extrapolated": False}
+    if len(pts) < 2:
+        raise ValueError("layers_measured: need two layer counts to extrapolate")
+    a, b = pts[-2], pts[-1]
+    slope = {k: (b[k] - a[k]) / (b["layers"] - a["layers"]) for k in KEYS}
+    return {**{k: b[k] + (layers - b["layers"]) * slope[k] for k in KEYS}, "extrapolated": True}
+
+
+def estimates(totals: dict, world_size: int) -> dict:
+    return {name: net.estimate(totals["total_bytes"] / world_size, totals["rounds"], totals["compute_s"])
+            for name, net in network.PRESETS.items()}  # fmt: skip
+
+
+def head_costs(preset, seqs=(128, 512), d: int = 64, m: int = 64) -> list[dict]:
+    """Goal (c): one attention head, softmax vs RFA (l2, poly, m), q/k/v secret [1, n, 1, d]."""
+    out, rng = [], np.random.default_rng(0)
+    cfg = dataclasses.replace(RFA_POLY, num_features=m)
+    for n in seqs:
+        q, k, v = (rng.normal(0, 1, (1, n, 1, d)).astype(np.float32) for _ in range(3))
+        mask = np.ones((1, n), np.float32)
+        fns = {"softmax": lambda a, b, c, mm: softmax_attention(a, b, c, mm),
+               "rfa_poly": lambda a, b, c, mm: random_feature_attention(a, b, c, mm, cfg, 0)}  # fmt: skip
+        row = {"seq": n, "d": d, "m": m}
+        for name, fn in fns.items():
+            prof = profiler.profile_function(fn, (q, k, v, mask), (), preset, name=f"head_{name}")
+            row[name] = {"total_bytes": prof.total_bytes, "rounds": prof.rounds}
+        row["bytes_ratio"] = row["softmax"]["total_bytes"] / row["rfa_poly"]["total_bytes"]
+        out.append(row)
+    return out
+
+
+def goals(results: list[dict], heads: list[dict]) -> dict:
+    """Issue 9's goals from whatever rows ran (missing inputs: the goal is skipped)."""
+    at = {(r["shape"], r["seq"], r["protocol"], r["row"]): r for r in results}
+    g: dict = {}
+    for s, puma in PUMA_BYTES.items():
+        for row, bound in (("forward_rfa", puma / 3), ("forward_softmax", puma)):
+            r = at.get((s, 128, "ABY3", row))
+            if r and r["batch"] == 1:
+                g[f"P1 {s} {row}"] = {"bytes": r["total_bytes"], "puma": puma,
+                                      "ratio_to_puma": r["total_bytes"] / puma,
+                                      "target_bytes": bound, "met": r["total_bytes"] <= bound}  # fmt: skip
+    for proto in ("ABY3", "SEMI2K"):
+        sft = at.get(("roberta-large", 128, proto, "sft_adam"))
+        ours = at.get(("roberta-large", 128, proto, "spsa_rfa_poly"))
+        if sft and ours:
+            rb = sft["total_bytes"] / ours["total_bytes"]
+            rt = sft["estimates_s"]["lan"] / ours["estimates_s"]["lan"]
+            g[f"a {proto}"] = {"bytes_ratio": rb, "lan_time_ratio": rt, "met": rb >= 25 and rt >= 15}  # fmt: skip
+    for (s, n, proto, row), r in at.items():
+        fwd = at.get((s, n, proto, {"spsa_softmax": "forward_softmax"}.get(row, "forward_rfa")))
+        if row.startswith("spsa_") and row not in ("spsa_rfa_exact", "spsa_cached_trunk") and fwd:
+            ratio = r["total_bytes"] / (2 * fwd["total_bytes"])
+            g[f"b {s} {n} {proto} {row}"] = {"step_over_two_forwards": ratio, "met": ratio <= 1.05}
+    for h in heads:
+        need = 8 if h["seq"] >= 512 else 2
+        more_rounds = h["rfa_poly"]["rounds"] > h["softmax"]["rounds"]
+        g[f"c n={h['seq']}"] = {"bytes_ratio": h["bytes_ratio"], "target": need,
+                                "met": h["bytes_ratio"] >= need and not more_rounds}  # fmt: skip
+    for r in results:
+        if r["shape"] == "minilm" and r["row"] == "spsa_rfa_poly" and r["seq"] == 16:
+            g[f"r {r['protocol']}"] = {"rounds": r["rounds"], "target": 1500, "met": r["rounds"] <= 1500}  # fmt: skip
+    return g
+
+
+def markdown(results: list[dict], heads: list[dict], gl: dict) -> str:
+    lines = ["| shape | n | B | protocol | row | GB | rounds | LAN s | WAN100 s | extrapolated |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        e = r["estimates_s"]
+        lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {r['row']} | "
+                     f"{r['total_bytes'] / 1e9:,.2f} | {r['rounds']:,.0f} | {e['lan']:,.1f} | "
+                     f"{e['wan100']:,.1f} | {'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
+    if heads:
+        lines += ["", "| one head (d 64, m 64) | n | softmax MB, rounds | RFA poly MB, rounds | ratio |", "|---|---|---|---|---|"]  # fmt: skip
+        for h in heads:
+            s, f = h["softmax"], h["rfa_poly"]
+            lines.append(f"| | {h['seq']} | {s['total_bytes'] / 1e6:,.1f}, {s['rounds']:.0f} | "
+                         f"{f['total_bytes'] / 1e6:,.1f}, {f['rounds']:.0f} | {h['bytes_ratio']:.2f} |")  # fmt: skip
+    if gl:
+        lines += ["", "| goal | figures | met |", "|---|---|---|"]
+        for name, v in gl.items():
+            figs = ", ".join(f"{k} {x:,.3g}" for k, x in v.items() if k != "met")
+            lines.append(f"| {name} | {figs} | {'yes' if v['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> Path | None:
+    """Bar chart of GB and LAN seconds per row, one group per (shape, n, protocol)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = sorted({(r["shape"], r["seq"], r["protocol"]) for r in results})
+    rows = [row for row in ROWS if any(r["row"] == row for r in results)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4 + 0.2 * len(rows)))
+    width = 0.8 / max(len(groups), 1)
+    for i, grp in enumerate(groups):
+        by = {r["row"]: r for r in results if (r["shape"], r["seq"], r["protocol"]) == grp}
+        ys = np.arange(len(rows)) + i * width
+        for ax, key in zip(axes, ("total_bytes", "lan"), strict=True):
+            vals = [(by[x]["estimates_s"]["lan"] if key == "lan" else by[x][key] / 1e9)
+                    if x in by else 0.0 for x in rows]  # fmt: skip
+            ax.barh(ys, vals, width, label=f"{grp[0]} n={grp[1]} {grp[2]}")
+    for ax, title in zip(axes, ("GB, all parties", "LAN s (3 Gbps, 0.8 ms)"), strict=True):
+        ax.set_yticks(np.arange(len(rows)) + 0.4 - width / 2, rows)
+        ax.set_xscale("log")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``secfwt bench`` (see the module doc)."""
+    parser.add_argument("--shapes", nargs="+", default=["roberta-base", "roberta-large"], choices=list(SHAPES))  # fmt: skip
+    parser.add_argument("--seqs", nargs="+", type=int, default=[128, 512])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--protocols", nargs="+", default=["ABY3", "SEMI2K"])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--layers-measured", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--population", type=int, default=20, help="CMA-ES population")
+    parser.add_argument("--directions", choices=["rademacher", "gaussian"], default="rademacher")
+    parser.add_argument("--heads", action="store_true", help="also goal (c): one head, n 128/512")
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    """Measure, extrapolate, print; write bench.json, bench.md and bench.png under --out."""
+    start, results = time.perf_counter(), []
+    for proto in args.protocols:
+        preset = protocols.preset(proto)
+        for name in args.shapes:
+            base = SHAPES[name]
+            for n in args.seqs:
+                shape = profile_cases.StepShape(args.batch, n, directions=args.directions)
+                for row in args.rows:
+                    pts = [measure_row(row, base, lay, shape, preset, args.population)
+                           for lay in args.layers_measured]  # fmt: skip
+                    tot = extrapolate(pts, base.num_layers)
+                    res = {"shape": name, "layers": base.num_layers, "seq": n, "batch": args.batch,
+                           "protocol": proto, "row": row, **tot, "measured": pts,
+                           "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
+                    results.append(res)
+                    log(f"{name} n={n} {proto} {row}: {tot['total_bytes'] / 1e9:,.3f} GB, "
+                        f"{tot['rounds']:,.0f} rounds, LAN {res['estimates_s']['lan']:,.1f} s")  # fmt: skip
+    heads = []
+    if args.heads:
+        heads = head_costs(protocols.preset(args.protocols[0]))
+    gl = goals(results, heads)
+    table = markdown(results, heads, gl)
+    log(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"results": results, "heads": heads, "goals": gl, "args": {k: str(v) for k, v in vars(args).items()},
+               "networks": {k: n.to_dict() for k, n in network.PRESETS.items()},
+               "seconds": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    write_json_atomic(args.out / "bench.json", payload, indent=1)
+    write_text_atomic(args.out / "bench.md", table + "\n")
+    png = plot(results, args.out / "bench.png") if results else None
+    log(f"wrote {args.out}/bench.json, bench.md" + (", bench.png" if png else "") +
+        f" ({payload['seconds']:.0f} s)")  # fmt: skip
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["add_arguments", "extrapolate", "goals", "main", "run", "SHAPES", "ROWS"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Attention's per-(batch, head) products as one packed matmul: exact, and under SPU the
+rounds of one matmul instead of a loop over batch x heads, with the same bytes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secfwt_jax.compile import profiler, protocols
+from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.models.feature_maps import project, random_directions
+from secfwt_jax.models.mpc_ops import heads_matmul, pack_group_size, packed_matmul
+
+RNG = np.random.default_rng(0)
+
+
+def normal(*shape):
+    return RNG.normal(0, 1, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("limit", [2**27, 1000, 1])
+def test_packed_matmul_equals_the_batched_product(limit):
+    a, b = normal(6, 5, 4), normal(6, 4, 3)
+    np.testing.assert_allclose(packed_matmul(a, b, limit), a @ b, rtol=1e-6, atol=1e-6)
+
+
+def test_pack_group_size_is_the_largest_divisor_within_the_limit():
+    assert pack_group_size(6, 60, 2**27) == 6
+    assert pack_group_size(6, 60, 1000) == 3  # 3^2 * 60 = 540 <= 1000 < 4^2 * 60
+    assert pack_group_size(7, 60, 1000) == 1  # 7 is prime and 49 * 60 > 1000
+    assert pack_group_size(6, 60, 1) == 1
+
+
+SPECS = ["bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", "bnhf,bnhd->bhfd", "bnhf,bhfd->bnhd"]
+SHAPES = {"b": 2, "h": 3, "q": 5, "k": 5, "d": 4, "n": 5, "f": 6}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_heads_matmul_equals_einsum(spec):
+    lhs, rest = spec.split(",")
+    rhs = rest.split("->")[0]
+    a = normal(*(SHAPES[c] for c in lhs))
+    b = normal(*(SHAPES[c] for c in rhs))
+    np.testing.assert_allclose(
+        heads_matmul(a, b, spec), jnp.einsum(spec, a, b), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_project_equals_the_per_head_einsum():
+    x, w = normal(2, 5, 3, 4), random_directions(0, 1, 3, 4, 6, 1.0)
+    np.testing.assert_allclose(
+        project(x, w), jnp.einsum("bnhd,hdm->bnhm", x, w), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_packed_scores_cost_one_matmul_of_rounds_and_the_same_bytes_under_aby3():
+    q, k = normal(2, 8, 6, 4), normal(2, 8, 6, 4)  # 12 (batch, head) products
+    preset = protocols.preset("ABY3")
+    spec = "bqhd,bkhd->bhqk"
+    looped = profiler.profile_function(lambda a, b: jnp.einsum(spec, a, b), (q, k), (), preset)
+    packed = profiler.profile_function(lambda a, b: heads_matmul(a, b, spec), (q, k), (), preset)
+    assert packed.total_bytes == looped.total_bytes
+    assert looped.rounds >= 12 * 2  # the loop: >= 2 rounds per (batch, head)
+    assert packed.rounds <= 4
+    got = mpc_run(lambda a, b: heads_matmul(a, b, spec), (q, k), preset=preset).outputs
+    np.testing.assert_allclose(got, jax.jit(lambda a, b: jnp.einsum(spec, a, b))(q, k), atol=1e-3)

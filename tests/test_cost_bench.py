@@ -1,0 +1,57 @@
+"""`secfwt bench` (compile/bench.py): the layer extrapolation against whole multi-layer
+measurements, and the files a run writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from secfwt_jax.compile import bench, profile_cases, protocols
+
+ABY3 = protocols.preset("ABY3")
+SHAPE = profile_cases.StepShape(1, 8, directions="rademacher")
+
+
+def test_extrapolate_is_linear_through_the_two_deepest_points_and_flags_it():
+    pts = [{"layers": 1, "total_bytes": 10, "rounds": 4, "compute_s": 1.0},
+           {"layers": 2, "total_bytes": 16, "rounds": 6, "compute_s": 1.5}]  # fmt: skip
+    got = bench.extrapolate(pts, 5)
+    assert (got["total_bytes"], got["rounds"], got["extrapolated"]) == (34, 12, True)
+    assert bench.extrapolate(pts, 2) == {
+        **{k: pts[1][k] for k in bench.KEYS},
+        "extrapolated": False,
+    }
+    with pytest.raises(ValueError, match="^layers_measured"):
+        bench.extrapolate(pts[:1], 3)
+
+
+@pytest.mark.parametrize("row", ["forward_softmax", "spsa_rfa_poly", "sft_adam"])
+def test_layer_extrapolation_is_within_2_percent_of_whole_3_and_4_layer_runs(row):
+    base = bench.SHAPES["tiny"]
+    measure = lambda n: bench.measure_row(row, base, n, SHAPE, ABY3, 4)  # noqa: E731
+    pts = [measure(1), measure(2)]
+    for layers in (3, 4):
+        want, got = measure(layers), bench.extrapolate(pts, layers)
+        for key in ("total_bytes", "rounds"):
+            assert abs(got[key] - want[key]) <= 0.02 * want[key], (row, layers, key, got, want)
+    assert pts[1]["total_bytes"] > pts[0]["total_bytes"]  # layers do cost something
+
+
+def test_run_writes_json_markdown_and_goals(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--seqs", "8", "--protocols", "ABY3",
+                              "--rows", "forward_rfa", "spsa_rfa_poly", "--out", str(tmp_path)])  # fmt: skip
+    assert bench.run(args, log=lambda _: None) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["row"]: r for r in payload["results"]}
+    assert set(rows) == {"forward_rfa", "spsa_rfa_poly"}
+    assert all(r["extrapolated"] and r["layers"] == 3 for r in rows.values())
+    assert rows["spsa_rfa_poly"]["total_bytes"] > rows["forward_rfa"]["total_bytes"]
+    goal = payload["goals"]["b tiny 8 ABY3 spsa_rfa_poly"]
+    ratio = rows["spsa_rfa_poly"]["total_bytes"] / (2 * rows["forward_rfa"]["total_bytes"])
+    assert goal["step_over_two_forwards"] == pytest.approx(ratio)
+    assert "| tiny | 8 | 1 | ABY3 | spsa_rfa_poly |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 1000
