@@ -5,6 +5,7 @@
     secfwt party RUN.yaml --party NAME        one party on its own host
     secfwt adapt RUN.yaml [--text FILE]       the model owner's attention adaptation
     secfwt compile RUN.yaml --out DIR [--cache-dir DIR | --no-cache]
+    secfwt bench [--shapes ...] [--seqs ...] [--protocols ...] [--out DIR]
 
 Bad input exits non-zero with a one-line `secfwt: error: ...` that names the field.
 """
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     adapt.add_argument("--out", help="output directory (default: the spec's model.adapted_checkpoint)")  # fmt: skip
     adapt.set_defaults(run=_adapt)
+    bench = sub.add_parser("bench", help="MPC cost benchmark: bytes, rounds, LAN/WAN by row, shape and protocol (JSON, markdown, PNG)")  # fmt: skip
+    from secfwt_jax.compile import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    bench.set_defaults(run=bench_module.run)
     cl = sub.add_parser("cluster", help="SecretFlow cluster commands")
     cl_sub = cl.add_subparsers(dest="cluster_command", required=True)
     launch = cl_sub.add_parser("launch", help="run the spec's parties as processes on this host (loopback)")  # fmt: skip

@@ -530,7 +530,8 @@ def build_programs(
 # ---------------------------------------------------------------------- public per-step values
 def step_directions(spec: RunSpec, step: int, theta_like: dict) -> dict:
     """Public directions z of step `step`, regenerated from the public run seed."""
-    return spsa.directions(spec.seed, step, theta_like, spec.tuning.spsa.num_directions)
+    cfg = spec.tuning.spsa
+    return spsa.directions(spec.seed, step, theta_like, cfg.num_directions, kind=cfg.directions)
 
 
 def accuracy(predictions_onehot: np.ndarray, labels: np.ndarray) -> float:
