@@ -170,7 +170,8 @@ def test_cli_compile_writes_artifacts_from_the_shipped_spec(tmp_path, capsys):
     assert meta["protocol"]["name"] == "ABY3" and meta["field"] == "FM64"
     assert meta["fxp_fraction_bits"] == 18 and meta["protocol"]["exp_mode"] == "PADE"
     assert set(meta["versions"]) >= {"jax", "jaxlib", "spu", "flax", "secfwt_jax"}
-    assert "features" in {i["role"] for i in meta["inputs"]}  # RFA directions are public
+    constants = [i for i in meta["inputs"] if i["arg"] == "constant"]
+    assert constants and all(i["visibility"] == "public" for i in constants)  # RFA features
     assert "!pphlo.secret" in (out / "spsa_step" / "program.pphlo").read_text()
     assert artifacts.load_artifact(out / "spsa_step").key == meta["key"]
     assert "compiled in" in capsys.readouterr().out
