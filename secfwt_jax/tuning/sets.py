@@ -9,7 +9,11 @@ Kinds:
   bitfit  every bias plus the head (Ben Zaken et al. 2022);
   lora    rank-r factors A [in, r], B [r, out] on the attention projections, scaled by
           alpha / r; B starts at zero so tuning starts from the pretrained model; plus a
-          linear head when there is one;
+          linear head when there is one. Every layer gets factors, except with
+          `cache_trunk=True`: then only the top `top_layers` layers do (0: none, the head
+          alone trains), the frozen lower layers run once per example (`prepare`, as for
+          `top`) and each step re-runs the top layers with their factors and the head. The
+          whole trunk stays frozen (and secret under MPC); only factors and head train;
   prompt  a soft prompt in a random subspace, p = A z (BBT, SecFwT): z [d] is trained,
           A [P*H, d] is fixed from a public seed and scaled like BBT by the word embeddings'
           std; the linear head, if any, stays frozen (fit it first, e.g. a linear probe);
@@ -68,8 +72,8 @@ class TrainableSpec:
             raise ValueError("trainable.intrinsic_dim: must be >= 1")
         if self.top_layers < 0:
             raise ValueError("trainable.top_layers: must be >= 0")
-        if self.cache_trunk and self.kind not in ("head", "top"):
-            raise ValueError("trainable.cache_trunk: only for kind 'head' or 'top'")
+        if self.cache_trunk and self.kind not in ("head", "top", "lora"):
+            raise ValueError("trainable.cache_trunk: only for kind 'head', 'top' or 'lora'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +91,28 @@ class TuningProblem:
     prepare: Callable = lambda batch: batch
 
 
-def lora_paths(params: dict, classifier: Classifier) -> list[str]:
+def lora_paths(params: dict, classifier: Classifier, first_layer: int = 0) -> list[str]:
+    """The kernels LoRA adapts (attention projections) in trunk layers >= `first_layer`."""
     flat = traverse.flatten_dict(params, sep="/")
     targets = LORA_TARGETS[classifier.config.family]
+
+    def adapted(k: str) -> bool:
+        index = layer_index(k)
+        return index is None or index >= first_layer
+
     return sorted(
-        k[: -len("/kernel")] for k in flat if k.endswith("/kernel") and any(t in k for t in targets)
+        k[: -len("/kernel")]
+        for k in flat
+        if k.endswith("/kernel") and any(t in k for t in targets) and adapted(k)
     )
+
+
+def lora_first_layer(spec: TrainableSpec, classifier: Classifier) -> int:
+    """The lowest layer with LoRA factors: 0, or with a cached trunk L - top_layers."""
+    if not spec.cache_trunk:
+        return 0
+    layers = classifier.config.num_layers
+    return layers - min(spec.top_layers, layers)
 
 
 def init_lora(params: dict, classifier: Classifier, spec: TrainableSpec, seed: int) -> dict:
@@ -100,7 +120,7 @@ def init_lora(params: dict, classifier: Classifier, spec: TrainableSpec, seed: i
     flat = traverse.flatten_dict(params, sep="/")
     rng = np.random.default_rng([seed, 11])
     factors = {}
-    for path in lora_paths(params, classifier):
+    for path in lora_paths(params, classifier, lora_first_layer(spec, classifier)):
         kernel = flat[path + "/kernel"]
         fan_in, fan_out = kernel.shape
         factors[path] = {
@@ -173,6 +193,35 @@ def _top_problem(spec: TrainableSpec, classifier: Classifier, params: dict) -> T
     return TuningProblem(spec, trainable, frozen, cached_logits, prepare)
 
 
+def _lora_problem(
+    spec: TrainableSpec, classifier: Classifier, params: dict, seed: int
+) -> TuningProblem:
+    head = classifier.head_name
+    has_head = head in params
+    head_params, frozen = tr.partition(params, tr.head_only(head)) if has_head else ({}, params)
+    trainable = {"lora": init_lora(params, classifier, spec, seed), **head_params}
+    scale = spec.lora_alpha / spec.lora_rank
+
+    def adapted(t, f):
+        merged = tr.merge({k: v for k, v in t.items() if k != "lora"}, f)
+        return apply_lora(merged, t["lora"], scale)
+
+    if not spec.cache_trunk:
+        return TuningProblem(
+            spec, trainable, frozen, lambda t, f, b: classifier.logits(adapted(t, f), b)
+        )
+    first = lora_first_layer(spec, classifier)
+
+    def prepare(batch):
+        hidden, mask = classifier.lower_hidden(params, batch, first)
+        return {**batch, "hidden": hidden, "attention_mask": mask}
+
+    def cached_logits(t, f, b):
+        return classifier.upper_logits(adapted(t, f), b["hidden"], b["attention_mask"], b, first)
+
+    return TuningProblem(spec, trainable, frozen, cached_logits, prepare)
+
+
 def build_problem(
     spec: TrainableSpec,
     classifier: Classifier,
@@ -196,16 +245,7 @@ def build_problem(
     if spec.kind == "bitfit":
         return _split_problem(spec, classifier, params, tr.biases_only(head))
     if spec.kind == "lora":
-        has_head = head in params
-        head_params, frozen = tr.partition(params, tr.head_only(head)) if has_head else ({}, params)
-        trainable = {"lora": init_lora(params, classifier, spec, seed), **head_params}
-        scale = spec.lora_alpha / spec.lora_rank
-
-        def lora_logits(t, f, b):
-            merged = tr.merge({k: v for k, v in t.items() if k != "lora"}, f)
-            return classifier.logits(apply_lora(merged, t["lora"], scale), b)
-
-        return TuningProblem(spec, trainable, frozen, lora_logits)
+        return _lora_problem(spec, classifier, params, seed)
     # prompt
     if embed_std is None:
         embed_std = float(np.asarray(classifier.word_table(params)).std())
