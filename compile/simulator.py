@@ -31,6 +31,7 @@ directions to be named inputs of the program, which the policy checker can read.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -46,7 +47,7 @@ from spu.utils import frontend as spu_fe
 
 from .cost import CommCost, capture_fds, parse_profile_log
 from .precision import DEFAULT_REWRITES, eval_jaxpr_rewritten, validate
-from .protocols import ProtocolPreset, runtime_config
+from .protocols import ProtocolPreset, check_shareable, runtime_config
 
 Public = Collection[int] | Sequence[bool]
 
@@ -214,10 +215,16 @@ _MAIN_SIG = re.compile(r"func\.func @main\((?P<args>.*?)\)\s*->", re.S)
 def pphlo_input_types(pphlo_text: str) -> list[str]:
     """Types of ``@main``'s arguments in order, e.g. ``["tensor<2x3x!pphlo.secret<f32>>",
     "tensor<3xf32>"]``. An argument is secret iff its type contains ``!pphlo.secret``."""
+    return list(_input_types(pphlo_text))
+
+
+@functools.lru_cache(maxsize=64)
+def _input_types(pphlo_text: str) -> tuple[str, ...]:
+    # Cached: a session checks a program's inputs on every run, and a model's text is large.
     m = _MAIN_SIG.search(pphlo_text)
     if m is None:
         raise ValueError("pphlo_text: no func.func @main signature found")
-    return [t.strip() for t in re.findall(r"%arg\d+:\s*([^%]+?)(?=,\s*%arg|\s*$)", m["args"])]
+    return tuple(t.strip() for t in re.findall(r"%arg\d+:\s*([^%]+?)(?=,\s*%arg|\s*$)", m["args"]))
 
 
 class _Thread(threading.Thread):
@@ -296,8 +303,6 @@ def execute(
     (`mpc_run`, `artifacts.run_artifact`, the profiler). ``leaves`` are the program's
     input leaves in order, ``visibilities`` one SPU visibility each; the hoisted constants
     are appended as public inputs here."""
-    from .protocols import check_shareable
-
     io = spu_api.Io(p.world_size, runtime_config(p))
     for i, x in enumerate(leaves):
         check_shareable(f"input {i}", x, p)

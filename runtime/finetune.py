@@ -63,7 +63,7 @@ def _data_owner_load(spec: RunSpec, head_and_tokenizer, vocab_size: int):
 def _accuracy(data: build.DataOwnerInputs, *predictions) -> dict[str, Any]:
     stacked = np.concatenate([np.asarray(p) for p in predictions], axis=0)
     pred = np.argmax(stacked[: len(data.eval_labels)], axis=-1)
-    return {"accuracy": float(np.mean(pred == data.eval_labels)), "predictions": pred.tolist()}
+    return {"accuracy": build.accuracy(stacked, data.eval_labels), "predictions": pred.tolist()}
 
 
 def _save_params(theta: dict, path: str) -> str:

@@ -57,10 +57,6 @@ def flatten(tree: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
-def unflatten(flat: dict[str, Any]) -> dict:
-    return traverse_util.unflatten_dict(dict(flat), sep="/")
-
-
 def shapes_of(tree: Any) -> Any:
     """Public metadata of a private tree: the same structure with `ShapeDtypeStruct`
     leaves (shapes and dtypes, no values). Keys may hold '/' (LoRA's factor names)."""
@@ -555,6 +551,5 @@ __all__ = [
     "model_owner_inputs",
     "shapes_of",
     "step_directions",
-    "unflatten",
     "zeros_like_shapes",
 ]
