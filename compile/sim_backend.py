@@ -92,7 +92,8 @@ def job_of(program) -> CompileJob:
     )
 
 
-def _num_outputs(program) -> int:
+def num_outputs(program) -> int:
+    """How many top-level outputs a `ProgramDef` returns (a tuple counts its items)."""
     import jax
 
     out = jax.eval_shape(program.fn, *program.args)
@@ -155,7 +156,7 @@ class SimBackend:
         else:
             artifact, hit = compile_cached(job, self.preset, self.cache_dir)
         seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
-        return Program(program.name, artifact.compiled, artifact.key, hit, seconds, _num_outputs(program))  # fmt: skip
+        return Program(program.name, artifact.compiled, artifact.key, hit, seconds, num_outputs(program))  # fmt: skip
 
     def run(self, program: Program, *args: Any) -> tuple[Secret, ...]:
         names = []
@@ -184,4 +185,13 @@ class SimBackend:
         pass
 
 
-__all__ = ["Held", "PlacementError", "Program", "RunningCost", "Secret", "SimBackend", "job_of"]
+__all__ = [
+    "Held",
+    "PlacementError",
+    "Program",
+    "RunningCost",
+    "Secret",
+    "SimBackend",
+    "job_of",
+    "num_outputs",
+]

@@ -83,7 +83,7 @@ class ClusterBackend:
         import jax
 
         from secfwt_jax.compile.artifacts import cache_key, key_payload
-        from secfwt_jax.compile.sim_backend import _num_outputs, job_of
+        from secfwt_jax.compile.sim_backend import job_of, num_outputs
         from secfwt_jax.compile.simulator import hoist_constants
 
         hoisted, constants, out_shape = hoist_constants(
@@ -91,7 +91,8 @@ class ClusterBackend:
         )
         out_tree = jax.tree_util.tree_structure(out_shape)
 
-        single = _num_outputs(program) == 1
+        outputs = num_outputs(program)
+        single = outputs == 1
 
         def spu_fn(*args):
             *inputs, consts = args
@@ -103,7 +104,7 @@ class ClusterBackend:
 
         spu_fn.__name__ = program.name
         key = cache_key(key_payload(job_of(program), self.preset))
-        return ClusterProgram(program.name, spu_fn, constants, key, False, 0.0, _num_outputs(program))  # fmt: skip
+        return ClusterProgram(program.name, spu_fn, constants, key, False, 0.0, outputs)  # fmt: skip
 
     def run(self, program: ClusterProgram, *args):
         from secretflow.device.device.spu import SPUCompilerNumReturnsPolicy
