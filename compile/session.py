@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from spu import api as spu_api
 from spu import libspu, spu_pb2
+
+from secfwt_jax.files import write_atomic
 
 from .cost import CommCost, capture_fds, parse_profile_log
 from .protocols import ProtocolPreset, check_shareable, runtime_config
@@ -87,6 +91,37 @@ class SimulatorSession:
                 rt.del_var(f"{name}/{i}")
         del self._trees[name], self._public[name]
         self._shapes.pop(name, None)
+
+    def dump_shares(self, name: str, paths: Sequence[str | Path]) -> None:
+        """Write each rank's own shares of ``name`` to ``paths[rank]`` (atomically); no
+        rank's file holds anything of another rank's, and nothing is reconstructed."""
+        treedef = self._tree(name)
+        for rank, (rt, path) in enumerate(zip(self._runtimes, paths, strict=True)):
+            arrays = {}
+            for i in range(treedef.num_leaves):
+                share = rt.get_var(f"{name}/{i}")
+                arrays[f"meta_{i}"] = np.frombuffer(share.meta, np.uint8)
+                for j, chunk in enumerate(share.share_chunks):
+                    arrays[f"chunk_{i}_{j}"] = np.frombuffer(chunk, np.uint8)
+            arrays["rank"] = np.asarray(rank)
+            write_atomic(path, lambda f, a=arrays: np.savez(f, **a))
+
+    def load_shares(self, name: str, paths: Sequence[str | Path], like: Any) -> None:
+        """Store under ``name`` the shares ``dump_shares`` wrote (a pytree shaped ``like``)."""
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        for rank, (rt, path) in enumerate(zip(self._runtimes, paths, strict=True)):
+            with np.load(path) as f:
+                if int(f["rank"]) != rank or f"meta_{len(leaves) - 1}" not in f.files:
+                    raise ValueError(f"{path}: not rank {rank}'s shares of a {len(leaves)}-leaf value")  # fmt: skip
+                for i in range(len(leaves)):
+                    share = libspu.Share()
+                    share.meta = f[f"meta_{i}"].tobytes()
+                    count = sum(1 for k in f.files if k.startswith(f"chunk_{i}_"))
+                    share.share_chunks = [f[f"chunk_{i}_{j}"].tobytes() for j in range(count)]
+                    rt.set_var(f"{name}/{i}", share)
+        self._trees[name] = treedef
+        self._public[name] = False
+        self._shapes[name] = [tuple(np.shape(leaf)) for leaf in leaves]
 
     def names(self) -> list[str]:
         return sorted(self._trees)

@@ -144,6 +144,16 @@ class SimBackend:
     def reveal_to(self, party: str, secret: Secret) -> Held:
         return Held(party, self.session.reveal(secret.name))
 
+    def save_shares(self, secret: Secret, paths: dict[str, Path]) -> None:
+        """Each compute party writes its own shares to ``paths[party]`` (ranks in sorted
+        party order, as SecretFlow numbers them)."""
+        self.session.dump_shares(secret.name, [paths[p] for p in sorted(paths)])
+
+    def load_shares(self, paths: dict[str, Path], like: Any) -> Secret:
+        name = self._fresh()
+        self.session.load_shares(name, [paths[p] for p in sorted(paths)], like)
+        return Secret(name)
+
     def delete(self, *secrets: Secret) -> None:
         for s in secrets:
             self.session.delete(s.name)

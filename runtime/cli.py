@@ -31,7 +31,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if spec.backend.kind == "cluster":
         return _launch(spec, args, seeds.model_owner)
     cache = args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir()
-    report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None)  # fmt: skip
+    report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
     print("\n".join(summary_lines(report)))
     return 0
 
@@ -39,7 +39,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _launch(spec, args: argparse.Namespace, private_seed: int) -> int:
     from secfwt_jax.runtime.cluster_run import launch_local, summary_json
 
-    results = launch_local(spec, args.spec, args.set, private_seed, Path(args.out) if args.out else None)  # fmt: skip
+    results = launch_local(spec, args.spec, args.set, private_seed, Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
     print(summary_json(results))
     return 0
 
@@ -65,7 +65,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError("--cluster: a party needs the cluster file (or backend.cluster in the spec)")  # fmt: skip
     cluster = load_cluster_config(cluster_file)
     out = Path(args.out) if args.out else spec.output_dir
-    report = run_party(spec, args.party, cluster, args.private_seed, out, progress=True)
+    report = run_party(spec, args.party, cluster, args.private_seed, out, progress=True, resume=args.resume)  # fmt: skip
     print(json.dumps({k: report[k] for k in ("party", "spec_hash", "programs", "files")}))
     return 0
 
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--out", help="output directory (default: the spec's output.dir)")
     fine.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     fine.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
+    fine.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
     fine.set_defaults(run=_finetune)
     adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint's attention to RFA on public text (plaintext)")  # fmt: skip
     adapt.add_argument("spec", help="run spec (its model section: checkpoint, attention, adapted_checkpoint)")  # fmt: skip
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     launch.add_argument("--out", help="output directory (default: the spec's output.dir)")
     launch.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
+    launch.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
     launch.set_defaults(run=_cluster_launch)
     party = sub.add_parser("party", help="run one party of a SecretFlow cluster (real deployment)")
     party.add_argument("spec", help="run spec (YAML), the same file at every party")
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     party.add_argument("--out", help="output directory (default: the spec's output.dir)")
     party.add_argument("--private-seed", type=int, help="the model owner's private seed (model owner only)")  # fmt: skip
+    party.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
     party.set_defaults(run=_party)
     return parser
 

@@ -289,12 +289,18 @@ def sf_party_session(
     logging_level: str = "warning",
     rpc_timeout_ms: int = 60_000,
     spu_log_path: str | Path | None = None,
+    watch_peers: bool = True,
+    connect_timeout_s: float = 60.0,
 ) -> Iterator[Any]:
     """``sf.init`` this process as ``self_party`` and yield the cluster's ``sf.SPU`` device.
 
     Always shuts SecretFlow down on exit: with a barrier on success (so no party exits
     before its peers received what they need), without one on error (a barrier would wait
     for a peer that may be gone). ``job_name`` must match across parties.
+
+    With ``watch_peers`` a `runtime.liveness.PeerWatch` stops this process with one line
+    naming the peer when a peer is unreachable for ``connect_timeout_s`` at the start or
+    stops answering later; the watch ends before the shutdown barrier of a finished run.
 
     SPU's spdlog otherwise writes ``spu.log`` into the working directory, shared by every
     party on the host; by default it goes to ``spu-<party>.log`` in ``$SECFWT_PARTY_WORK_DIR``
@@ -310,18 +316,31 @@ def sf_party_session(
     log_options = spu_logging.LogOptions()
     log_options.system_log_path = str(spu_log_path)
 
-    sf.init(
-        address="local",
-        cluster_config=cluster.sf_cluster_config(self_party),
-        ray_mode=False,
-        job_name=job_name,
-        logging_level=logging_level,
-        cross_silo_comm_options={"timeout_in_ms": rpc_timeout_ms},
-    )
+    watch = None
+    if watch_peers:
+        from secfwt_jax.runtime.liveness import PeerWatch
+
+        peers = {p: (cluster.host, cluster.sf_ports[p]) for p in cluster.parties if p != self_party}
+        watch = PeerWatch(self_party, peers, connect_timeout_s=connect_timeout_s).start()
+    try:
+        sf.init(
+            address="local",
+            cluster_config=cluster.sf_cluster_config(self_party),
+            ray_mode=False,
+            job_name=job_name,
+            logging_level=logging_level,
+            cross_silo_comm_options={"timeout_in_ms": rpc_timeout_ms},
+        )
+    except BaseException:
+        if watch is not None:
+            watch.stop()
+        raise
     try:
         spu = sf.SPU(cluster.spu_cluster_def(self_party), log_options=log_options)
         yield spu
     except BaseException:
+        if watch is not None:
+            watch.stop()
         # sf.shutdown(on_error=True) ends in os._exit(1) (secretflow/distributed/fed/api.py)
         # unless SF_UT_DO_NOT_EXIT_ENV_FLAG is set, which would swallow our traceback and
         # kill a notebook kernel. Set it just for the call so the error propagates.
@@ -335,4 +354,6 @@ def sf_party_session(
             else:
                 os.environ[_SF_NO_EXIT] = prev
         raise
+    if watch is not None:
+        watch.stop()  # peers that finished may now leave
     sf.shutdown()

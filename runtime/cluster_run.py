@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from secfwt_jax.run import checkpoints
 from secfwt_jax.run.spec import RunSpec, load_spec
 from secfwt_jax.runtime.cluster import PARTY_WORK_DIR_ENV, ClusterConfig, load_cluster_config
 
@@ -78,6 +79,20 @@ class ClusterBackend:
         import secretflow as sf
 
         return secret.to(sf.PYU(party))
+
+    def save_shares(self, secret, paths: dict[str, Path]) -> None:
+        """Each party's SPU runtime writes its own shares to ``paths[party]`` (atomically,
+        in that party's process); SecretFlow ranks are the sorted party names."""
+        import functools
+
+        from secfwt_jax.files import atomic_file
+
+        self.spu.dump(secret, [functools.partial(atomic_file, str(paths[p])) for p in sorted(paths)])  # fmt: skip
+
+    def load_shares(self, paths: dict[str, Path], like: Any):
+        """The shares `save_shares` wrote, back into the SPU device (``like`` is implied by
+        the files' own metadata)."""
+        return self.spu.load([str(paths[p]) for p in sorted(paths)])
 
     def compile(self, program) -> ClusterProgram:
         import jax
@@ -142,16 +157,19 @@ def handshake_mismatch(facts: dict[str, dict]) -> str | None:
     return None
 
 
-def handshake(spec: RunSpec, party: str, cluster: ClusterConfig) -> None:
-    """Each party publishes its facts from its own PYU; every party compares them all and
-    stops with one line if any differ."""
+def handshake(spec: RunSpec, party: str, cluster: ClusterConfig, held: list[int]) -> int:
+    """Each party publishes its facts and the checkpoint steps it holds from its own PYU;
+    every party compares the facts and stops with one line if any differ. Returns the
+    resume step: the newest checkpoint every party holds (0 if none)."""
     import secretflow as sf
 
-    mine = handshake_facts(spec)
+    mine = {**handshake_facts(spec), "checkpoints": list(held)}
     published = sf.reveal([sf.PYU(p)(lambda facts: facts)(mine) for p in cluster.parties])
-    problem = handshake_mismatch(dict(zip(cluster.parties, published, strict=True)))
+    facts = dict(zip(cluster.parties, published, strict=True))
+    problem = handshake_mismatch({p: {k: v for k, v in f.items() if k != "checkpoints"} for p, f in facts.items()})  # fmt: skip
     if problem:
         raise ValueError(problem)
+    return checkpoints.common_step({p: f["checkpoints"] for p, f in facts.items()})
 
 
 def _checked_for_spu(value, preset):
@@ -192,8 +210,10 @@ def run_party(
     private_seed: int | None,
     out_dir: Path,
     progress: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """One party's side of the run; writes `<out_dir>/<party>/report.json`."""
+    """One party's side of the run; writes `<out_dir>/<party>/report.json`. With `resume`
+    the parties agree in the handshake on the newest checkpoint all of them hold."""
     from secfwt_jax.runtime.cluster import sf_party_session
     from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
     from secfwt_jax.runtime.report import check_output_dir, write_report
@@ -207,10 +227,13 @@ def run_party(
     cluster = _cluster_for(spec, cluster)
     seeds = PrivateSeeds(model_owner=private_seed if party == spec.parties.model_owner else -1)
     with sf_party_session(cluster, party, job_name="secfwt-finetune") as spu:
-        handshake(spec, party, cluster)  # before any secret moves
+        log = lambda m: print(f"[{party}] {m}", flush=True)  # noqa: E731
+        held = checkpoints.held_steps(out_dir, party, spec.spec_hash, "cluster") if resume else []
+        agreed = handshake(spec, party, cluster, held)  # before any secret moves
+        if resume and not agreed:
+            log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} held by every party; starting afresh")  # fmt: skip
         backend = ClusterBackend(spu, party, preset_of(spec))
-        report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress,
-                              log=lambda m: print(f"[{party}] {m}", flush=True))  # fmt: skip
+        report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed)  # fmt: skip
     report.pop("_private")
     report.pop("_programs")
     report["files"] = write_report(report, out_dir / party)
@@ -224,6 +247,7 @@ def finetune_job(
     overrides: list[str],
     out_dir: str,
     private_seed_dir: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The launcher's per-party entry (`party_main`): run_party, return a short summary."""
     spec = load_spec(spec_path, overrides)
@@ -231,7 +255,7 @@ def finetune_job(
     seed_file = Path(private_seed_dir or os.environ.get(PARTY_WORK_DIR_ENV, ".")) / f"{party}.private_seed"  # fmt: skip
     if seed_file.is_file():  # written for the model owner alone
         seed = int(seed_file.read_text())
-    report = run_party(spec, party, cluster, seed, Path(out_dir))
+    report = run_party(spec, party, cluster, seed, Path(out_dir), resume=resume)
     mpc = report["mpc"]
     return {
         "party": party,
@@ -241,6 +265,7 @@ def finetune_job(
         "accuracy_after": mpc["accuracy_after"],
         "losses": mpc["losses"],
         "tuned_params": report.get("tuned_params"),
+        "resumed_from_step": report["resumed_from_step"],
         "report": report["files"]["report"],
     }
 
@@ -253,6 +278,8 @@ def launch_local(
     out_dir: Path | None = None,
     timeout_s: float | None = None,
     work_dir: Path | None = None,
+    resume: bool = False,
+    started: list | None = None,
 ) -> dict[str, Any]:
     """All compute parties as processes on this host (loopback unless the spec's cluster
     file says otherwise); returns each party's summary."""
@@ -272,10 +299,10 @@ def launch_local(
     seed_file = wd / f"{spec.parties.model_owner}.private_seed"
     seed_file.write_text(str(private_seed))
     seed_file.chmod(0o600)
-    args = {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "out_dir": str(out_dir.resolve())}  # fmt: skip
+    args = {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "out_dir": str(out_dir.resolve()), "resume": resume}  # fmt: skip
     try:
         return launch_parties(cluster, JOB, args, timeout_s=timeout_s or spec.backend.timeout_s,
-                              work_dir=wd, keep_work_dir=True)  # fmt: skip
+                              work_dir=wd, keep_work_dir=True, started=started)  # fmt: skip
     finally:
         seed_file.unlink(missing_ok=True)
 

@@ -19,7 +19,12 @@ flow is the same on both, and the backend enforces it:
    to the data owner if it opted in) or CMA-ES generations (candidates public, their losses
    to the data owner, who runs CMA-ES in plaintext);
 9. predictions after tuning, to the data owner only;
-10. the tuned parameters to the receiving party only, which writes them.
+10. the tuned parameters to the receiving party only, which writes them (or, with
+    `result_to: shares`, each party writes its own share and nobody learns them).
+
+With `checkpoint.every`, each party writes its own shares of theta every N steps
+(`run.checkpoints`); `resume_step` restarts the SPSA loop from such a step, which every
+party must hold (the cluster handshake and `run_sim` pick the newest common one).
 
 The returned report holds what THIS process may know: on a cluster the data owner's report
 has the losses and accuracies, the others' do not.
@@ -35,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from secfwt_jax.run import build
+from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.spec import RunSpec
 from secfwt_jax.tuning.schedules import make_schedule
 
@@ -104,6 +109,7 @@ def run_finetune(
     out_dir: Path | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    resume_step: int = 0,
 ) -> dict[str, Any]:
     """Run the job of `spec` on `backend` (module doc); return this process's report."""
     start = time.perf_counter()
@@ -184,7 +190,10 @@ def run_finetune(
     t = mark("eval_before", t)
 
     # 8: tuning.
-    losses_h, theta_s = _tune(spec, backend, compiled, programs, theta_s, frozen_s, train_x, train_y, data_h, progress)  # fmt: skip
+    if resume_step:
+        log(f"resuming from the checkpoint of step {resume_step} that every party holds")
+    run = _Loop(spec, backend, compiled, programs, out_dir, resume_step)
+    losses_h, theta_s = run.tune(theta_s, frozen_s, train_x, train_y, data_h, progress)
     t = mark("tuning", t)
 
     # 9: after.
@@ -201,6 +210,10 @@ def run_finetune(
         saved = backend.at(receiver, _save_params, backend.reveal_to(receiver, theta_s), path)
         if backend.local(saved) is not None:
             report["tuned_params"] = {"party": receiver, "path": path}
+    else:  # each party keeps its own share; nobody learns the tuned parameters
+        paths = {p: out_dir / p / "tuned_shares.bin" for p in spec.parties.compute}
+        backend.save_shares(theta_s, paths)
+        report["tuned_shares"] = {p: str(paths[p]) for p in paths if backend.me in (None, p)}
     mark("deliver", t)
 
     losses = backend.local(losses_h) if losses_h is not None else None
@@ -212,6 +225,7 @@ def run_finetune(
         cost={"total_bytes": backend.cost.total_bytes, "max_rounds": backend.cost.max_rounds,
               "per_program": backend.cost.per_program} if backend.cost is not None else None,
         seconds=timings | {"total": round(time.perf_counter() - start, 2)},
+        resumed_from_step=resume_step,
         result_to=spec.parties.result_to,
     )  # fmt: skip
     report["_private"] = {"theta": theta_h, "frozen": frozen_h, "data": data_h, "head": head_h}
@@ -219,20 +233,48 @@ def run_finetune(
     return report
 
 
-def _tune(spec, backend, compiled, programs, theta_s, frozen_s, train_x, train_y, data_h, progress):
-    """SPSA steps or CMA-ES generations; returns (losses held by the data owner, theta)."""
-    do = spec.parties.data_owner
-    steps = spec.tuning.steps
-    bar = Progress(steps, f"{spec.tuning.method} ({spec.protocol.name}, MPC)", progress)
-    losses_held = []
-    if spec.tuning.method == "spsa":
+class _Loop:
+    """The tuning loop: SPSA steps (checkpointed, resumable) or CMA-ES generations."""
+
+    def __init__(self, spec, backend, compiled, programs, out_dir: Path, resume_step: int):
+        self.spec, self.backend, self.compiled, self.programs = spec, backend, compiled, programs
+        self.out_dir, self.resume_step = Path(out_dir), resume_step
+
+    def tune(self, theta_s, frozen_s, train_x, train_y, data_h, progress):
+        """Returns (the losses, held by the data owner, or None; theta as shares)."""
+        spec, backend = self.spec, self.backend
+        do = spec.parties.data_owner
+        bar = Progress(
+            spec.tuning.steps, f"{spec.tuning.method} ({spec.protocol.name}, MPC)", progress
+        )
+        if spec.tuning.method == "spsa":
+            prior, theta_s, losses_held = self._spsa(theta_s, frozen_s, train_x, train_y, bar)
+        else:
+            prior = None
+            theta_s, losses_held = _cma(spec, backend, self.compiled, frozen_s, train_x, train_y, data_h, bar)  # fmt: skip
+        bar.close()
+        if not losses_held and prior is None:
+            return None, theta_s
+        collected = backend.at(do, _all_losses, prior, *losses_held)
+        return collected, theta_s
+
+    def _spsa(self, theta_s, frozen_s, train_x, train_y, bar):
+        spec, backend = self.spec, self.backend
+        do, every = spec.parties.data_owner, spec.checkpoint.every
         schedule = make_schedule(spec.tuning.schedule_config())
-        theta_like = programs.problem.trainable
-        for i in range(steps):
+        theta_like = self.programs.problem.trainable
+        prior = None
+        if self.resume_step:
+            theta_s = self._load(theta_like)
+            if spec.parties.reveal_loss:
+                prior = backend.at(do, _checkpoint_losses, str(self.out_dir), do, self.resume_step)
+            bar.bar.update(self.resume_step)
+        losses_held = []
+        for i in range(self.resume_step, spec.tuning.steps):
             z = build.step_directions(spec, i, theta_like)  # public
             lr = np.float32(schedule(i))  # public
             c = i % len(train_x)
-            theta_s, loss_s = backend.run(compiled["spsa_step"], theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
+            theta_s, loss_s = backend.run(self.compiled["spsa_step"], theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
             loss = None
             if spec.parties.reveal_loss:
                 held = backend.reveal_to(do, loss_s)
@@ -240,13 +282,44 @@ def _tune(spec, backend, compiled, programs, theta_s, frozen_s, train_x, train_y
                 value = backend.local(held)
                 loss = None if value is None else float(np.asarray(value))
             bar.update(backend.cost, loss)
-        bar.close()
-    else:
-        theta_s, losses_held = _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar)  # fmt: skip
-    if not losses_held:
-        return None, theta_s
-    collected = backend.at(do, lambda *ls: [np.asarray(x).tolist() for x in ls], *losses_held)
-    return collected, theta_s
+            if every and (i + 1) % every == 0:
+                self._save(i + 1, theta_s, prior, losses_held)
+        return prior, theta_s, losses_held
+
+    def _paths(self, step: int) -> dict[str, Path]:
+        return {p: checkpoints.shares_path(self.out_dir, p, step) for p in self.spec.parties.compute}  # fmt: skip
+
+    def _save(self, step: int, theta_s, prior, losses_held) -> None:
+        """Each party writes its own shares, then its record; the data owner's record also
+        holds its own losses so far. Waits until every party has written."""
+        spec, backend = self.spec, self.backend
+        backend.save_shares(theta_s, self._paths(step))
+        facts = {"spec_hash": spec.spec_hash, "backend": backend.kind, "protocol": f"{spec.protocol.name} {spec.protocol.field}"}  # fmt: skip
+        for party in spec.parties.compute:
+            own = (prior, *losses_held) if party == spec.parties.data_owner else (None,)
+            done = backend.at(party, _write_checkpoint, str(self.out_dir), party, step, facts, spec.checkpoint.keep, *own)  # fmt: skip
+            backend.publish(done)  # a sync point: the step is on disk at every party
+
+    def _load(self, theta_like):
+        return self.backend.load_shares(self._paths(self.resume_step), theta_like)
+
+
+def _all_losses(prior, *losses) -> list:
+    return list(prior or []) + [np.asarray(x).tolist() for x in losses]
+
+
+def _write_checkpoint(out_dir: str, party: str, step: int, facts: dict, keep: int, prior, *losses) -> bool:  # fmt: skip
+    record = dict(facts)
+    if prior is not None or losses:
+        record["losses"] = _all_losses(prior, *losses)
+    checkpoints.write_meta(out_dir, party, step, record)
+    checkpoints.prune(out_dir, party, keep, facts["spec_hash"], facts["backend"])
+    return True
+
+
+def _checkpoint_losses(out_dir: str, party: str, step: int) -> list | None:
+    """The data owner's own losses up to `step`, from its own checkpoint record."""
+    return checkpoints.read_meta(out_dir, party, step).get("losses")
 
 
 def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
@@ -268,7 +341,6 @@ def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
         losses_held.append(backend.at(do, lambda x: float(np.min(x)), held))
         value = backend.local(losses_held[-1])
         bar.update(backend.cost, value)
-    bar.close()
     best_h = backend.at(do, cmaes.best, es_h)
     return backend.share(best_h), losses_held
 

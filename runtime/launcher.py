@@ -139,6 +139,7 @@ def launch_parties(
     work_dir: str | Path | None = None,
     keep_work_dir: bool = False,
     started: list[PartyProcess] | None = None,
+    peer_grace_s: float = 15.0,
 ) -> dict[str, Any]:
     """Run ``job`` ('module:function') once per party, each in its own process group.
 
@@ -149,6 +150,9 @@ def launch_parties(
     to files in a temporary work dir (pipes could fill up and stall a chatty party), which
     is removed on success unless ``keep_work_dir``; on failure its path is in the message.
     ``started``, if given, receives the ``PartyProcess`` list (tests check the pids).
+    After the first failure the others get ``peer_grace_s`` to notice and leave on their
+    own (their peer watch names the lost party) before they are killed; the error's first
+    line says how each party ended.
     """
     if ":" not in job:
         raise ValueError(f"job must be 'module:function', got {job!r}")
@@ -203,10 +207,11 @@ def launch_parties(
                 if rc is None:
                     pending.append(pp)
                 elif rc != 0:
+                    _wait_all(procs, peer_grace_s)
                     _kill_all(procs)
                     raise PartyFailedError(
-                        f"party {pp.party!r} failed with exit code {rc} "
-                        f"(work dir {wd}):\n{_describe_failures(procs, pp)}",
+                        f"party {pp.party!r} failed with exit code {rc}; {_endings(procs, pp)} "
+                        f"(work dir {wd})\n{_describe_failures(procs, pp)}",
                         party=pp.party,
                     )
             if not pending:
@@ -239,6 +244,29 @@ def launch_parties(
         _kill_all(procs)
         if ok and own_dir and not keep_work_dir:
             shutil.rmtree(wd, ignore_errors=True)
+
+
+def _wait_all(procs: list[PartyProcess], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while any(pp.proc.poll() is None for pp in procs) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln.strip() for ln in _tail(path).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "<empty log>"
+
+
+def _endings(procs: list[PartyProcess], culprit: PartyProcess) -> str:
+    """One line: how each other party ended, with its last log line."""
+    parts = []
+    for pp in procs:
+        if pp is culprit:
+            continue
+        rc = pp.proc.returncode
+        state = "killed by the launcher" if rc is None or rc < 0 else f"exit code {rc}"
+        parts.append(f"{pp.party}: {state}: {_last_line(pp.log_path)}")
+    return "; ".join(parts)
 
 
 def _kill_all(procs: list[PartyProcess]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from secfwt_jax.compile.run_compile import preset_of
 from secfwt_jax.compile.sim_backend import SimBackend
-from secfwt_jax.run import build
+from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
 from secfwt_jax.run.spec import RunSpec
 from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
@@ -36,14 +36,17 @@ def run_sim(
     out_dir: Path | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run `spec` on the simulator; write report.json, curves.png and the tuned params."""
+    """Run `spec` on the simulator; write report.json, curves.png and the tuned params.
+    `resume` restarts from the newest checkpoint every party holds (afresh if none)."""
     out_dir = Path(out_dir or spec.output_dir)
     check_output_dir(out_dir)
     preset = preset_of(spec)
     log(f"run {spec.name} ({spec.spec_hash[:12]}): {spec.tuning.method} on {preset.name} {preset.field}, simulator with {preset.world_size} parties")  # fmt: skip
+    step = resume_step(spec, out_dir, "sim", spec.parties.compute, log) if resume else 0
     backend = SimBackend(preset, cache_dir=cache_dir)
-    report = run_finetune(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress)
+    report = run_finetune(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress, resume_step=step)  # fmt: skip
     private = report.pop("_private")
     programs = report.pop("_programs")
     if spec.evaluation.plaintext_reference:
@@ -63,6 +66,15 @@ def run_sim(
         report["plaintext_reference"] = summary
     report["files"] = write_report(report, out_dir)
     return report
+
+
+def resume_step(spec: RunSpec, out_dir: Path, backend: str, parties, log: Callable[[str], None]) -> int:  # fmt: skip
+    """The newest step every party holds a checkpoint of (0: none; the log says why)."""
+    held = {p: checkpoints.held_steps(out_dir, p, spec.spec_hash, backend) for p in parties}
+    step = checkpoints.common_step(held)
+    if not step:
+        log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} ({backend}) held by every party in {out_dir}; starting afresh")  # fmt: skip
+    return step
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

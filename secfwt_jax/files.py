@@ -6,29 +6,38 @@ sees a half-written file, and a failed write leaves the previous file untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 
-def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:
-    """Call `writer(f)` on a temporary binary file beside `path`, then rename it to `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """`with atomic_file(p) as f: ...`: the same temp-fsync-rename as `write_atomic`, for a
+    writer that wants a file object (SecretFlow's share dump takes such a callable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            writer(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:
+    """Call `writer(f)` on a temporary binary file beside `path`, then rename it to `path`."""
+    with atomic_file(path) as f:
+        writer(f)
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -229,18 +229,31 @@ def _split_labels(batch: dict) -> tuple[dict, np.ndarray]:
     return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
 
 
+def mpc_eval_rows(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` row indices of a test split for the evaluation under MPC: each class's rows in a
+    seeded shuffle, interleaved class by class, so any prefix is balanced to within one
+    row per class (until a class runs out). Never source order: a corpus sorted by label
+    would otherwise give a single-class subset."""
+    rng = np.random.default_rng([seed, 5])
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    depth = max(len(rows) for rows in per_class)
+    interleaved = [rows[i] for i in range(depth) for rows in per_class if i < len(rows)]
+    return np.asarray(interleaved[:n], dtype=np.int64)
+
+
 def data_owner_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> DataOwnerInputs:
     """At the data owner: k-shot sampling, chunking and tokenisation (module doc).
 
-    Training chunks are `tuning.batch_size` rows in an order fixed by the public run seed;
-    step i uses chunk i mod #chunks. The evaluation subset is the first
-    `evaluation.mpc_examples` rows of the test split, padded to whole chunks by repeating
-    its first rows (their predictions are dropped).
+    The test split is stratified (`data.test_size // #labels` rows per class). Training
+    chunks are `tuning.batch_size` rows in an order fixed by the public run seed; step i
+    uses chunk i mod #chunks. The evaluation subset is `evaluation.mpc_examples` test rows
+    balanced across classes (`mpc_eval_rows`), padded to whole chunks by repeating its
+    first rows (their predictions are dropped).
     """
     data = load_data(spec)
     d, t, e = spec.data, spec.tuning, spec.evaluation
     try:
-        splits = k_shot_splits(data, d.k, d.seed, dev_k=0, test_size=d.test_size)
+        splits = k_shot_splits(data, d.k, d.seed, dev_k=0, test_size=d.test_size, stratify_test=True)  # fmt: skip
     except DataError as error:
         raise SpecError(f"data.k: {error}") from None
     n_train = len(splits.train)
@@ -256,8 +269,9 @@ def data_owner_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> DataOwnerInp
         train_inputs.append(inputs)
         train_labels.append(labels)
     n_eval = e.mpc_examples
+    chosen = mpc_eval_rows(splits.test.labels, n_eval, d.seed)
     padded = -(-n_eval // e.batch_size) * e.batch_size
-    eval_rows = np.concatenate([np.arange(n_eval), np.arange(padded - n_eval) % n_eval])
+    eval_rows = np.concatenate([chosen, chosen[np.arange(padded - n_eval) % n_eval]])
     eval_inputs = []
     for start in range(0, padded, e.batch_size):
         rows = eval_rows[start : start + e.batch_size]
@@ -267,7 +281,7 @@ def data_owner_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> DataOwnerInp
         train_inputs,
         train_labels,
         eval_inputs,
-        splits.test.labels[:n_eval].copy(),
+        splits.test.labels[chosen].copy(),
         splits.test,
         counts,
     )

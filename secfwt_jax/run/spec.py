@@ -226,6 +226,14 @@ class BackendSpec(_Section):
     timeout_s: float = Field(1800.0, gt=0)
 
 
+class CheckpointSpec(_Section):
+    """Each party's own shares of the trainable state every `every` SPSA steps (0: never);
+    the newest `keep` are kept (`secfwt_jax.run.checkpoints`)."""
+
+    every: int = Field(0, ge=0)
+    keep: int = Field(2, ge=1)
+
+
 class OutputSpec(_Section):
     dir: str = "runs/{name}"
     cache_dir: str | None = None
@@ -244,6 +252,7 @@ class RunSpec(_Section):
     parties: PartiesSpec = PartiesSpec()
     backend: BackendSpec = BackendSpec()
     output: OutputSpec = OutputSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
     source_dir: str = Field(".", exclude=True)
 
     @model_validator(mode="after")
@@ -255,6 +264,8 @@ class RunSpec(_Section):
             raise ValueError(f"data.verbalizer: head {self.model.head.kind!r} needs one word per label")  # fmt: skip
         if self.model.head.kind == "mlm" and (self.data.template is None or "{mask}" not in self.data.template):  # fmt: skip
             raise ValueError("data.template: head 'mlm' needs a template with a {mask} slot")
+        if self.checkpoint.every and self.tuning.method != "spsa":
+            raise ValueError("checkpoint.every: only SPSA runs are checkpointed (CMA-ES state lives at the data owner in plaintext; rerun the generations)")  # fmt: skip
         if self.backend.kind == "cluster" and self.protocol.name == "SEMI2K":
             if self.protocol.beaver_type == "TrustedFirstParty" and not self.protocol.allow_insecure_beaver:  # fmt: skip
                 raise ValueError(
