@@ -1,0 +1,104 @@
+"""Checkpoints on the simulator: each party writes only its own shares, atomically; a run
+resumed from a checkpoint ends where the uninterrupted run ends."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secfwt_jax.run import checkpoints
+from secfwt_jax.run.reference import relative_gap
+from secfwt_jax.run.spec import SpecError, load_spec
+from secfwt_jax.runtime.cluster_run import load_theta
+from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.sim_run import run_sim
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SEED = 5
+STEPS = 4
+OVERRIDES = [f"tuning.steps={STEPS}", "checkpoint.every=1", "checkpoint.keep=10"]
+PARTIES = ("alice", "bob", "carol")
+
+
+def test_common_step_is_the_newest_step_every_party_holds():
+    assert checkpoints.common_step({"a": [1, 2, 3], "b": [2, 3], "c": [1, 2]}) == 2
+    assert checkpoints.common_step({"a": [1], "b": []}) == 0
+
+
+def test_held_steps_ignore_other_specs_incomplete_steps_and_junk(tmp_path):
+    for step, spec_hash in ((1, "h"), (2, "h"), (3, "other")):
+        checkpoints.shares_path(tmp_path, "a", step).parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.shares_path(tmp_path, "a", step).write_bytes(b"x")
+        checkpoints.write_meta(tmp_path, "a", step, {"spec_hash": spec_hash, "backend": "sim"})
+    checkpoints.write_meta(tmp_path, "a", 4, {"spec_hash": "h", "backend": "sim"})  # no shares
+    checkpoints.meta_path(tmp_path, "a", 5).write_text("{not json")
+    assert checkpoints.held_steps(tmp_path, "a", "h", "sim") == [1, 2]
+    assert checkpoints.held_steps(tmp_path, "a", "h", "cluster") == []
+    checkpoints.prune(tmp_path, "a", 1, "h", "sim")
+    assert checkpoints.held_steps(tmp_path, "a", "h", "sim") == [2]
+
+
+def test_cma_runs_refuse_checkpoints():
+    cma = ["tuning.method=cma", "tuning.trainable={kind: prompt, prompt_length: 2, intrinsic_dim: 6}"]  # fmt: skip
+    with pytest.raises(SpecError, match="checkpoint.every"):
+        load_spec(TINY, [*cma, "checkpoint.every=2"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    spec = load_spec(TINY, OVERRIDES)
+    report = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=out, progress=False)
+    return spec, report, out
+
+
+def test_each_party_writes_only_its_own_shares_every_step(uninterrupted):
+    spec, report, out = uninterrupted
+    for party in PARTIES:
+        assert checkpoints.held_steps(out, party, spec.spec_hash, "sim") == list(range(1, STEPS + 1))  # fmt: skip
+        meta = checkpoints.read_meta(out, party, 2)
+        assert meta["spec_hash"] == spec.spec_hash and meta["step"] == 2
+        assert ("losses" in meta) == (party == spec.parties.data_owner)  # the owner's own losses
+    assert len(checkpoints.read_meta(out, "bob", 2)["losses"]) == 2
+    # one party's shares alone are not the parameters: none of theta's float32 values
+    theta = load_theta(report["tuned_params"]["path"])
+    last = {p: checkpoints.shares_path(out, p, STEPS).read_bytes() for p in PARTIES}
+    needles = [v.tobytes() for leaf in theta.values() for v in leaf.reshape(-1)[:8] if v != 0]
+    assert needles
+    for party, blob in last.items():
+        assert not any(n in blob for n in needles), party
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(uninterrupted, tmp_path, capsys):
+    spec, report, out = uninterrupted
+    final = load_theta(report["tuned_params"]["path"])
+    # lose the newest checkpoints at one party: the common step is then 2
+    for step in (3, 4):
+        checkpoints.meta_path(out, "carol", step).unlink()
+    resumed = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=out, progress=False, resume=True)
+    assert resumed["resumed_from_step"] == 2
+    assert relative_gap(load_theta(resumed["tuned_params"]["path"]), final) < 1e-3
+    np.testing.assert_allclose(resumed["mpc"]["losses"], report["mpc"]["losses"], atol=1e-2)
+    assert len(resumed["mpc"]["losses"]) == STEPS
+    assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 2
+
+
+def test_resume_with_another_spec_starts_afresh_and_says_so(uninterrupted, tmp_path):
+    _, _, out = uninterrupted
+    other = load_spec(TINY, ["tuning.steps=1", "checkpoint.every=1"])
+    lines = []
+    report = run_sim(other, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "o", progress=False,
+                     resume=True, log=lines.append)  # fmt: skip
+    assert report["resumed_from_step"] == 0
+    assert any("--resume: no checkpoint" in line for line in lines)
+
+
+def test_result_kept_as_shares_is_written_by_each_party_for_itself(tmp_path):
+    spec = load_spec(TINY, ["tuning.steps=1", "parties.result_to=shares"])
+    report = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path, progress=False)
+    assert "tuned_params" not in report and not list(tmp_path.rglob("tuned_params.npz"))
+    assert sorted(report["tuned_shares"]) == list(PARTIES)
+    assert all(Path(p).is_file() for p in report["tuned_shares"].values())

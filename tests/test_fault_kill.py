@@ -1,0 +1,113 @@
+"""The kill test: SIGKILL one party of a 3-party loopback job at a random step. The others
+stop on their own within a bounded time, naming the lost party; no process is left; a
+relaunch with --resume ends with the parameters of an uninterrupted run."""
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from secfwt_jax.run import checkpoints
+from secfwt_jax.run.reference import relative_gap
+from secfwt_jax.run.spec import load_spec
+from secfwt_jax.runtime.cluster_run import launch_local, load_theta
+from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.launcher import PartyFailedError, PartyProcess
+from secfwt_jax.runtime.liveness import LOST_PEER_EXIT, PeerWatch, answers
+from secfwt_jax.runtime.sim_run import run_sim
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SEED = 31
+STEPS = 6
+OVERRIDES = [f"tuning.steps={STEPS}", "checkpoint.every=1", "checkpoint.keep=10"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_peer_watch_names_an_unreachable_and_a_lost_peer():
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    failures: list[str] = []
+    watch = PeerWatch("alice", {"bob": ("127.0.0.1", port)}, lost_after_s=0.5, interval_s=0.1,
+                      on_failure=failures.append).start()  # fmt: skip
+    time.sleep(0.5)
+    assert not failures and answers("127.0.0.1", port, 1.0)
+    server.close()  # bob dies
+    deadline = time.monotonic() + 5
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.stop()
+    assert failures and f"lost party bob (127.0.0.1:{port} stopped answering)" in failures[0]
+    failures.clear()
+    watch = PeerWatch("alice", {"carol": ("127.0.0.1", port)}, connect_timeout_s=0.3,
+                      interval_s=0.1, on_failure=failures.append).start()  # fmt: skip
+    time.sleep(1.0)
+    watch.stop()
+    assert failures == [f"secfwt party alice: peer carol at 127.0.0.1:{port} unreachable after 0 s"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng = random.Random(seed)
+    victim, kill_step = rng.choice(["alice", "bob", "carol"]), rng.randint(1, STEPS - 2)
+    print(f"kill test (random seed {seed}): SIGKILL {victim} after its checkpoint of step {kill_step}")  # fmt: skip
+    spec = load_spec(TINY, OVERRIDES)
+    out = tmp_path / "run"
+    procs: list[PartyProcess] = []
+    failure: list[BaseException] = []
+
+    def launch():
+        try:
+            launch_local(spec, str(TINY), OVERRIDES, SEED, out_dir=out, timeout_s=600,
+                         work_dir=tmp_path / "work1", started=procs)  # fmt: skip
+        except BaseException as error:  # noqa: BLE001 - inspected below
+            failure.append(error)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    marker = checkpoints.meta_path(out, victim, kill_step)
+    deadline = time.monotonic() + 600
+    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the job never reached the kill step"
+    pid = next(pp.pid for pp in procs if pp.party == victim)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert failure and isinstance(failure[0], PartyFailedError)
+    assert time.monotonic() - killed_at < 60
+    survivors = [pp for pp in procs if pp.party != victim]
+    for pp in survivors:  # they stopped by themselves, naming the lost party
+        assert pp.proc.returncode == LOST_PEER_EXIT, (pp.party, pp.proc.returncode)
+        assert f"lost party {victim}" in pp.log_path.read_text(errors="replace")
+    first_line = str(failure[0]).splitlines()[0]
+    assert f"lost party {victim}" in first_line
+    assert all(_gone(pp.pid) for pp in procs), "a party process outlived the job"
+
+    resumed = launch_local(spec, str(TINY), OVERRIDES, SEED, out_dir=out, timeout_s=600,
+                           work_dir=tmp_path / "work2", resume=True)  # fmt: skip
+    assert all(r["resumed_from_step"] >= kill_step - 1 for r in resumed.values())
+    assert len({r["resumed_from_step"] for r in resumed.values()}) == 1
+    assert len(resumed["bob"]["losses"]) == STEPS
+    reference = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)
+    tuned = load_theta(resumed["alice"]["tuned_params"]["path"])
+    assert relative_gap(tuned, load_theta(reference["tuned_params"]["path"])) < 1e-3
