@@ -53,6 +53,7 @@ __all__ = [
 # The launcher points party processes' side files (SPU logs) at its work dir through this.
 PARTY_WORK_DIR_ENV = "SECFWT_PARTY_WORK_DIR"
 _SF_NO_EXIT = "SF_UT_DO_NOT_EXIT_ENV_FLAG"
+TLS_KEYS = ("ca_cert", "cert", "key")
 _PARTY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -86,6 +87,7 @@ class ClusterConfig:
     listen_host: str | None = None
     spu_runtime_extra: Mapping[str, Any] = dc_field(default_factory=dict)
     allow_insecure_beaver: bool = False
+    tls: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         # Normalise containers (YAML/JSON give lists and plain dicts) before validating.
@@ -133,9 +135,27 @@ class ClusterConfig:
                 if port in seen:
                     raise _fail(name, f"duplicate port {port} ({seen[port]} and {where})")
                 seen[port] = where
+        if self.tls is not None:
+            if not isinstance(self.tls, Mapping) or set(self.tls) != set(TLS_KEYS):
+                raise _fail("tls", f"must map exactly {list(TLS_KEYS)} to file paths ('{{party}}' is replaced by the party's name)")  # fmt: skip
+            for key in TLS_KEYS:
+                if not isinstance(self.tls[key], str) or not self.tls[key]:
+                    raise _fail(f"tls.{key}", "must be a file path")
+            object.__setattr__(self, "tls", dict(self.tls))
         reserved = {"protocol", "field"} & set(self.spu_runtime_extra)
         if reserved:
             raise _fail("spu_runtime_extra", f"must not set {sorted(reserved)}; use the fields")
+
+    def tls_paths(self, self_party: str) -> dict[str, str] | None:
+        """This party's CA, certificate and key paths (None without TLS); one line naming
+        the field and the file when one is missing."""
+        if self.tls is None:
+            return None
+        paths = {k: self.tls[k].replace("{party}", self_party) for k in TLS_KEYS}
+        for key, path in paths.items():
+            if not Path(path).is_file():
+                raise _fail(f"tls.{key}", f"{path} not found (party {self_party})")
+        return paths
 
     # ---------------------------------------------------------------- secretflow dicts
     def _check_party(self, self_party: str) -> None:
@@ -174,13 +194,13 @@ class ClusterConfig:
             listen = ""
             if self.listen_host and p == self_party:
                 listen = f"{self.listen_host}:{self.spu_ports[p]}"
-            nodes.append(
-                {
-                    "party": p,
-                    "address": f"{self.host}:{self.spu_ports[p]}",
-                    "listen_address": listen,
-                }
-            )
+            node = {"party": p, "address": f"{self.host}:{self.spu_ports[p]}", "listen_address": listen}  # fmt: skip
+            if self.tls is not None and p == self_party:  # SPU's brpc link reads its own node's
+                paths = self.tls_paths(p)
+                opts = {"certificate_path": paths["cert"], "private_key_path": paths["key"],
+                        "ca_file_path": paths["ca_cert"], "verify_depth": 1}  # fmt: skip
+                node["tls_opts"] = {"server_ssl_opts": dict(opts), "client_ssl_opts": dict(opts)}
+            nodes.append(node)
         return {"nodes": nodes, "runtime_config": self.spu_runtime_config()}
 
     # ---------------------------------------------------------------- (de)serialisation
@@ -196,6 +216,7 @@ class ClusterConfig:
             "listen_host": self.listen_host,
             "spu_runtime_extra": dict(self.spu_runtime_extra),
             "allow_insecure_beaver": self.allow_insecure_beaver,
+            "tls": None if self.tls is None else dict(self.tls),
         }
 
     @classmethod
@@ -212,7 +233,9 @@ class ClusterConfig:
                 raise _fail(req, "missing required key")
         if isinstance(d["parties"], str) or not isinstance(d["parties"], list | tuple):
             raise _fail("parties", "must be a list of party names")
-        for name in ("sf_ports", "spu_ports", "spu_runtime_extra"):
+        for name in ("sf_ports", "spu_ports", "spu_runtime_extra", "tls"):
+            if name == "tls" and d.get("tls") is None:
+                continue
             if name in d and not isinstance(d[name], Mapping):
                 raise _fail(name, "must be a mapping")
         return cls(**d)
@@ -280,6 +303,34 @@ def check_beaver_source(cluster: ClusterConfig) -> None:
         )
 
 
+def _fix_secretflow_tls_channels() -> None:
+    """secretflow 1.11.0b1 builds its cross-silo CLIENT channels from gRPC SERVER
+    credentials (`GrpcProxy._init_channel`), which gRPC refuses with a TypeError, so TLS
+    never worked there. Replace that one method by the same code with client credentials:
+    the CA verifies the peer's server certificate, and our certificate and key answer the
+    peer's request for a client certificate (mutual TLS). Idempotent."""
+    import grpc
+    from secretflow.distributed.fed.proxy.grpc import grpc as sf_grpc
+
+    if getattr(sf_grpc.GrpcProxy._init_channel, "_secfwt_fixed", False):
+        return
+
+    def _init_channel(self) -> None:
+        for dest_party, dest_addr in self._addresses.items():
+            if self._tls_config:
+                read = lambda key: Path(self._tls_config[key]).read_bytes()  # noqa: E731
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=read("ca_cert"), private_key=read("key"), certificate_chain=read("cert")
+                )  # fmt: skip
+                channel = grpc.secure_channel(dest_addr, credentials, options=self._grpc_options)
+            else:
+                channel = grpc.insecure_channel(dest_addr, options=self._grpc_options)
+            self._stubs[dest_party] = sf_grpc.fed_pb2_grpc.SfFedProxyStub(channel)
+
+    _init_channel._secfwt_fixed = True  # type: ignore[attr-defined]
+    sf_grpc.GrpcProxy._init_channel = _init_channel
+
+
 @contextlib.contextmanager
 def sf_party_session(
     cluster: ClusterConfig,
@@ -307,6 +358,7 @@ def sf_party_session(
     (set by the launcher) or the working directory.
     """
     check_beaver_source(cluster)  # before anything is started or sent
+    tls = cluster.tls_paths(self_party)
     import secretflow as sf
     import spu.libspu.logging as spu_logging
 
@@ -316,12 +368,14 @@ def sf_party_session(
     log_options = spu_logging.LogOptions()
     log_options.system_log_path = str(spu_log_path)
 
+    if tls is not None:
+        _fix_secretflow_tls_channels()
     watch = None
     if watch_peers:
         from secfwt_jax.runtime.liveness import PeerWatch
 
         peers = {p: (cluster.host, cluster.sf_ports[p]) for p in cluster.parties if p != self_party}
-        watch = PeerWatch(self_party, peers, connect_timeout_s=connect_timeout_s).start()
+        watch = PeerWatch(self_party, peers, connect_timeout_s=connect_timeout_s, tls=tls).start()
     try:
         sf.init(
             address="local",
@@ -330,6 +384,7 @@ def sf_party_session(
             job_name=job_name,
             logging_level=logging_level,
             cross_silo_comm_options={"timeout_in_ms": rpc_timeout_ms},
+            tls_config=tls,
         )
     except BaseException:
         if watch is not None:

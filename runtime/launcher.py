@@ -210,7 +210,7 @@ def launch_parties(
                     _wait_all(procs, peer_grace_s)
                     _kill_all(procs)
                     raise PartyFailedError(
-                        f"party {pp.party!r} failed with exit code {rc}; {_endings(procs, pp)} "
+                        f"party {pp.party!r} failed with exit code {rc} ({_last_line(pp.log_path)}); {_endings(procs, pp)} "
                         f"(work dir {wd})\n{_describe_failures(procs, pp)}",
                         party=pp.party,
                     )

@@ -4,6 +4,10 @@ SecretFlow and SPU wait for a dead or absent peer until an RPC timeout of a minu
 more, or crash the process without a message. A `PeerWatch` thread in every party probes
 each peer's SecretFlow port with a plain TCP connect (liveness only; no data moves):
 
+- with TLS (the cluster file's `tls`), the first answer of each peer is a full mutual-TLS
+  handshake against the cluster's CA: a peer whose certificate the CA did not sign, or
+  that speaks no TLS, or that refuses ours, stops this party at once with one line naming
+  it, before any data moves;
 - until every peer has answered once, a peer that does not answer within
   `connect_timeout_s` stops this party: ``peer carol at 127.0.0.1:40123 unreachable after
   60 s``;
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -35,6 +40,29 @@ def answers(host: str, port: int, timeout_s: float) -> bool:
             return True
     except OSError:
         return False
+
+
+def tls_refusal(host: str, port: int, tls: dict[str, str], timeout_s: float) -> str | None:
+    """Mutual-TLS handshake with host:port: None if both sides accept, else why not.
+    Raises OSError when nothing answers yet (not a refusal)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls["ca_cert"])
+    context.load_cert_chain(tls["cert"], tls["key"])
+    context.check_hostname = False  # parties are addressed by IP; the CA is the trust anchor
+    context.set_alpn_protocols(["h2"])  # SecretFlow's cross-silo link is gRPC
+    with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host) as conn:
+                conn.settimeout(0.5)
+                try:  # TLS 1.3: the server's verdict on OUR certificate comes after the handshake
+                    if conn.recv(1) == b"":
+                        return "the peer closed the connection after the handshake"
+                except TimeoutError:
+                    pass
+        except ssl.SSLError as error:
+            return error.reason or str(error)
+        except ConnectionResetError:
+            return "the peer closed the connection during the TLS handshake"
+    return None
 
 
 def _exit_with(line: str) -> None:
@@ -55,12 +83,14 @@ class PeerWatch:
         lost_after_s: float = 5.0,
         interval_s: float = 0.5,
         on_failure: Callable[[str], None] = _exit_with,
+        tls: dict[str, str] | None = None,
     ):
         if connect_timeout_s <= 0 or lost_after_s <= 0:
             raise ValueError("PeerWatch: connect_timeout_s and lost_after_s must be positive")
         self.me, self.peers = me, dict(peers)
         self.connect_timeout_s, self.lost_after_s, self.interval_s = connect_timeout_s, lost_after_s, interval_s  # fmt: skip
-        self.on_failure = on_failure
+        self.on_failure, self.tls = on_failure, tls
+        self.linger_s = 3.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"peer-watch-{me}", daemon=True)
 
@@ -72,9 +102,21 @@ class PeerWatch:
         self._stop.set()
         self._thread.join(timeout=5.0)
 
-    def _probe(self, name: str) -> bool:
+    def _probe(self, name: str, first: bool) -> bool:
         host, port = self.peers[name]
-        return answers(host, port, timeout_s=min(2.0, self.lost_after_s))
+        if not (first and self.tls):
+            return answers(host, port, timeout_s=min(2.0, self.lost_after_s))
+        try:
+            refusal = tls_refusal(host, port, self.tls, timeout_s=2.0)
+        except OSError:
+            return False  # not up yet
+        if refusal:
+            # keep our port up a moment so the peer's own probe meets the same refusal
+            self._stop.wait(self.linger_s)
+            self.on_failure(f"secfwt party {self.me}: mutual TLS with peer {name} at {host}:{port} failed ({refusal}); no data was sent")  # fmt: skip
+            self._stop.set()
+            return False
+        return True
 
     def _watch(self) -> None:
         start = time.monotonic()
@@ -84,8 +126,10 @@ class PeerWatch:
             for name, (host, port) in self.peers.items():
                 if self._stop.is_set():
                     return
-                if self._probe(name):
+                if self._probe(name, first=name not in last_seen):
                     last_seen[name] = time.monotonic()
+                elif self._stop.is_set():
+                    return
                 elif name not in last_seen and now - start > self.connect_timeout_s:
                     return self.on_failure(f"secfwt party {self.me}: peer {name} at {host}:{port} unreachable after {self.connect_timeout_s:.0f} s")  # fmt: skip
                 elif name in last_seen and time.monotonic() - last_seen[name] > self.lost_after_s:  # fmt: skip
