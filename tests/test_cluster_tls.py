@@ -66,7 +66,11 @@ def make_party_cert(ca, party: str):
     san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])  # fmt: skip
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])  # fmt: skip
     cert = (
-        _builder(party, ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, key.public_key())  # fmt: skip
+        _builder(
+            party,
+            ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,
+            key.public_key(),
+        )  # fmt: skip
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(san, critical=False)
         .add_extension(usage, critical=False)
@@ -139,4 +143,6 @@ def test_a_party_with_another_cas_certificate_is_refused_before_any_data_moves(t
     for party in ("alice", "bob"):  # the honest parties name the rogue one
         log = (tmp_path / "work" / f"{party}.log").read_text(errors="replace")
         assert "mutual TLS with peer carol" in log, party
-    assert not list((tmp_path / "out").rglob("*.json")) and not list((tmp_path / "out").rglob("*.npz"))
+    assert not list((tmp_path / "out").rglob("*.json")) and not list(
+        (tmp_path / "out").rglob("*.npz")
+    )
