@@ -1,0 +1,151 @@
+"""Fault run: K loopback jobs of a run spec under random kills and random stalls.
+
+Each job runs the spec on three SecretFlow party processes with a checkpoint every step.
+A fault injector, driven by one seeded RNG, either
+  - SIGKILLs a random party after a random step's checkpoint (a crash), or
+  - SIGSTOPs a random party for a random 1-8 s and then SIGCONTs it (a stalled link or
+    host: its sockets keep accepting, its traffic stops),
+and the job is relaunched with --resume after every failure, up to --max-restarts times.
+It reports, per job and in total: completed, resumed (relaunches), failed, the steps lost
+(steps recomputed after a resume), and whether the final parameters differ from the
+uninterrupted simulator run with the same seeds (relative gap > --tolerance).
+
+    .venv/bin/python benchmarks/fault_run.py --jobs 3 --out benchmarks/results/fault_run.json
+
+Not a test: it takes minutes per job. JSON goes to --out (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from secfwt_jax.files import write_json_atomic
+from secfwt_jax.run import checkpoints
+from secfwt_jax.run.reference import relative_gap
+from secfwt_jax.run.spec import load_spec
+from secfwt_jax.runtime.cluster_run import launch_local, load_theta
+from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.launcher import PartyFailedError, PartyProcess
+from secfwt_jax.runtime.sim_run import run_sim
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def newest_step(out: Path, party: str) -> int:
+    steps = [int(p.stem.split("-")[1]) for p in checkpoints.checkpoint_dir(out, party).glob("step-*.json")]  # fmt: skip
+    return max(steps, default=0)
+
+
+def inject(rng: random.Random, procs: list[PartyProcess], out: Path, steps: int, done: threading.Event) -> dict:  # fmt: skip
+    """One fault, chosen by `rng`, once the job has made some progress."""
+    kind = rng.choice(["kill", "stall"])
+    party = rng.choice(["alice", "bob", "carol"])
+    at = rng.randint(1, max(1, steps - 2))
+    while not done.is_set() and newest_step(out, party) < at:
+        time.sleep(0.05)
+    if done.is_set():
+        return {"kind": kind, "party": party, "after_step": at, "injected": False}
+    pid = next(pp.pid for pp in procs if pp.party == party)
+    if kind == "kill":
+        os.kill(pid, signal.SIGKILL)
+        return {"kind": kind, "party": party, "after_step": at, "injected": True}
+    seconds = rng.uniform(1.0, 8.0)
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGCONT)
+    return {"kind": kind, "party": party, "after_step": at, "seconds": round(seconds, 2), "injected": True}  # fmt: skip
+
+
+def _record(record: dict, *args) -> None:
+    record.update(inject(*args))
+
+
+def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int) -> dict[str, Any]:  # fmt: skip
+    spec = load_spec(spec_path, overrides)
+    out = work / "out"
+    faults, attempts, lost = [], 0, 0
+    while attempts <= max_restarts:
+        procs: list[PartyProcess] = []
+        done = threading.Event()
+        record: dict[str, Any] = {}
+        injector = None
+        if attempts == 0:  # one fault per job, in its first launch
+            injector = threading.Thread(target=_record, args=(record, rng, procs, out, spec.tuning.steps, done))  # fmt: skip
+            injector.start()
+        before = max((newest_step(out, p) for p in spec.parties.compute), default=0)
+        try:
+            results = launch_local(spec, spec_path, overrides, seed, out_dir=out, timeout_s=900,
+                                   work_dir=work / f"launch{attempts}", resume=attempts > 0, started=procs)  # fmt: skip
+            error = None
+        except PartyFailedError as failure:
+            results, error = None, str(failure).splitlines()[0]
+        done.set()
+        if injector is not None:
+            injector.join()
+            faults.append(record)
+        if results is not None:
+            resumed_from = results["alice"]["resumed_from_step"]
+            lost += max(0, before - resumed_from) if attempts else 0
+            return {"completed": True, "launches": attempts + 1, "faults": faults, "steps_lost": lost,
+                    "tuned": results[spec.parties.receiver]["tuned_params"]["path"], "last_error": None}  # fmt: skip
+        reached = max(newest_step(out, p) for p in spec.parties.compute)
+        common = checkpoints.common_step({p: checkpoints.held_steps(out, p, spec.spec_hash, "cluster") for p in spec.parties.compute})  # fmt: skip
+        lost += reached - common
+        faults.append({"error": error})
+        attempts += 1
+    return {"completed": False, "launches": attempts, "faults": faults, "steps_lost": lost, "tuned": None, "last_error": error}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--jobs", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0, help="fault RNG seed")
+    ap.add_argument("--private-seed", type=int, default=3)
+    ap.add_argument("--max-restarts", type=int, default=2)
+    ap.add_argument("--tolerance", type=float, default=1e-3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_run.json"))
+    args = ap.parse_args(argv)
+    if args.jobs < 1 or args.steps < 3:
+        ap.error("--jobs must be >= 1 and --steps >= 3")
+    overrides = [f"tuning.steps={args.steps}", "checkpoint.every=1", "checkpoint.keep=3"]
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="secfwt-fault-") as tmp:
+        base = Path(tmp)
+        spec = load_spec(args.spec, overrides)
+        reference = run_sim(spec, seeds=PrivateSeeds(args.private_seed), out_dir=base / "sim", progress=False, log=lambda m: None)  # fmt: skip
+        want = load_theta(reference["tuned_params"]["path"])
+        jobs = []
+        for j in range(args.jobs):
+            t0 = time.monotonic()
+            job = one_job(args.spec, overrides, args.private_seed, rng, base / f"job{j}", args.max_restarts)  # fmt: skip
+            job["seconds"] = round(time.monotonic() - t0, 1)
+            tuned = job.pop("tuned")
+            job["relative_gap"] = None if tuned is None else relative_gap(load_theta(tuned), want)
+            job["differs"] = None if tuned is None else job["relative_gap"] > args.tolerance
+            jobs.append(job)
+            print(f"job {j}: {job}", flush=True)
+    summary = {
+        "jobs": len(jobs),
+        "completed": sum(j["completed"] for j in jobs),
+        "resumed": sum(j["launches"] - 1 for j in jobs),
+        "failed": sum(not j["completed"] for j in jobs),
+        "steps_lost": sum(j["steps_lost"] for j in jobs),
+        "any_result_differs": any(j["differs"] for j in jobs),
+    }
+    print(summary)
+    write_json_atomic(args.out, {"command": "benchmarks/fault_run.py", "args": vars(args), "summary": summary, "jobs": jobs})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
