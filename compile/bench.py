@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secfwt_jax.files import write_json_atomic, write_text_atomic
+from secfwt_jax.files import check_writable_dir, write_json_atomic, write_text_atomic
 from secfwt_jax.models.attention import random_feature_attention, softmax_attention
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
@@ -257,6 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Measure, extrapolate, print; write bench.json, bench.md and bench.png under --out."""
+    check_writable_dir(args.out, "--out")  # before minutes of measuring
     start, results = time.perf_counter(), []
     for proto in args.protocols:
         preset = protocols.preset(proto)

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from secfwt_jax.files import check_writable_dir
+
 
 def _finetune(args: argparse.Namespace) -> int:
     """Fine-tune as the run spec says: simulator (embedded default) or SecretFlow parties."""
@@ -30,7 +32,7 @@ def _finetune(args: argparse.Namespace) -> int:
     seeds = private_seeds(args.private_seed)
     if spec.backend.kind == "cluster":
         return _launch(spec, args, seeds.model_owner)
-    cache = args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir()
+    cache = check_writable_dir(args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir(), "--cache-dir")  # fmt: skip
     report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
     print("\n".join(summary_lines(report)))
     return 0
@@ -100,8 +102,7 @@ def default_cache_dir() -> Path:
 
 def _check_out_dir(out: Path) -> None:
     """--out may be new, empty, or a previous compile output (replaced); nothing else."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a directory")
+    check_writable_dir(out, "--out")
     if out.is_dir():
         foreign = [p.name for p in out.iterdir() if not (p / "metadata.json").is_file()]
         if foreign:
@@ -116,7 +117,7 @@ def _compile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out_dir(out)
     spec = load_spec(args.spec, args.set)
-    cache = None if args.no_cache else (args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir())  # fmt: skip
+    cache = None if args.no_cache else check_writable_dir(args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir(), "--cache-dir")  # fmt: skip
     preset = preset_of(spec)
     print(f"run {spec.name} ({spec.spec_hash[:12]}): {preset.name} {preset.field}, fraction bits {preset.fxp_fraction_bits}")  # fmt: skip
     for artifact, hit in compile_run(spec, cache, out):

@@ -46,6 +46,7 @@ __all__ = [
     "load_cluster_config",
     "loopback_cluster",
     "check_beaver_source",
+    "check_own_ports",
     "sf_party_session",
 ]
 
@@ -281,13 +282,24 @@ def loopback_cluster(
 def load_cluster_config(path: str | Path) -> ClusterConfig:
     """Load and validate a cluster config from ``.json``, ``.yaml`` or ``.yml``."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"cluster file {path}: cannot read it ({error.strerror})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"cluster file {path}: malformed YAML{where} ({getattr(error, 'problem', None) or error})") from None  # fmt: skip
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"cluster file {path}: malformed JSON ({error})") from None
     return ClusterConfig.from_dict(data)
 
 
@@ -301,6 +313,20 @@ def check_beaver_source(cluster: ClusterConfig) -> None:
             "insecure (party 0 knows every Beaver triple); use TrustedThirdParty or "
             "MultiParty, or set allow_insecure_beaver: true (tests only)"
         )
+
+
+def check_own_ports(cluster: ClusterConfig, self_party: str) -> None:
+    """Refuse, in one line, a port of this party that another process holds (gRPC binds
+    with SO_REUSEPORT, so SecretFlow would otherwise share it and hang until a timeout)."""
+    host = cluster.listen_host or cluster.host
+    for name in ("sf_ports", "spu_ports"):
+        port = getattr(cluster, name)[self_party]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise _fail(f"{name}[{self_party}]", f"port {port} on {host} is not free ({error.strerror})") from None  # fmt: skip
 
 
 def _fix_secretflow_tls_channels() -> None:
@@ -358,6 +384,7 @@ def sf_party_session(
     (set by the launcher) or the working directory.
     """
     check_beaver_source(cluster)  # before anything is started or sent
+    check_own_ports(cluster, self_party)
     tls = cluster.tls_paths(self_party)
     import secretflow as sf
     import spu.libspu.logging as spu_logging

@@ -13,16 +13,9 @@ REPORT_JSON, CURVES_PNG = "report.json", "curves.png"
 
 def check_output_dir(path: Path) -> None:
     """Refuse an unusable output directory before any work is done (one line)."""
-    path = Path(path)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"output.dir: {probe} exists and is not a directory")
-    import os
+    from secfwt_jax.files import check_writable_dir
 
-    if not os.access(probe, os.W_OK):
-        raise ValueError(f"output.dir: {probe} is not writable")
+    check_writable_dir(path, "output.dir")
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> Path | None:

@@ -40,6 +40,23 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -
     return Path(path)
 
 
+def check_writable_dir(path: str | os.PathLike, field: str) -> Path:
+    """Refuse, in one line naming `field`, a directory that could not be written: a file
+    in its place or on its path, or a read-only nearest existing parent. Checked before
+    any work, so a bad `--out` is not found after the whole run."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{field}: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}: {probe} is not writable")
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
 

@@ -83,6 +83,8 @@ def encode(
     """
     if head_kind not in HEAD_KINDS:
         raise DataError(f"head_kind: unknown {head_kind!r}, expected one of {HEAD_KINDS}")
+    if len(texts) == 0:
+        raise DataError("encode: no texts to encode (empty input)")
     if head_kind == "mlm" and (template is None or not template.has_mask):
         raise DataError("template: head_kind 'mlm' needs a template with a {mask} slot")
     parts = template.parts(head_kind) if template is not None else [(TEXT, "")]

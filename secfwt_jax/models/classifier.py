@@ -146,6 +146,9 @@ class Classifier:
 
     def logits(self, params, batch, prompt=None):
         """[B, C] class scores for `batch` (optionally with a soft prompt [1|B, P, H])."""
+        ids = batch["input_ids"]
+        if 0 in ids.shape[:2]:
+            raise ValueError(f"input_ids: empty input, shape {list(ids.shape)} (need at least one example of one token)")  # fmt: skip
         hidden, mask = self.hidden(params, batch, prompt)
         prompt_len = 0 if prompt is None else prompt.shape[1]
         return self.scores(params, hidden, mask, batch, prompt_len)

@@ -167,9 +167,7 @@ class ModelConfig:
                 max_positions=hf_config.n_positions,
                 layer_norm_eps=hf_config.layer_norm_epsilon,
                 activation=hf_config.activation_function,
-                pad_token_id=hf_config.eos_token_id
-                if hf_config.pad_token_id is None
-                else hf_config.pad_token_id,
+                pad_token_id=_gpt2_pad_id(hf_config),
                 attention=attention,
             )
         if family in ("bert", "roberta"):
@@ -190,3 +188,15 @@ class ModelConfig:
         raise ValueError(
             f"model_type: unsupported {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
+
+
+def _gpt2_pad_id(hf_config) -> int:
+    """GPT-2 pads with `pad_token_id`, else `eos_token_id`; one line naming the config.json
+    field when neither is a token of the vocabulary (transformers loads both cases)."""
+    field = "pad_token_id" if hf_config.pad_token_id is not None else "eos_token_id"
+    value = getattr(hf_config, field)
+    if value is None:
+        raise ValueError("config.json eos_token_id: null and no pad_token_id; GPT-2 pads with one of them")  # fmt: skip
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < hf_config.vocab_size:  # fmt: skip
+        raise ValueError(f"config.json {field}: {value!r} is not a token id of the vocabulary (size {hf_config.vocab_size})")  # fmt: skip
+    return value
