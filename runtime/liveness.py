@@ -42,14 +42,16 @@ def answers(host: str, port: int, timeout_s: float) -> bool:
         return False
 
 
-def tls_refusal(host: str, port: int, tls: dict[str, str], timeout_s: float) -> str | None:
-    """Mutual-TLS handshake with host:port: None if both sides accept, else why not.
-    Raises OSError when nothing answers yet (not a refusal)."""
+def tls_refusal(host: str, port: int, tls: dict[str, str], timeout_s: float, handshake_s: float = 5.0) -> str | None:  # fmt: skip
+    """Mutual-TLS handshake with host:port: None if both sides accept, else why not (a
+    peer that accepts the connection but gives no TLS answer within `handshake_s` speaks
+    no TLS). Raises OSError when nothing accepts the connection yet (not a refusal)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls["ca_cert"])
     context.load_cert_chain(tls["cert"], tls["key"])
     context.check_hostname = False  # parties are addressed by IP; the CA is the trust anchor
     context.set_alpn_protocols(["h2"])  # SecretFlow's cross-silo link is gRPC
     with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        raw.settimeout(handshake_s)
         try:
             with context.wrap_socket(raw, server_hostname=host) as conn:
                 conn.settimeout(0.5)
@@ -62,6 +64,8 @@ def tls_refusal(host: str, port: int, tls: dict[str, str], timeout_s: float) -> 
             return error.reason or str(error)
         except ConnectionResetError:
             return "the peer closed the connection during the TLS handshake"
+        except TimeoutError:
+            return f"no TLS answer within {handshake_s:.0f} s"
     return None
 
 

@@ -6,6 +6,8 @@ makes with `cryptography`."""
 import datetime
 import ipaddress
 import json
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from secfwt_jax.runtime.cluster import ClusterConfig, loopback_cluster
 from secfwt_jax.runtime.cluster_run import launch_local, load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
 from secfwt_jax.runtime.launcher import PartyFailedError
+from secfwt_jax.runtime.liveness import tls_refusal
 from secfwt_jax.runtime.sim_run import run_sim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +115,31 @@ def test_tls_section_is_validated_with_one_line():
     config = ClusterConfig.from_dict(base | {"tls": {"ca_cert": "/nope/ca.crt", "cert": "/nope/{party}.crt", "key": "k"}})  # fmt: skip
     with pytest.raises(ValueError, match=r"ClusterConfig.tls.ca_cert: /nope/ca.crt not found \(party bob\)"):  # fmt: skip
         config.tls_paths("bob")
+
+
+def _serve_once(reply: bytes | None):
+    """A TCP server that answers the first connection with `reply` (None: silence)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)  # the ClientHello
+            if reply is not None:
+                conn.sendall(reply)
+            time.sleep(1.5)
+
+    threading.Thread(target=answer, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None], ids=["plaintext", "silent"])  # fmt: skip
+def test_a_peer_without_tls_is_refused(tmp_path, reply):
+    tls = {k: v.replace("{party}", "alice") for k, v in pki(tmp_path / "pki").items()}
+    server = _serve_once(reply)
+    with server:
+        why = tls_refusal("127.0.0.1", server.getsockname()[1], tls, timeout_s=2.0, handshake_s=1.0)
+    assert why, "a peer that speaks no TLS was accepted"
 
 
 @pytest.mark.cluster
