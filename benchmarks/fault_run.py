@@ -39,17 +39,17 @@ from secfwt_jax.runtime.sim_run import run_sim
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def newest_step(out: Path, party: str) -> int:
-    steps = [int(p.stem.split("-")[1]) for p in checkpoints.checkpoint_dir(out, party).glob("step-*.json")]  # fmt: skip
-    return max(steps, default=0)
+def newest_step(out: Path, party: str, spec_hash: str) -> int:
+    """The newest complete checkpoint `party` holds of this spec (0: none)."""
+    return max(checkpoints.held_steps(out, party, spec_hash, "cluster"), default=0)
 
 
-def inject(rng: random.Random, procs: list[PartyProcess], out: Path, steps: int, done: threading.Event) -> dict:  # fmt: skip
+def inject(rng: random.Random, procs: list[PartyProcess], out: Path, spec, done: threading.Event) -> dict:  # fmt: skip
     """One fault, chosen by `rng`, once the job has made some progress."""
     kind = rng.choice(["kill", "stall"])
     party = rng.choice(["alice", "bob", "carol"])
-    at = rng.randint(1, max(1, steps - 2))
-    while not done.is_set() and newest_step(out, party) < at:
+    at = rng.randint(1, max(1, spec.tuning.steps - 2))
+    while not done.is_set() and newest_step(out, party, spec.spec_hash) < at:
         time.sleep(0.05)
     if done.is_set():
         return {"kind": kind, "party": party, "after_step": at, "injected": False}
@@ -78,9 +78,9 @@ def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random,
         record: dict[str, Any] = {}
         injector = None
         if attempts == 0:  # one fault per job, in its first launch
-            injector = threading.Thread(target=_record, args=(record, rng, procs, out, spec.tuning.steps, done))  # fmt: skip
+            injector = threading.Thread(target=_record, args=(record, rng, procs, out, spec, done))  # fmt: skip
             injector.start()
-        before = max((newest_step(out, p) for p in spec.parties.compute), default=0)
+        before = max((newest_step(out, p, spec.spec_hash) for p in spec.parties.compute), default=0)
         try:
             results = launch_local(spec, spec_path, overrides, seed, out_dir=out, timeout_s=900,
                                    work_dir=work / f"launch{attempts}", resume=attempts > 0, started=procs)  # fmt: skip
@@ -96,8 +96,9 @@ def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random,
             lost += max(0, before - resumed_from) if attempts else 0
             return {"completed": True, "launches": attempts + 1, "faults": faults, "steps_lost": lost,
                     "tuned": results[spec.parties.receiver]["tuned_params"]["path"], "last_error": None}  # fmt: skip
-        reached = max(newest_step(out, p) for p in spec.parties.compute)
-        common = checkpoints.common_step({p: checkpoints.held_steps(out, p, spec.spec_hash, "cluster") for p in spec.parties.compute})  # fmt: skip
+        held = {p: checkpoints.held_steps(out, p, spec.spec_hash, "cluster") for p in spec.parties.compute}  # fmt: skip
+        reached = max((max(steps, default=0) for steps in held.values()), default=0)
+        common = checkpoints.common_step(held)
         lost += reached - common
         faults.append({"error": error})
         attempts += 1

@@ -97,6 +97,10 @@ class Progress:
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
+    def skip(self, steps: int) -> None:
+        """Count steps done before this process started (a resumed run)."""
+        self.bar.update(steps)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -268,7 +272,7 @@ class _Loop:
             theta_s = self._load(theta_like)
             if spec.parties.reveal_loss:
                 prior = backend.at(do, _checkpoint_losses, str(self.out_dir), do, self.resume_step)
-            bar.bar.update(self.resume_step)
+            bar.skip(self.resume_step)
         losses_held = []
         for i in range(self.resume_step, spec.tuning.steps):
             z = build.step_directions(spec, i, theta_like)  # public
