@@ -45,7 +45,7 @@ import numpy as np
 from secfwt_jax.files import check_writable_dir, write_json_atomic, write_text_atomic
 from secfwt_jax.models.attention import random_feature_attention, softmax_attention
 from secfwt_jax.models.classifier import Classifier
-from secfwt_jax.models.config import AttentionConfig, ModelConfig
+from secfwt_jax.models.config import GELU_IMPLS, AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
 
 from . import network, profile_cases, profiler, protocols
@@ -107,9 +107,17 @@ def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
     return pc.forward_case(clf, params, shape, 0)
 
 
-def measure_row(row, base: ModelConfig, layers: int, shape, preset, population) -> dict:
+def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64) -> ModelConfig:
+    """``base`` cut to ``layers`` layers with ``row``'s attention (RFA with ``rfa_features``)."""
+    attention = ROWS[row]
+    if attention.kind == "rfa":
+        attention = dataclasses.replace(attention, num_features=rfa_features)
+    return dataclasses.replace(base, num_layers=layers, attention=attention)
+
+
+def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64) -> dict:  # fmt: skip
     """One whole-program profile of ``row`` with the model cut to ``layers`` layers."""
-    cfg = dataclasses.replace(base, num_layers=layers, attention=ROWS[row])
+    cfg = row_model(row, base, layers, rfa_features)
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     fn, args, public = row_case(row, clf, clf.init(0, seq_len=shape.seq_len), shape, population)
     prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
@@ -189,11 +197,13 @@ def goals(results: list[dict], heads: list[dict]) -> dict:
 
 
 def markdown(results: list[dict], heads: list[dict], gl: dict) -> str:
-    lines = ["| shape | n | B | protocol | row | GB | rounds | LAN s | WAN100 s | extrapolated |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| shape | n | B | protocol | row | GeLU | RFA m | GB | rounds | LAN s | WAN100 s | extrapolated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         e = r["estimates_s"]
+        m = r.get("rfa_features", 64) if ROWS[r["row"]].kind == "rfa" else "-"
         lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {r['row']} | "
+                     f"{r.get('gelu', 'piecewise')} | {m} | "
                      f"{r['total_bytes'] / 1e9:,.2f} | {r['rounds']:,.0f} | {e['lan']:,.1f} | "
                      f"{e['wan100']:,.1f} | {'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
     if heads:
@@ -251,6 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers-measured", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--population", type=int, default=20, help="CMA-ES population")
     parser.add_argument("--directions", choices=["rademacher", "gaussian"], default="rademacher")
+    parser.add_argument("--gelu", choices=list(GELU_IMPLS), default="piecewise",
+                        help="GeLU of every row (ModelConfig.gelu_impl); relu/quad need an adapted model")  # fmt: skip
+    parser.add_argument("--rfa-features", type=int, default=64, help="m of the RFA rows")
     parser.add_argument("--heads", action="store_true", help="also goal (c): one head, n 128/512")
     parser.add_argument("--out", type=Path, default=Path("bench"))
 
@@ -262,15 +275,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     for proto in args.protocols:
         preset = protocols.preset(proto)
         for name in args.shapes:
-            base = SHAPES[name]
+            base = dataclasses.replace(SHAPES[name], gelu_impl=args.gelu)
             for n in args.seqs:
                 shape = profile_cases.StepShape(args.batch, n, directions=args.directions)
                 for row in args.rows:
-                    pts = [measure_row(row, base, lay, shape, preset, args.population)
+                    pts = [measure_row(row, base, lay, shape, preset, args.population, args.rfa_features)
                            for lay in args.layers_measured]  # fmt: skip
                     tot = extrapolate(pts, base.num_layers)
                     res = {"shape": name, "layers": base.num_layers, "seq": n, "batch": args.batch,
-                           "protocol": proto, "row": row, **tot, "measured": pts,
+                           "protocol": proto, "row": row, "gelu": args.gelu,
+                           "rfa_features": args.rfa_features, **tot, "measured": pts,
                            "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
                     results.append(res)
                     log(f"{name} n={n} {proto} {row}: {tot['total_bytes'] / 1e9:,.3f} GB, "

@@ -43,9 +43,14 @@ def adapt_checkpoint(
     learning_rate: float = 2e-4,
     batch_size: int = 16,
     max_len: int = 32,
+    gelu_impl: str = "piecewise",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Distil, then write the adapted checkpoint to `out` (temp dir, then rename)."""
+    """Distil, then write the adapted checkpoint to `out` (temp dir, then rename).
+
+    The teacher is the checkpoint as trained (softmax, exact GeLU); the student has
+    `attention` and `gelu_impl`. With a GeLU stand-in every transformer layer moves
+    (`adaptation.default_param_set`), else only the attention blocks."""
     import optax
     from tqdm.auto import tqdm
     from transformers import AutoConfig, FlaxAutoModel
@@ -60,25 +65,31 @@ def adapt_checkpoint(
     if len(texts) < batch_size + 8:
         raise ValueError(f"--text: {len(texts)} rows is too few for batch {batch_size}")
     head = HeadConfig(num_labels=2)
-    teacher, params = load_pretrained(checkpoint, AttentionConfig(kind="softmax"), head)
-    student, _ = load_pretrained(checkpoint, attention, head)
+    teacher, params = load_pretrained(
+        checkpoint, AttentionConfig(kind="softmax"), head, gelu_impl="exact"
+    )
+    student, _ = load_pretrained(checkpoint, attention, head, gelu_impl=gelu_impl)
+    param_set = adaptation.default_param_set(gelu_impl)
     tokenizer = load_tokenizer(checkpoint)
     corpus = encode(texts, None, tokenizer, max_len)
     held_out = {k: v[-8:] for k, v in corpus.items()}
     corpus = {k: v[:-8] for k, v in corpus.items()}
     before = adaptation.distillation_distance(student, params, teacher, params, held_out)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps, 0.0)  # fmt: skip
-    bar = tqdm(total=steps, desc="attention adaptation (plaintext)", unit="step")
+    what = "attention" if param_set == "attention" else f"attention + {gelu_impl} GeLU"
+    bar = tqdm(total=steps, desc=f"{what} adaptation (plaintext)", unit="step")
 
     def batches(step: int) -> dict:
         bar.update(1)
         return stream(step)
 
     stream = loop.cycle_minibatches(corpus, batch_size, seed=0)
-    adapted, history = adaptation.adapt_attention(student, params, teacher, batches, steps, schedule)  # fmt: skip
+    adapted, history = adaptation.adapt_attention(
+        student, params, teacher, batches, steps, schedule, param_set=param_set
+    )
     bar.close()
     after = adaptation.distillation_distance(student, adapted, teacher, params, held_out)
-    log(f"held-out hidden-state distance to softmax: {before:.4f} -> {after:.4f}")
+    log(f"held-out hidden-state distance to the original model: {before:.4f} -> {after:.4f}")
 
     hf = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
     model = FlaxAutoModel.from_config(hf, _do_init=True)
@@ -86,6 +97,8 @@ def adapt_checkpoint(
     info = {
         "base_checkpoint": str(checkpoint),
         "attention": dataclasses.asdict(attention),
+        "gelu": gelu_impl,
+        "param_set": param_set,
         "steps": steps,
         "learning_rate": learning_rate,
         "public_rows": len(texts),

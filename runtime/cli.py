@@ -87,7 +87,8 @@ def _adapt(args: argparse.Namespace) -> int:
     texts = _public_texts(spec.resolve(args.text), args.text_column, args.rows)
     attention: AttentionConfig = spec.model.attention
     info = adapt_checkpoint(spec.resolve(spec.model.checkpoint), texts, out, attention,
-                            steps=args.steps, learning_rate=args.lr, max_len=spec.data.max_len)  # fmt: skip
+                            steps=args.steps, learning_rate=args.lr, max_len=spec.data.max_len,
+                            gelu_impl=spec.model.gelu)  # fmt: skip
     print(json.dumps({"out": str(out), **info}, indent=2))
     return 0
 
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
     fine.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
     fine.set_defaults(run=_finetune)
-    adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint's attention to RFA on public text (plaintext)")  # fmt: skip
+    adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint to RFA (and model.gelu) on public text (plaintext)")  # fmt: skip
     adapt.add_argument("spec", help="run spec (its model section: checkpoint, attention, adapted_checkpoint)")  # fmt: skip
     adapt.add_argument("--text", default="bundled:sentiment", help="public unlabelled text: CSV/TSV/JSONL")  # fmt: skip
     adapt.add_argument("--text-column", default="text")

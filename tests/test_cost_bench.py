@@ -55,3 +55,25 @@ def test_run_writes_json_markdown_and_goals(tmp_path):
     assert goal["step_over_two_forwards"] == pytest.approx(ratio)
     assert "| tiny | 8 | 1 | ABY3 | spsa_rfa_poly |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_gelu_and_rfa_features_options_reach_every_row(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    common = ["--shapes", "tiny", "--seqs", "8", "--protocols", "ABY3", "--rows", "forward_rfa",
+              "forward_softmax", "--layers-measured", "1", "3"]  # fmt: skip
+    runs = {}
+    for name, extra in (("default", []), ("cheap", ["--gelu", "relu", "--rfa-features", "8"])):
+        args = parser.parse_args([*common, *extra, "--out", str(tmp_path / name)])
+        assert bench.run(args, log=lambda _: None) == 0
+        payload = json.loads((tmp_path / name / "bench.json").read_text())
+        runs[name] = {r["row"]: r for r in payload["results"]}
+    cheap, default = runs["cheap"], runs["default"]
+    assert {r["gelu"] for r in cheap.values()} == {"relu"}
+    assert cheap["forward_rfa"]["rfa_features"] == 8
+    for row in ("forward_rfa", "forward_softmax"):  # relu is cheaper than piecewise GeLU
+        assert cheap[row]["total_bytes"] < default[row]["total_bytes"]
+    assert "| forward_rfa | relu | 8 |" in (tmp_path / "cheap" / "bench.md").read_text()
+    assert (
+        bench.row_model("forward_softmax", bench.SHAPES["tiny"], 1, 8).attention.kind == "softmax"
+    )

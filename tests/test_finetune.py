@@ -183,3 +183,41 @@ def test_cma_es_prompt_tuning_runs_through_the_same_command(tmp_path):
     ref = report["plaintext_reference"]
     assert ref["agreement_before"] == 1.0
     np.testing.assert_allclose(report["mpc"]["losses"][0], ref["losses"][0], atol=1e-2)
+
+
+def test_adapting_to_a_gelu_stand_in_moves_the_ffn_and_the_spec_must_match(tmp_path):
+    import shutil
+
+    from transformers import BertConfig, FlaxBertModel
+
+    from secfwt_jax.models.checkpoint import bundled_minilm_dir
+    from secfwt_jax.models.heads import HeadConfig
+    from secfwt_jax.run.build import load_model
+    from secfwt_jax.run.spec import SpecError
+    from secfwt_jax.runtime.adapt import adapt_checkpoint
+
+    base = tmp_path / "base"
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    FlaxBertModel(cfg, seed=1).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (bundled_minilm_dir() / name).is_file():
+            shutil.copy2(bundled_minilm_dir() / name, base / name)
+    adapted_dir = tmp_path / "adapted-relu"
+    spec = load_spec(TINY, ["model.architecture=null", f"model.checkpoint={base}",
+                            f"model.adapted_checkpoint={adapted_dir}", "model.gelu=relu"])  # fmt: skip
+    texts = [line.split(",")[0] for line in CSV.read_text().splitlines()[1:60]]
+    info = adapt_checkpoint(base, texts, adapted_dir, spec.model.attention, steps=3,
+                            learning_rate=1e-3, batch_size=8, max_len=12, gelu_impl="relu",
+                            log=lambda m: None)  # fmt: skip
+    assert (info["gelu"], info["param_set"]) == ("relu", "encoder")
+    head = HeadConfig(num_labels=2)
+    clf, adapted = load_model(spec, head, 0, log=lambda m: None)
+    assert clf.config.gelu_impl == "relu"
+    _, original = load_model(spec.replace(model={**spec.model.model_dump(), "adapted_checkpoint": None}), head, 0, log=lambda m: None)  # fmt: skip
+    ffn = ("bert", "encoder", "layer", "1", "intermediate", "dense", "kernel")
+    pick = lambda p: __import__("functools").reduce(lambda d, k: d[k], ffn, p)  # noqa: E731
+    assert not np.allclose(pick(adapted), pick(original))  # the FFN moved too
+    accurate = spec.replace(model={**spec.model.model_dump(), "gelu": "piecewise"})
+    with pytest.raises(SpecError, match="^model.gelu: .* was adapted for gelu 'relu', the spec says 'piecewise'$"):  # fmt: skip
+        load_model(accurate, head, 0, log=lambda m: None)

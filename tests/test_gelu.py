@@ -9,6 +9,7 @@ ABY3 FM64 888 bytes (all parties) and 29.3 rounds per element, against 4,924 byt
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -83,3 +84,45 @@ def test_model_config_selects_the_gelu():
     assert 0 < np.abs(piecewise - exact).max() < 7.3e-4
     with pytest.raises(ValueError, match="^gelu_impl: unknown 'fast'"):
         dataclasses.replace(base, gelu_impl="fast")
+
+
+# ------------------------------------------------------------ the cheap stand-ins (relu, quad)
+@pytest.mark.parametrize(("impl", "max_bytes"), [("relu", 180), ("quad", 160)])
+def test_gelu_stand_ins_cost_a_fifth_of_piecewise_under_aby3(impl, max_bytes, sample):
+    preset = protocols.preset("ABY3")
+    cheap = profiler.profile_function(activation_fn("gelu", impl), (sample,), (), preset, name=impl)
+    piecewise = profiler.profile_function(gelu_piecewise, (sample,), (), preset, name="pw")
+    assert cheap.total_bytes / sample.size <= max_bytes
+    assert piecewise.total_bytes >= 5 * cheap.total_bytes
+    assert cheap.rounds < piecewise.rounds
+
+
+@pytest.mark.parametrize("impl", ["relu", "quad"])
+def test_gelu_stand_ins_under_mpc_equal_plaintext(impl, sample):
+    fn = activation_fn("gelu", impl)
+    got = mpc_run(fn, (sample,), preset=protocols.preset("ABY3")).outputs
+    want = np.asarray(jax.jit(fn)(sample))
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_gelu_stand_ins_are_the_functions_they_claim():
+    x = np.linspace(-6, 6, 1201).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(activation_fn("gelu", "relu")(x)), np.maximum(x, 0))
+    np.testing.assert_allclose(np.asarray(activation_fn("gelu", "quad")(x)),
+                               0.125 * x**2 + 0.25 * x + 0.5, rtol=1e-6, atol=1e-6)  # fmt: skip
+    # relu is GeLU's limit: the largest gap is |x| Phi(-|x|) = 0.17 near x = -0.75.
+    gap = np.abs(np.maximum(x, 0) - gelu_erf(x.astype(np.float64)))
+    assert 0.16 < gap.max() < 0.18 and abs(x[gap.argmax()] + 0.75) < 0.05
+
+
+def test_spec_selects_the_gelu_and_names_a_bad_one():
+    from secfwt_jax.run.spec import SpecError, load_spec
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert load_spec(tiny).model.gelu == "piecewise"
+    assert load_spec(tiny, ["model.gelu=relu"]).model.gelu == "relu"
+    with pytest.raises(
+        SpecError, match="^model.gelu: Input should be 'piecewise', 'exact', 'relu' or 'quad'$"
+    ) as info:
+        load_spec(tiny, ["model.gelu=fast"])
+    assert "\n" not in str(info.value)

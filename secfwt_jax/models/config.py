@@ -27,7 +27,13 @@ TrigMode = Literal["exact", "poly"]
 #                is built to run under MPC, and plaintext references must compute the
 #                same function.
 #   "exact":     jax.nn.gelu (erf or tanh form), for parity with Hugging Face.
-GeluImpl = Literal["piecewise", "exact"]
+#   "relu":      max(x, 0): one comparison and one select, 172 B per element under ABY3
+#                (a fifth of "piecewise"), but a different function: max error 0.17 at
+#                x = -0.75. A checkpoint must be adapted to it (`secfwt adapt`).
+#   "quad":      MPCFormer's 0.125 x^2 + 0.25 x + 0.5 (152 B per element), only close to
+#                GeLU on [-2, 2]; it too needs an adapted checkpoint.
+GeluImpl = Literal["piecewise", "exact", "relu", "quad"]
+GELU_IMPLS: tuple[str, ...] = ("piecewise", "exact", "relu", "quad")
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("bert", "roberta", "gpt2")
 SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
@@ -129,9 +135,9 @@ class ModelConfig:
             f"unsupported {self.activation!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
         _require(
-            self.gelu_impl in ("piecewise", "exact"),
+            self.gelu_impl in GELU_IMPLS,
             "gelu_impl",
-            f"unknown {self.gelu_impl!r}; expected 'piecewise' or 'exact'",
+            f"unknown {self.gelu_impl!r}; expected one of {', '.join(GELU_IMPLS)}",
         )
 
     @property

@@ -27,7 +27,7 @@ import numpy as np
 
 from secfwt_jax.models.attention import attend
 from secfwt_jax.models.config import ModelConfig
-from secfwt_jax.models.mpc_ops import gelu_piecewise, layer_norm
+from secfwt_jax.models.mpc_ops import gelu_piecewise, gelu_quad, layer_norm
 
 
 def activation_fn(name: str, gelu_impl: str = "piecewise"):
@@ -38,6 +38,10 @@ def activation_fn(name: str, gelu_impl: str = "piecewise"):
         approximate = name != "gelu"
         if gelu_impl == "exact":
             return lambda x: jax.nn.gelu(x, approximate=approximate)
+        if gelu_impl == "relu":
+            return jax.nn.relu
+        if gelu_impl == "quad":
+            return gelu_quad
         return lambda x: gelu_piecewise(x, approximate=approximate)
     return {"relu": jax.nn.relu, "tanh": jnp.tanh}[name]
 

@@ -109,6 +109,11 @@ def gelu_piecewise(x: jnp.ndarray, approximate: bool = False) -> jnp.ndarray:
     return jnp.where(above, x, jnp.where(below, jnp.zeros_like(x), inner))
 
 
+def gelu_quad(x: jnp.ndarray) -> jnp.ndarray:
+    """MPCFormer's "Quad" GeLU stand-in, 0.125 x^2 + 0.25 x + 0.5, as x (x + 2) / 8 + 1/2."""
+    return (x * (x + 2.0)) * 0.125 + 0.5
+
+
 # ------------------------------------------------------------------- batched matmuls
 #
 # SPU 0.9.3 runs a dot_general with batch dimensions as a loop over the batch, one matmul

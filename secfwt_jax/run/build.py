@@ -100,18 +100,23 @@ def head_config(spec: RunSpec, tokenizer) -> HeadConfig:
 ADAPTATION_FILE = "secfwt_adaptation.json"  # written by `secfwt adapt`
 
 
-def check_adapted_attention(directory, attention: AttentionConfig) -> None:
-    """Refuse an adapted checkpoint made for other random features (one line)."""
+def check_adapted_attention(directory, attention: AttentionConfig, gelu: str = "piecewise") -> None:
+    """Refuse an adapted checkpoint made for other random features or another GeLU (one
+    line). Records written before `gelu` was recorded were made for "piecewise"."""
     import json
 
-    record = directory / ADAPTATION_FILE
-    if not record.is_file():
+    path = directory / ADAPTATION_FILE
+    if not path.is_file():
         return
-    made_for = json.loads(record.read_text())["attention"]
+    record = json.loads(path.read_text())
+    made_for = record["attention"]
     wanted = dataclasses.asdict(attention)
     diff = sorted(k for k in made_for if made_for[k] != wanted.get(k))
     if diff:
         raise SpecError(f"model.attention: {directory} was adapted for other attention settings ({', '.join(diff)})")  # fmt: skip
+    made_gelu = record.get("gelu", "piecewise")
+    if made_gelu != gelu:
+        raise SpecError(f"model.gelu: {directory} was adapted for gelu {made_gelu!r}, the spec says {gelu!r}")  # fmt: skip
 
 
 def model_checkpoint_dir(spec: RunSpec, log: Callable[[str], None] = print):
@@ -119,7 +124,7 @@ def model_checkpoint_dir(spec: RunSpec, log: Callable[[str], None] = print):
     adapted = spec.resolve(spec.model.adapted_checkpoint)
     if adapted is not None:
         if (adapted / "config.json").is_file():
-            check_adapted_attention(adapted, spec.model.attention)
+            check_adapted_attention(adapted, spec.model.attention, spec.model.gelu)
             log(f"model owner: using the attention-adapted checkpoint {adapted}")
             return adapted
         log(
@@ -136,11 +141,14 @@ def load_model(
     attention = spec.model.attention
     if spec.model.architecture is not None:
         arch = spec.model.architecture.model_dump()
-        classifier = Classifier(ModelConfig(**arch, attention=attention), head)
+        config = ModelConfig(**arch, attention=attention, gelu_impl=spec.model.gelu)
+        classifier = Classifier(config, head)
         return classifier, classifier.init(private_seed)
     path = model_checkpoint_dir(spec, log)
     try:
-        return checkpoint.load_pretrained(path, attention, head, seed=private_seed)
+        return checkpoint.load_pretrained(
+            path, attention, head, seed=private_seed, gelu_impl=spec.model.gelu
+        )
     except checkpoint.CheckpointError as error:
         raise SpecError(f"model.checkpoint: {error}") from None
 

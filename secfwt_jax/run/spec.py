@@ -32,7 +32,12 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from secfwt_jax.models.config import SUPPORTED_ACTIVATIONS, SUPPORTED_FAMILIES, AttentionConfig
+from secfwt_jax.models.config import (
+    SUPPORTED_ACTIVATIONS,
+    SUPPORTED_FAMILIES,
+    AttentionConfig,
+    GeluImpl,
+)
 from secfwt_jax.tuning.cmaes import CmaConfig
 from secfwt_jax.tuning.schedules import ScheduleConfig
 from secfwt_jax.tuning.sets import TrainableSpec
@@ -95,6 +100,10 @@ class ModelSpec(_Section):
     tokenizer: str | None = None
     adapted_checkpoint: str | None = None
     attention: AttentionConfig = AttentionConfig(kind="rfa", trig="poly")
+    #: How GeLU is computed (`ModelConfig.gelu_impl`): "piecewise" (accurate, the default),
+    #: "exact", or the cheap stand-ins "relu" / "quad", which want a checkpoint adapted to
+    #: them by `secfwt adapt` (docs/cost.md).
+    gelu: GeluImpl = "piecewise"
     head: HeadSpec = HeadSpec()
 
     @model_validator(mode="after")

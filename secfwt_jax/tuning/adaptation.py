@@ -2,11 +2,13 @@
 original, in plaintext, before any MPC run.
 
 Swapping softmax attention for RFA in a softmax-pretrained checkpoint shifts every layer's
-hidden states, and a frozen-feature probe loses points before any tuning. The MODEL OWNER
+hidden states, and a frozen-feature probe loses points before any tuning; so does swapping
+GeLU for a cheaper stand-in (`ModelConfig.gelu_impl` "relu" or "quad"). The MODEL OWNER
 repairs part of that on their own, with public unlabelled text and their own weights:
 
-    h_l^T = softmax model's hidden states after layer l (teacher, frozen)
-    h_l^S = RFA model's hidden states after layer l (student, same weights to start)
+    h_l^T = the original model's hidden states after layer l (teacher: softmax, GeLU; frozen)
+    h_l^S = the MPC model's hidden states after layer l (student: RFA, maybe relu/quad;
+            same weights to start)
     L     = 1/L sum_l  sum_{b,n} m_bn |h_l^S - h_l^T|^2 / (H sum_{b,n} m_bn)
 
 minimised with `jax.grad` + Adam over a small parameter set (`ADAPT_SETS`); everything
@@ -41,7 +43,17 @@ ADAPT_SETS: dict[str, tr.PathPredicate] = {
     "qk": lambda p: "attention/self/query" in p or "attention/self/key" in p,
     "attention": lambda p: "/attention/" in p,  # q, k, v, output dense and its LayerNorm
     "layernorm": lambda p: "LayerNorm" in p and "/encoder/" in p,
+    # every transformer layer (attention, FFN, LayerNorms): for a GeLU stand-in ("relu",
+    # "quad"), whose error the FFN weights must absorb as well as RFA's.
+    "encoder": lambda p: "/encoder/" in p or "/h/" in p,
 }
+
+
+def default_param_set(gelu_impl: str) -> str:
+    """ "attention" when only the attention changed; "encoder" when the GeLU did too."""
+    return "attention" if gelu_impl in ("piecewise", "exact") else "encoder"
+
+
 BatchSource = dict | Callable[[int], dict]
 
 
