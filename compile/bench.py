@@ -125,6 +125,34 @@ def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, 
             "compute_s": prof.compute_s, "per_party_bytes": prof.per_party_bytes}  # fmt: skip
 
 
+def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64) -> dict:  # fmt: skip
+    """Goal (b) for one trainable set: its SPSA step and one forward of the same problem,
+    RFA poly attention, the model cut to ``layers`` layers."""
+    cfg = row_model("spsa_rfa_poly", base, layers, rfa_features)
+    clf = Classifier(cfg, HeadConfig(num_labels=2))
+    cases = profile_cases.set_cases(clf, clf.init(0, seq_len=shape.seq_len), shape, kind)
+    out = {"layers": layers}
+    for what, (fn, args, public) in zip(("step", "forward"), cases, strict=True):
+        prof = profiler.profile_function(fn, args, public, preset, name=f"{what}_{kind}_{layers}")
+        out[what] = {"total_bytes": prof.total_bytes, "rounds": prof.rounds, "compute_s": prof.compute_s}  # fmt: skip
+    return out
+
+
+def set_ratios(args, preset) -> list[dict]:
+    """Goal (b) for every trainable set at the first shape and sequence length."""
+    base = dataclasses.replace(SHAPES[args.shapes[0]], gelu_impl=args.gelu)
+    shape = profile_cases.StepShape(args.batch, args.seqs[0], directions=args.directions)
+    rows = []
+    for kind in profile_cases.SET_KINDS:
+        pts = [measure_set(kind, base, lay, shape, preset, args.rfa_features) for lay in args.layers_measured]  # fmt: skip
+        step = extrapolate([{"layers": p["layers"], **p["step"]} for p in pts], base.num_layers)
+        fwd = extrapolate([{"layers": p["layers"], **p["forward"]} for p in pts], base.num_layers)
+        rows.append({"set": kind, "shape": args.shapes[0], "seq": args.seqs[0], "protocol": preset.name,
+                     "step": step, "forward": fwd, "measured": pts,
+                     "step_over_two_forwards": step["total_bytes"] / (2 * fwd["total_bytes"])})  # fmt: skip
+    return rows
+
+
 def extrapolate(points: list[dict], layers: int) -> dict:
     """Linear in the layer count through the two largest measured points (one point: that
     point, if it has ``layers`` layers). Returns bytes/rounds/compute and the flag."""
@@ -162,7 +190,7 @@ def head_costs(preset, seqs=(128, 512), d: int = 64, m: int = 64) -> list[dict]:
     return out
 
 
-def goals(results: list[dict], heads: list[dict]) -> dict:
+def goals(results: list[dict], heads: list[dict], set_rows: list[dict] = ()) -> dict:
     """Issue 9's goals from whatever rows ran (missing inputs: the goal is skipped)."""
     at = {(r["shape"], r["seq"], r["protocol"], r["row"]): r for r in results}
     g: dict = {}
@@ -185,6 +213,11 @@ def goals(results: list[dict], heads: list[dict]) -> dict:
         if row.startswith("spsa_") and row not in ("spsa_rfa_exact", "spsa_cached_trunk") and fwd:
             ratio = r["total_bytes"] / (2 * fwd["total_bytes"])
             g[f"b {s} {n} {proto} {row}"] = {"step_over_two_forwards": ratio, "met": ratio <= 1.05}
+    for r in set_rows:
+        g[f"b set {r['set']} {r['shape']} {r['seq']} {r['protocol']}"] = {
+            "step_over_two_forwards": r["step_over_two_forwards"],
+            "met": r["step_over_two_forwards"] <= 1.05,
+        }
     for h in heads:
         need = 8 if h["seq"] >= 512 else 2
         more_rounds = h["rfa_poly"]["rounds"] > h["softmax"]["rounds"]
@@ -196,7 +229,7 @@ def goals(results: list[dict], heads: list[dict]) -> dict:
     return g
 
 
-def markdown(results: list[dict], heads: list[dict], gl: dict) -> str:
+def markdown(results: list[dict], heads: list[dict], gl: dict, set_rows: list[dict] = ()) -> str:
     lines = ["| shape | n | B | protocol | row | GeLU | RFA m | GB | rounds | LAN s | WAN100 s | extrapolated |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
@@ -212,6 +245,13 @@ def markdown(results: list[dict], heads: list[dict], gl: dict) -> str:
             s, f = h["softmax"], h["rfa_poly"]
             lines.append(f"| | {h['seq']} | {s['total_bytes'] / 1e6:,.1f}, {s['rounds']:.0f} | "
                          f"{f['total_bytes'] / 1e6:,.1f}, {f['rounds']:.0f} | {h['bytes_ratio']:.2f} |")  # fmt: skip
+    if set_rows:
+        lines += ["", "| trainable set | shape | n | protocol | step GB | forward GB | step / 2 forwards |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in set_rows:
+            lines.append(f"| {r['set']} | {r['shape']} | {r['seq']} | {r['protocol']} | "
+                         f"{r['step']['total_bytes'] / 1e9:,.3f} | {r['forward']['total_bytes'] / 1e9:,.3f} | "
+                         f"{r['step_over_two_forwards']:.3f} |")  # fmt: skip
     if gl:
         lines += ["", "| goal | figures | met |", "|---|---|---|"]
         for name, v in gl.items():
@@ -265,6 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GeLU of every row (ModelConfig.gelu_impl); relu/quad need an adapted model")  # fmt: skip
     parser.add_argument("--rfa-features", type=int, default=64, help="m of the RFA rows")
     parser.add_argument("--heads", action="store_true", help="also goal (c): one head, n 128/512")
+    parser.add_argument("--sets", action="store_true",
+                        help="also goal (b) for every trainable set, at the first shape and n")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench"))
 
 
@@ -292,11 +334,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     heads = []
     if args.heads:
         heads = head_costs(protocols.preset(args.protocols[0]))
-    gl = goals(results, heads)
-    table = markdown(results, heads, gl)
+    set_rows = set_ratios(args, protocols.preset(args.protocols[0])) if args.sets else []
+    for r in set_rows:
+        log(f"set {r['set']}: step / two forwards = {r['step_over_two_forwards']:.3f}")
+    gl = goals(results, heads, set_rows)
+    table = markdown(results, heads, gl, set_rows)
     log(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"results": results, "heads": heads, "goals": gl, "args": {k: str(v) for k, v in vars(args).items()},
+    payload = {"results": results, "heads": heads, "sets": set_rows, "goals": gl, "args": {k: str(v) for k, v in vars(args).items()},
                "networks": {k: n.to_dict() for k, n in network.PRESETS.items()},
                "seconds": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     write_json_atomic(args.out / "bench.json", payload, indent=1)

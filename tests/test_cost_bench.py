@@ -77,3 +77,19 @@ def test_gelu_and_rfa_features_options_reach_every_row(tmp_path):
     assert (
         bench.row_model("forward_softmax", bench.SHAPES["tiny"], 1, 8).attention.kind == "softmax"
     )
+
+
+def test_every_trainable_set_steps_for_at_most_two_forwards(tmp_path):
+    """Goal (b) on every set: the Rademacher update is free, so the step is its population's
+    forwards; frozen lower layers are computed once, not per perturbation."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--seqs", "8", "--protocols", "ABY3", "--rows",
+                              "forward_rfa", "--sets", "--out", str(tmp_path)])  # fmt: skip
+    assert bench.run(args, log=lambda _: None) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    ratios = {r["set"]: r["step_over_two_forwards"] for r in payload["sets"]}
+    assert set(ratios) == set(profile_cases.SET_KINDS)
+    assert all(r <= 1.05 for r in ratios.values()), ratios
+    assert ratios["head"] < 0.6 < ratios["top"] < 0.9 < ratios["full"]  # shared frozen trunk
+    assert all(payload["goals"][f"b set {k} tiny 8 ABY3"]["met"] for k in ratios)
