@@ -214,7 +214,9 @@ def test_adapting_to_a_gelu_stand_in_moves_the_ffn_and_the_spec_must_match(tmp_p
     head = HeadConfig(num_labels=2)
     clf, adapted = load_model(spec, head, 0, log=lambda m: None)
     assert clf.config.gelu_impl == "relu"
-    _, original = load_model(spec.replace(model={**spec.model.model_dump(), "adapted_checkpoint": None}), head, 0, log=lambda m: None)  # fmt: skip
+    logs: list[str] = []
+    _, original = load_model(spec.replace(model={**spec.model.model_dump(), "adapted_checkpoint": None}), head, 0, log=logs.append)  # fmt: skip
+    assert any("model.gelu relu on a checkpoint not adapted to it" in m for m in logs)
     ffn = ("bert", "encoder", "layer", "1", "intermediate", "dense", "kernel")
     pick = lambda p: __import__("functools").reduce(lambda d, k: d[k], ffn, p)  # noqa: E731
     assert not np.allclose(pick(adapted), pick(original))  # the FFN moved too

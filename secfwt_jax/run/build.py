@@ -131,6 +131,11 @@ def model_checkpoint_dir(spec: RunSpec, log: Callable[[str], None] = print):
             f"model owner: no adapted checkpoint at {adapted} (run `secfwt adapt` to make one); "
             "using the base checkpoint: RFA swapped into a softmax-trained model loses accuracy"
         )
+    if spec.model.gelu in ("relu", "quad"):
+        log(
+            f"model owner: model.gelu {spec.model.gelu} on a checkpoint not adapted to it: "
+            "expect a large accuracy loss (docs/cost.md, section 4)"
+        )
     return spec.resolve(spec.model.checkpoint)
 
 
