@@ -84,8 +84,10 @@ def poly_sin_cos_unit(s, *, bound: float, degree: int, scale: float = 1.0, xp=jn
     1. r = `num_doublings(B)`; a polynomial of degree `degree` (cos) / `degree + 1` (sin)
        in s gives S = l sin(B s / 2^r), C = l cos(B s / 2^r) on the base range
        [-B / 2^r, B / 2^r] (width <= BASE_RANGE), with l = scale^(1 / 2^r) folded into its
-       public coefficients. All powers s^1..s^(degree+1) come from one `stacked_powers`
-       (ceil(log2(degree + 1)) multiplies) and both sums from one public tensordot.
+       public coefficients. Both are polynomials in u = s^2: C = c(u), S = s a(u). So
+       u^1..u^(degree/2) come from one `stacked_powers` of u, both sums from one public
+       tensordot, and S from one more product: degree/2 + 1 products per element (4 at
+       degree 6) instead of degree (6) for all the powers of s, in as many rounds.
     2. r double-angle steps, each ONE stacked multiply [S, C] * C:
        S' = 2 S C = l^2 sin(2 theta), C' = 2 C^2 - l^2 = l^2 cos(2 theta). Doubling is an
        addition and l^2 a public constant, so neither costs a truncation; after r steps
@@ -95,9 +97,12 @@ def poly_sin_cos_unit(s, *, bound: float, degree: int, scale: float = 1.0, xp=jn
     r = num_doublings(bound)
     lam = scale ** (0.5**r)
     coeffs = poly_coefficients(bound / 2**r, degree, lam)
-    powers = stacked_powers(s, degree + 1, xp)  # [degree + 1, ...]
-    both = xp.tensordot(xp.asarray(coeffs[:, 1:], dtype=s.dtype), powers, axes=1)
-    sin, cos = both[0], both[1] + coeffs[1, 0]
+    half = degree // 2
+    powers = stacked_powers(s * s, half, xp)  # [u, u^2, ..., u^half], u = s^2
+    # row 0: a(u) - a_0 (sin's s^3, s^5, ... over s), row 1: c(u) - c_0 (cos's s^2, s^4, ...)
+    rows = np.stack([coeffs[0, 3::2], coeffs[1, 2::2]])  # [2, half]
+    both = xp.tensordot(xp.asarray(rows, dtype=s.dtype), powers, axes=1)
+    sin, cos = s * (both[0] + coeffs[0, 1]), both[1] + coeffs[1, 0]
     for _ in range(r):
         prod = xp.stack([sin, cos]) * cos[None]
         lam = lam * lam

@@ -125,7 +125,8 @@ def model_checkpoint_dir(spec: RunSpec, log: Callable[[str], None] = print):
     if adapted is not None:
         if (adapted / "config.json").is_file():
             check_adapted_attention(adapted, spec.model.attention, spec.model.gelu)
-            log(f"model owner: using the attention-adapted checkpoint {adapted}")
+            what = "attention" if spec.model.gelu in ("piecewise", "exact") else f"attention + {spec.model.gelu} GeLU"  # fmt: skip
+            log(f"model owner: using the {what}-adapted checkpoint {adapted}")
             return adapted
         log(
             f"model owner: no adapted checkpoint at {adapted} (run `secfwt adapt` to make one); "
