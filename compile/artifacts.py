@@ -441,6 +441,14 @@ def run_artifact(
     to the one the artifact was compiled for.
     """
     p = preset or preset_from_metadata(artifact.metadata)
+    leaves, visibilities = artifact_inputs(artifact, args)
+    flat = execute(artifact.compiled, leaves, visibilities, p).outputs
+    return jax.tree_util.tree_unflatten(artifact.output_treedef, flat)
+
+
+def artifact_inputs(artifact: Artifact, args: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """(input leaves, SPU visibility of each) for ``args``, checked against the shapes and
+    visibilities the artifact's metadata records (one-line ValueError on a mismatch)."""
     leaves = jax.tree_util.tree_leaves(_canon(args))
     records = [i for i in artifact.metadata["inputs"] if i["arg"] != "constant"]
     if len(leaves) != len(records):
@@ -451,5 +459,4 @@ def run_artifact(
             raise ValueError(f"{rec['name']}: shape {list(leaf.shape)}, expected {rec['shape']}")
         public = rec["visibility"] == "public"
         visibilities.append(spu_pb2.Visibility.VIS_PUBLIC if public else spu_pb2.Visibility.VIS_SECRET)  # fmt: skip
-    flat = execute(artifact.compiled, leaves, visibilities, p).outputs
-    return jax.tree_util.tree_unflatten(artifact.output_treedef, flat)
+    return leaves, visibilities

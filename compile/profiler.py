@@ -44,6 +44,7 @@ import jax
 from secfwt_jax.models.classifier import Classifier
 
 from . import network
+from .artifacts import artifact_inputs, preset_from_metadata
 from .cost import OpCost
 from .profile_cases import (  # noqa: F401  (StepShape and the cases are part of this API)
     StepShape,
@@ -132,6 +133,21 @@ def profile_function(
     return FunctionProfile(
         name, p.name, p.world_size, cost.total_bytes, cost.total_send_actions,
         cost.per_party_bytes, cost.max_rounds, wall, cost.per_op,
+    )  # fmt: skip
+
+
+def profile_artifact(artifact, args: Sequence[Any], preset: ProtocolPreset | None = None) -> FunctionProfile:  # fmt: skip
+    """Run a compiled artifact (`compile.artifacts`) once under SPU with profiling, on
+    ``args`` shared with the visibilities its metadata records, and return its cost: the
+    very bytecode `secfwt finetune` runs. Bytes and rounds depend on shapes only, not on
+    values, so zeros of the right shapes give the cost of every call."""
+    p = preset or preset_from_metadata(artifact.metadata)
+    leaves, visibilities = artifact_inputs(artifact, args)
+    run = execute(artifact.compiled, leaves, visibilities, p, profile=True, reveal=False)
+    cost = run.cost
+    return FunctionProfile(
+        artifact.metadata["name"], p.name, p.world_size, cost.total_bytes,
+        cost.total_send_actions, cost.per_party_bytes, cost.max_rounds, run.seconds, cost.per_op,
     )  # fmt: skip
 
 

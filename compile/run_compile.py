@@ -55,4 +55,55 @@ def compile_run(
     return results
 
 
-__all__ = ["compile_run", "preset_of", "run_programs"]
+def run_calls(spec: RunSpec, programs: list[build.ProgramDef]) -> dict[str, int]:
+    """How often a fresh (not resumed) run of `spec` executes each program: the trunk once
+    per training chunk (and per evaluation chunk, unless `trunk_eval` has their shape),
+    predict before and after tuning on every evaluation chunk, the step (or one CMA-ES
+    population) per step."""
+    train_chunks = spec.data.k * len(spec.data.labels) // spec.tuning.batch_size
+    eval_chunks = -(-spec.evaluation.mpc_examples // spec.evaluation.batch_size)
+    names = {p.name for p in programs}
+    calls = {
+        "trunk": train_chunks + (0 if "trunk_eval" in names else eval_chunks),
+        "trunk_eval": eval_chunks,
+        "predict": 2 * eval_chunks,
+        "spsa_step": spec.tuning.steps,
+        "population_loss": spec.tuning.steps,
+    }
+    return {name: calls[name] for name in names}
+
+
+def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
+    """Bytes and rounds of every program a run of `spec` executes, measured by running its
+    compiled artifact (the one `secfwt finetune` runs, through the same cache) once in the
+    simulator on zeros of the public shapes, and the whole run's cost from the call
+    counts. MPC cost depends on shapes only, so this is the run's cost before any data
+    exists; a SecretFlow cluster run (whose link statistics spu 0.9.3 does not expose)
+    executes the same bytecode."""
+    from . import network
+    from .profiler import profile_artifact
+
+    preset = preset_of(spec)
+    programs = run_programs(spec).needed(spec.tuning.method)
+    calls = run_calls(spec, programs)
+    rows = []
+    for program in programs:
+        job = job_of(program)
+        artifact, _ = compile_cached(job, preset, cache_dir) if cache_dir is not None else (compile_job(job, preset), False)  # fmt: skip
+        prof = profile_artifact(artifact, program.args, preset)
+        top = sorted(prof.per_op.items(), key=lambda kv: -kv[1].bytes)[:5]
+        row = {"program": program.name, "key": artifact.key, "calls": calls[program.name],
+               "bytes_per_call": prof.total_bytes, "rounds_per_call": prof.rounds,
+               "top_ops_bytes": {op: c.bytes for op, c in top}}  # fmt: skip
+        rows.append(row)
+        log(f"  {program.name}: {prof.total_bytes / 1e6:,.1f} MB, {prof.rounds:,.0f} rounds per call "
+            f"x {row['calls']} calls")  # fmt: skip
+    total_bytes = sum(r["bytes_per_call"] * r["calls"] for r in rows)
+    total_rounds = sum(r["rounds_per_call"] * r["calls"] for r in rows)
+    nets = {name: net.estimate(total_bytes / preset.world_size, total_rounds) for name, net in network.PRESETS.items()}  # fmt: skip
+    return {"spec_hash": spec.spec_hash, "protocol": preset.name, "world_size": preset.world_size,
+            "programs": rows, "run_total_bytes": total_bytes, "run_total_rounds": total_rounds,
+            "network_s_without_compute": nets}  # fmt: skip
+
+
+__all__ = ["compile_run", "preset_of", "profile_run", "run_calls", "run_programs"]

@@ -4,7 +4,7 @@
     secfwt cluster launch RUN.yaml            all parties as processes on this host
     secfwt party RUN.yaml --party NAME        one party on its own host
     secfwt adapt RUN.yaml [--text FILE]       the model owner's attention adaptation
-    secfwt compile RUN.yaml --out DIR [--cache-dir DIR | --no-cache]
+    secfwt compile RUN.yaml --out DIR [--profile] [--cache-dir DIR | --no-cache]
     secfwt bench [--shapes ...] [--seqs ...] [--protocols ...] [--out DIR]
 
 Bad input exits non-zero with a one-line `secfwt: error: ...` that names the field.
@@ -129,6 +129,16 @@ def _compile(args: argparse.Namespace) -> int:
             f"  {meta['name']}: key {meta['key'][:16]}... ({how}); inputs {len(meta['inputs'])} "
             f"(secret {secret}), outputs {len(meta['outputs'])} -> {out / meta['name']}"
         )
+    if args.profile:
+        from secfwt_jax.compile.run_compile import profile_run
+        from secfwt_jax.files import write_json_atomic
+
+        print("profile (one call of each program on zeros; cost depends on shapes only):")
+        prof = profile_run(spec, cache)
+        write_json_atomic(out / "profile.json", prof, indent=1)
+        nets = prof["network_s_without_compute"]
+        print(f"whole run: {prof['run_total_bytes'] / 1e9:,.2f} GB, {prof['run_total_rounds']:,.0f} rounds; "
+              f"network alone LAN {nets['lan']:,.0f} s, WAN100 {nets['wan100']:,.0f} s -> {out / 'profile.json'}")  # fmt: skip
     return 0
 
 
@@ -139,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("spec", help="run spec (YAML), see configs/")
     comp.add_argument("--out", required=True, help="directory to write, one artifact folder per program")  # fmt: skip
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    comp.add_argument("--profile", action="store_true",
+                      help="also run each program once on zeros and report its bytes and rounds, and the whole run's")  # fmt: skip
     cache = comp.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     cache.add_argument("--no-cache", action="store_true", help="always compile; no cache")

@@ -44,6 +44,21 @@ def test_the_report_holds_spec_hash_costs_keys_and_curves(tiny_run):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compile_profile_predicts_the_runs_bytes_exactly(tiny_run):
+    """`secfwt compile --profile` runs each cached artifact once on zeros: bytes depend on
+    shapes only, so calls x bytes per call is what the run measured, to the byte."""
+    from secfwt_jax.compile.run_compile import profile_run
+
+    spec, report, out = tiny_run
+    prof = profile_run(spec, out / "cache", log=lambda m: None)
+    measured = report["cost"]["per_program"]
+    assert {r["program"]: r["key"] for r in prof["programs"]} == {k: p["key"] for k, p in report["programs"].items()}  # fmt: skip
+    for row in prof["programs"]:
+        assert row["calls"] == measured[row["program"]]["runs"]
+        assert row["bytes_per_call"] * row["calls"] == measured[row["program"]]["total_bytes"]
+    assert prof["run_total_bytes"] == report["cost"]["total_bytes"]
+
+
 def test_tuned_parameters_are_written_only_at_the_receiver(tiny_run):
     _, report, out = tiny_run
     assert report["tuned_params"]["party"] == "alice"
