@@ -7,35 +7,23 @@ zero; in fixed point (2^-18 absolute precision, feature errors of about 6e-5) a 
 normaliser turns into a large relative error of that token's attention output, and the
 MPC forward drifts from plaintext. This prints, for the bundled all-MiniLM-L6-v2 and each
 given (adapted) checkpoint, under the main job's attention (l2, poly, m = 32) on 64 real
-sentences at 16 tokens: the smallest |normaliser| over real query tokens and heads, and
-its 1st percentile, per layer. Seconds on 2 cores; nothing is written.
+sentences at 16 tokens: the smallest |normaliser| over real query tokens and heads, per
+layer (`tuning.adaptation.rfa_normaliser_floor`, which `secfwt adapt` also checks). Seconds
+on 2 cores; nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-from rfa_fidelity import layer_qkv, sentences
+from rfa_fidelity import sentences
 
 from secfwt_jax.data.batching import encode
-from secfwt_jax.models.attention import rfa_features
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
 from secfwt_jax.models.config import AttentionConfig
+from secfwt_jax.tuning.adaptation import rfa_normaliser_floor
 
 MAIN_JOB_RFA = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32)
-
-
-def normalisers(clf, params, batch) -> list[np.ndarray]:
-    """|phi(q) . sum over real keys of phi(k)| at every real query, per layer."""
-    out = []
-    for layer in range(clf.config.num_layers):
-        (q, k, _), mask = layer_qkv(clf, params, batch, layer)
-        phi_q, phi_k = rfa_features(q, k, mask, clf.config.attention, layer)
-        den = np.einsum("bnhf,bhf->bnh", np.asarray(phi_q), np.asarray(phi_k).sum(axis=1))
-        real = np.asarray(batch["attention_mask"], bool)
-        out.append(np.abs(den[real]).ravel())
-    return out
 
 
 def main() -> None:
@@ -50,10 +38,10 @@ def main() -> None:
         models.append((path, path, gelu or "piecewise"))
     for label, path, gelu in models:
         clf, params = load_pretrained(path, attention=MAIN_JOB_RFA, gelu_impl=gelu)
-        dens = normalisers(clf, params, batch)
-        mins = ", ".join(f"{d.min():.1e}" for d in dens)
-        p1 = ", ".join(f"{np.percentile(d, 1):.2f}" for d in dens)
-        print(f"{label} ({gelu}): min |normaliser| per layer [{mins}]; 1st percentile [{p1}]")
+        floors = rfa_normaliser_floor(clf, params, batch)
+        print(
+            f"{label} ({gelu}): min |normaliser| per layer [{', '.join(f'{f:.1e}' for f in floors)}]"
+        )
 
 
 if __name__ == "__main__":

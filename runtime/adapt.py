@@ -90,6 +90,12 @@ def adapt_checkpoint(
     bar.close()
     after = adaptation.distillation_distance(student, adapted, teacher, params, held_out)
     log(f"held-out hidden-state distance to the original model: {before:.4f} -> {after:.4f}")
+    floors = adaptation.rfa_normaliser_floor(student, adapted, held_out)
+    if floors and min(floors) < adaptation.NORMALISER_FLOOR_WARN:
+        worst = floors.index(min(floors))
+        log(f"warning: RFA normalisers down to {floors[worst]:.1e} in layer {worst} on held-out text: "
+            "the MPC forward will drift from plaintext there (benchmarks/rfa_normalisers.py; "
+            "try other --steps or --lr)")  # fmt: skip
 
     hf = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
     model = FlaxAutoModel.from_config(hf, _do_init=True)
@@ -104,6 +110,7 @@ def adapt_checkpoint(
         "public_rows": len(texts),
         "heldout_distance_before": before,
         "heldout_distance_after": after,
+        "heldout_rfa_normaliser_floor": floors,
         "loss_first": history[0]["loss"],
         "loss_last": history[-1]["loss"],
     }

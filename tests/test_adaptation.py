@@ -72,3 +72,31 @@ def test_adapt_attention_rejects_unknown_param_set(models):
 
 def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_rfa_normaliser_floor_is_the_smallest_real_normaliser_per_layer():
+    import dataclasses
+
+    from secfwt_jax.models.attention import rfa_features
+
+    rfa_normaliser_floor = adaptation.rfa_normaliser_floor
+    rfa = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=8)
+    cfg = ModelConfig(family="bert", vocab_size=40, hidden_size=16, num_layers=2, num_heads=2,
+                      intermediate_size=32, max_positions=16, type_vocab_size=2, attention=rfa)  # fmt: skip
+    clf = Classifier(cfg, HeadConfig(num_labels=2))
+    params = clf.init(3, seq_len=6)
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], np.float32)
+    batch = {"input_ids": rng.integers(1, 40, (2, 6)).astype(np.int32), "attention_mask": mask,
+             "token_type_ids": np.zeros((2, 6), np.int32)}  # fmt: skip
+    floors = rfa_normaliser_floor(clf, params, batch)
+    assert len(floors) == 2
+    # layer 0 by hand: embeddings -> q, k -> features -> phi(q) . sum over real keys phi(k)
+    hidden, key_mask = clf.lower_hidden(params, batch, num_layers=0)
+    proj = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]
+    q, k = (np.asarray(hidden @ proj[n]["kernel"] + proj[n]["bias"]).reshape(2, 6, 2, 8) for n in ("query", "key"))  # fmt: skip
+    phi_q, phi_k = (np.asarray(a) for a in rfa_features(q, k, key_mask, rfa, 0))
+    den = np.einsum("bnhf,bhf->bnh", phi_q, (phi_k * mask[:, :, None, None]).sum(axis=1))
+    np.testing.assert_allclose(floors[0], np.abs(den[mask.astype(bool)]).min(), rtol=1e-5)
+    softmax = Classifier(dataclasses.replace(cfg, attention=AttentionConfig()), HeadConfig(num_labels=2))  # fmt: skip
+    assert rfa_normaliser_floor(softmax, params, batch) == []

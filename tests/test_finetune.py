@@ -170,6 +170,8 @@ def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
     info = adapt_checkpoint(base, texts, tmp_path / "adapted", spec.model.attention, steps=3,
                             learning_rate=1e-3, batch_size=8, max_len=12, log=lambda m: None)  # fmt: skip
     assert info["steps"] == 3 and (tmp_path / "adapted" / "secfwt_adaptation.json").is_file()
+    floors = info["heldout_rfa_normaliser_floor"]  # one per layer, on the held-out rows
+    assert len(floors) == 2 and all(f > 0 for f in floors)
     logs = []
     head = __import__("secfwt_jax.models.heads", fromlist=["HeadConfig"]).HeadConfig(num_labels=2)
     _, adapted = load_model(spec, head, 0, log=logs.append)

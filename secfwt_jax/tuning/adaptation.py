@@ -159,3 +159,34 @@ def _keys_for_trunk(batch: dict) -> dict:
     """Only what the trunk reads (drops labels etc. so jit traces one signature)."""
     keys = ("input_ids", "attention_mask", "token_type_ids")
     return {k: batch[k] for k in keys if k in batch}
+
+
+#: Below this |normaliser| an RFA layer's fixed-point output drifts visibly from plaintext
+#: (an attention-adapted MiniLM at 1.7e-3 lost 3% MPC/plaintext agreement; the base
+#: checkpoint's floor is 0.12). `secfwt adapt` warns under it.
+NORMALISER_FLOOR_WARN = 0.05
+
+
+def rfa_normaliser_floor(classifier: Classifier, params: dict, batch: dict) -> list[float]:
+    """Per layer, the smallest |phi(q) . sum_k phi(k)| over real query tokens and heads.
+
+    Trigonometric random features are not positive, so RFA's normaliser can approach zero;
+    fixed-point errors of the features then become large relative errors of that token's
+    output. Empty for softmax attention or a family without BERT-style q/k projections."""
+    from secfwt_jax.models.attention import rfa_features
+
+    cfg = classifier.config
+    if cfg.attention.kind != "rfa" or cfg.family not in ("bert", "roberta"):
+        return []
+    batch = _keys_for_trunk(batch)
+    real = np.asarray(batch["attention_mask"], bool)
+    shape = (*real.shape, cfg.num_heads, cfg.head_dim)
+    floors = []
+    for layer in range(cfg.num_layers):
+        hidden, mask = classifier.lower_hidden(params, batch, num_layers=layer)
+        proj = params[classifier.trunk_name]["encoder"]["layer"][str(layer)]["attention"]["self"]
+        q, k = ((hidden @ proj[n]["kernel"] + proj[n]["bias"]).reshape(shape) for n in ("query", "key"))  # fmt: skip
+        phi_q, phi_k = rfa_features(q, k, mask, cfg.attention, layer)
+        den = jnp.einsum("bnhf,bhf->bnh", phi_q, jnp.sum(phi_k, axis=1))
+        floors.append(float(np.abs(np.asarray(den))[real].min()))
+    return floors
