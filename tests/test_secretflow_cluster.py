@@ -175,7 +175,7 @@ def test_three_party_spu_inputs_from_two_pyus():
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("stage", ["before_init", "in_session"])
 def test_failed_party_raises_promptly_and_kills_everyone(stage, tmp_path):
     cluster = loopback_cluster(PARTIES, "ABY3")
@@ -194,8 +194,9 @@ def test_failed_party_raises_promptly_and_kills_everyone(stage, tmp_path):
     assert ei.value.party == "bob"
     assert "'bob'" in str(ei.value)
     assert "injected failure in party bob" in str(ei.value)  # its stderr tail is included
-    # alice and carol would block (sf.init barrier / sf.reveal) for a minute or more.
-    assert elapsed < 30, f"failure took {elapsed:.1f}s to surface"
+    # alice and carol would block (sf.init barrier / sf.reveal) for a minute or more; 30.8 s
+    # was seen on a machine at load 24, so the bound leaves room for a loaded CI host.
+    assert elapsed < 50, f"failure took {elapsed:.1f}s to surface"
     assert {pp.party for pp in procs} == set(PARTIES)
     _assert_all_gone(procs)
 
