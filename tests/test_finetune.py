@@ -147,23 +147,29 @@ def test_roberta_and_gpt2_checkpoints_tune_through_finetune(kind, head, trainabl
     assert report["tuned_params"]["party"] == "alice"
 
 
-def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
+def tiny_bert_checkpoint(base: Path) -> Path:
+    """A 2-layer BERT written by `save_pretrained`, with the bundled MiniLM tokenizer."""
     import shutil
 
     from transformers import BertConfig, FlaxBertModel
 
     from secfwt_jax.models.checkpoint import bundled_minilm_dir
-    from secfwt_jax.run.build import load_model
-    from secfwt_jax.run.spec import SpecError
-    from secfwt_jax.runtime.adapt import adapt_checkpoint
 
-    base = tmp_path / "base"
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     FlaxBertModel(cfg, seed=1).save_pretrained(base)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (bundled_minilm_dir() / name).is_file():
             shutil.copy2(bundled_minilm_dir() / name, base / name)
+    return base
+
+
+def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
+    from secfwt_jax.run.build import load_model
+    from secfwt_jax.run.spec import SpecError
+    from secfwt_jax.runtime.adapt import adapt_checkpoint
+
+    base = tiny_bert_checkpoint(tmp_path / "base")
     spec = load_spec(TINY, ["model.architecture=null", f"model.checkpoint={base}",
                             f"model.adapted_checkpoint={tmp_path / 'adapted'}"])  # fmt: skip
     texts = [line.split(",")[0] for line in CSV.read_text().splitlines()[1:60]]
@@ -203,23 +209,12 @@ def test_cma_es_prompt_tuning_runs_through_the_same_command(tmp_path):
 
 
 def test_adapting_to_a_gelu_stand_in_moves_the_ffn_and_the_spec_must_match(tmp_path):
-    import shutil
-
-    from transformers import BertConfig, FlaxBertModel
-
-    from secfwt_jax.models.checkpoint import bundled_minilm_dir
     from secfwt_jax.models.heads import HeadConfig
     from secfwt_jax.run.build import load_model
     from secfwt_jax.run.spec import SpecError
     from secfwt_jax.runtime.adapt import adapt_checkpoint
 
-    base = tmp_path / "base"
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    FlaxBertModel(cfg, seed=1).save_pretrained(base)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (bundled_minilm_dir() / name).is_file():
-            shutil.copy2(bundled_minilm_dir() / name, base / name)
+    base = tiny_bert_checkpoint(tmp_path / "base")
     adapted_dir = tmp_path / "adapted-relu"
     spec = load_spec(TINY, ["model.architecture=null", f"model.checkpoint={base}",
                             f"model.adapted_checkpoint={adapted_dir}", "model.gelu=relu"])  # fmt: skip
