@@ -44,13 +44,17 @@ def adapt_checkpoint(
     batch_size: int = 16,
     max_len: int = 32,
     gelu_impl: str = "piecewise",
+    normaliser_margin: float | None = None,
+    normaliser_weight: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Distil, then write the adapted checkpoint to `out` (temp dir, then rename).
 
     The teacher is the checkpoint as trained (softmax, exact GeLU); the student has
     `attention` and `gelu_impl`. With a GeLU stand-in every transformer layer moves
-    (`adaptation.default_param_set`), else only the attention blocks."""
+    (`adaptation.default_param_set`), else only the attention blocks. The loss keeps RFA's
+    normalisers above `normaliser_margin` (default `adaptation.NORMALISER_MARGIN`, weight
+    `adaptation.NORMALISER_WEIGHT`; weight 0 turns it off)."""
     import optax
     from tqdm.auto import tqdm
     from transformers import AutoConfig, FlaxAutoModel
@@ -62,6 +66,12 @@ def adapt_checkpoint(
 
     if steps < 1:
         raise ValueError("--steps: must be >= 1")
+    margin = adaptation.NORMALISER_MARGIN if normaliser_margin is None else normaliser_margin
+    weight = adaptation.NORMALISER_WEIGHT if normaliser_weight is None else normaliser_weight
+    if not margin > 0:
+        raise ValueError(f"--normaliser-margin: must be positive, got {margin}")
+    if weight < 0:
+        raise ValueError(f"--normaliser-weight: must be >= 0, got {weight}")
     if len(texts) < batch_size + 8:
         raise ValueError(f"--text: {len(texts)} rows is too few for batch {batch_size}")
     head = HeadConfig(num_labels=2)
@@ -85,8 +95,9 @@ def adapt_checkpoint(
 
     stream = loop.cycle_minibatches(corpus, batch_size, seed=0)
     adapted, history = adaptation.adapt_attention(
-        student, params, teacher, batches, steps, schedule, param_set=param_set
-    )
+        student, params, teacher, batches, steps, schedule, param_set=param_set,
+        normaliser_margin=margin, normaliser_weight=weight,
+    )  # fmt: skip
     bar.close()
     after = adaptation.distillation_distance(student, adapted, teacher, params, held_out)
     log(f"held-out hidden-state distance to the original model: {before:.4f} -> {after:.4f}")
@@ -107,6 +118,8 @@ def adapt_checkpoint(
         "param_set": param_set,
         "steps": steps,
         "learning_rate": learning_rate,
+        "normaliser_margin": margin,
+        "normaliser_weight": weight,
         "public_rows": len(texts),
         "heldout_distance_before": before,
         "heldout_distance_after": after,

@@ -88,7 +88,8 @@ def _adapt(args: argparse.Namespace) -> int:
     attention: AttentionConfig = spec.model.attention
     info = adapt_checkpoint(spec.resolve(spec.model.checkpoint), texts, out, attention,
                             steps=args.steps, learning_rate=args.lr, max_len=spec.data.max_len,
-                            gelu_impl=spec.model.gelu)  # fmt: skip
+                            gelu_impl=spec.model.gelu, normaliser_margin=args.normaliser_margin,
+                            normaliser_weight=args.normaliser_weight)  # fmt: skip
     print(json.dumps({"out": str(out), **info}, indent=2))
     return 0
 
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--rows", type=int, default=4000, help="use the first N rows")
     adapt.add_argument("--steps", type=int, default=600)
     adapt.add_argument("--lr", type=float, default=2e-4, help="peak step size (warmup, cosine decay)")  # fmt: skip
+    adapt.add_argument("--normaliser-margin", type=float, default=None,
+                       help="keep RFA normalisers above this on the public text (default 0.1)")  # fmt: skip
+    adapt.add_argument("--normaliser-weight", type=float, default=None,
+                       help="weight of that term in the loss (default 1.0; 0 turns it off)")  # fmt: skip
     adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     adapt.add_argument("--out", help="output directory (default: the spec's model.adapted_checkpoint)")  # fmt: skip
     adapt.set_defaults(run=_adapt)

@@ -100,3 +100,38 @@ def test_rfa_normaliser_floor_is_the_smallest_real_normaliser_per_layer():
     np.testing.assert_allclose(floors[0], np.abs(den[mask.astype(bool)]).min(), rtol=1e-5)
     softmax = Classifier(dataclasses.replace(cfg, attention=AttentionConfig()), HeadConfig(num_labels=2))  # fmt: skip
     assert rfa_normaliser_floor(softmax, params, batch) == []
+
+
+def test_normaliser_shortfall_by_hand():
+    # [L=1, B=1, N=3, heads=2]; the third token is padding and must not count.
+    den = np.array([[[[0.2, 0.05], [0.0, -0.1], [0.0, 0.0]]]], np.float32)
+    mask = np.array([[1, 1, 0]], np.float32)
+    # relu(1 - den / 0.1)^2 per real (token, head): 0, 0.25, 1, 4 -> mean 1.3125
+    got = adaptation.normaliser_shortfall(den, mask, margin=0.1)
+    np.testing.assert_allclose(float(got), 1.3125, rtol=1e-6)
+
+
+def test_normaliser_term_keeps_rfa_normalisers_above_the_margin(models):
+    """Training with the term ends with fewer normalisers under the margin than without."""
+    student, teacher, params = models
+    train, held_out = corpus_batch(seed=0), corpus_batch(seed=1)
+    floor0 = min(adaptation.rfa_normaliser_floor(student, params, held_out))
+    margin = 4 * floor0  # a margin the pretrained tree misses on some tokens
+
+    def shortfall(p, batch):
+        states = adaptation.layer_states(student, p, batch)
+        den = adaptation.rfa_normalisers(student, p, states, batch["attention_mask"])
+        return float(adaptation.normaliser_shortfall(den, batch["attention_mask"], margin))
+
+    runs = {}
+    for weight in (0.0, 1.0):
+        runs[weight], _ = adaptation.adapt_attention(
+            student, params, teacher, train, steps=60, learning_rate=1e-2,
+            normaliser_margin=margin, normaliser_weight=weight,
+        )  # fmt: skip
+    assert shortfall(params, train) > 0
+    assert shortfall(runs[1.0], train) < 0.5 * shortfall(runs[0.0], train)
+    # the distance alone (weight 0) is what distillation_distance reports either way
+    plain = adaptation.distillation_distance(student, runs[1.0], teacher, params, held_out)
+    with_term = adaptation.distillation_loss_fn(student, teacher, params, margin, 1.0)
+    assert float(with_term({}, runs[1.0], {k: held_out[k] for k in ("input_ids", "attention_mask")})) >= plain

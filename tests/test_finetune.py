@@ -178,6 +178,11 @@ def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
     assert info["steps"] == 3 and (tmp_path / "adapted" / "secfwt_adaptation.json").is_file()
     floors = info["heldout_rfa_normaliser_floor"]  # one per layer, on the held-out rows
     assert len(floors) == 2 and all(f > 0 for f in floors)
+    assert (info["normaliser_margin"], info["normaliser_weight"]) == (0.1, 1.0)  # the defaults
+    with pytest.raises(ValueError, match="^--normaliser-margin: must be positive, got 0.0$"):
+        adapt_checkpoint(base, texts, tmp_path / "never", spec.model.attention, steps=1,
+                         batch_size=8, normaliser_margin=0.0, log=lambda m: None)  # fmt: skip
+    assert not (tmp_path / "never").exists()
     logs = []
     head = __import__("secfwt_jax.models.heads", fromlist=["HeadConfig"]).HeadConfig(num_labels=2)
     _, adapted = load_model(spec, head, 0, log=logs.append)

@@ -10,6 +10,13 @@ repairs part of that on their own, with public unlabelled text and their own wei
     h_l^S = the MPC model's hidden states after layer l (student: RFA, maybe relu/quad;
             same weights to start)
     L     = 1/L sum_l  sum_{b,n} m_bn |h_l^S - h_l^T|^2 / (H sum_{b,n} m_bn)
+            + w * 1/L sum_l  mean_{real b,n, heads} relu(1 - den_l / margin)^2
+
+The second term keeps RFA's normalisers den = phi(q) . sum_k phi(k) away from zero.
+Trigonometric features are not positive, and an adaptation that only matches hidden
+states can drive some normalisers towards zero (measured: 1.7e-3 on real text after 600
+steps, against >= 0.12 before); there the fixed-point MPC forward's small feature errors
+become large relative errors. `secfwt adapt` uses margin 0.1 and w = 1 by default.
 
 minimised with `jax.grad` + Adam over a small parameter set (`ADAPT_SETS`); everything
 else stays at the pretrained values. RFA's random directions are public and FIXED: they
@@ -57,21 +64,28 @@ def default_param_set(gelu_impl: str) -> str:
 BatchSource = dict | Callable[[int], dict]
 
 
-def layer_hidden_states(classifier: Classifier, params: dict, batch: dict) -> jnp.ndarray:
-    """Hidden states after every trunk layer: [L, B, N, H] (embeddings excluded)."""
+def layer_states(classifier: Classifier, params: dict, batch: dict) -> jnp.ndarray:
+    """The embeddings' output, then the hidden states after every trunk layer: [L+1, B, N, H].
+
+    Entry l is the input of layer l (post-LN BERT/RoBERTa); entry l+1 is its output."""
     module = trunk_module(classifier.config)
     trunk = {"params": params[classifier.trunk_name]}
     hidden, mask = module.apply(
         trunk, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
         num_layers=0,
     )  # fmt: skip
-    states = []
+    states = [hidden]
     for layer in range(classifier.config.num_layers):
         hidden, mask = module.apply(
             trunk, hidden, mask, embed=False, first_layer=layer, num_layers=1
         )
         states.append(hidden)
     return jnp.stack(states)
+
+
+def layer_hidden_states(classifier: Classifier, params: dict, batch: dict) -> jnp.ndarray:
+    """Hidden states after every trunk layer: [L, B, N, H] (embeddings excluded)."""
+    return layer_states(classifier, params, batch)[1:]
 
 
 def hidden_state_distance(student: jnp.ndarray, teacher: jnp.ndarray, mask) -> jnp.ndarray:
@@ -86,13 +100,41 @@ def _batch_at(source: BatchSource, step: int) -> dict:
     return source(step) if callable(source) else source
 
 
-def distillation_loss_fn(student: Classifier, teacher: Classifier, teacher_params: dict):
-    """(trainable, frozen, batch) -> distillation loss []; the teacher is a constant."""
+def normaliser_shortfall(normalisers: jnp.ndarray, mask, margin: float) -> jnp.ndarray:
+    """Mean over layers, real tokens and heads of relu(1 - den / margin)^2 ([L, B, N, h] -> []).
+
+    0 when every normaliser is at least `margin`; 1 per token at den = 0 (more if negative)."""
+    weights = jnp.asarray(mask, jnp.float32)[None, :, :, None]
+    short = jnp.square(jax.nn.relu(1.0 - normalisers / margin))
+    per_layer = jnp.sum(weights * short, axis=(1, 2, 3)) / (jnp.sum(weights) * normalisers.shape[-1])
+    return jnp.mean(per_layer)
+
+
+def distillation_loss_fn(
+    student: Classifier,
+    teacher: Classifier,
+    teacher_params: dict,
+    normaliser_margin: float = 0.0,
+    normaliser_weight: float = 0.0,
+):
+    """(trainable, frozen, batch) -> loss []; the teacher is a constant.
+
+    The loss is the hidden-state distance, plus `normaliser_weight` times the student's RFA
+    normaliser shortfall below `normaliser_margin` (`normaliser_shortfall`) when both are
+    positive and the student has RFA normalisers (`rfa_normalisers`)."""
+    penalise = normaliser_margin > 0 and normaliser_weight > 0 and _has_normalisers(student)
 
     def loss(trainable, frozen, batch):
         target = jax.lax.stop_gradient(layer_hidden_states(teacher, teacher_params, batch))
-        states = layer_hidden_states(student, tr.merge(trainable, frozen), batch)
-        return hidden_state_distance(states, target, batch["attention_mask"])
+        merged = tr.merge(trainable, frozen)
+        states = layer_states(student, merged, batch)
+        total = hidden_state_distance(states[1:], target, batch["attention_mask"])
+        if penalise:
+            den = rfa_normalisers(student, merged, states[:-1], batch["attention_mask"])
+            total = total + normaliser_weight * normaliser_shortfall(
+                den, batch["attention_mask"], normaliser_margin
+            )
+        return total
 
     return loss
 
@@ -107,6 +149,8 @@ def adapt_attention(
     param_set: str = "attention",
     teacher_params: dict | None = None,
     log: Callable[[str], None] | None = None,
+    normaliser_margin: float = 0.0,
+    normaliser_weight: float = 0.0,
 ) -> tuple[dict, list[dict]]:
     """Distil the RFA `student` towards the softmax `teacher` on public unlabelled text.
 
@@ -119,6 +163,8 @@ def adapt_attention(
       steps, learning_rate: Adam steps and constant step size.
       param_set: a key of `ADAPT_SETS`.
       teacher_params: the teacher's tree (default: `params`).
+      normaliser_margin, normaliser_weight: keep the student's RFA normalisers above the
+        margin (`distillation_loss_fn`); 0 turns the term off.
 
     Returns:
       (adapted params, history [{step, loss}]) where loss is the value before the step.
@@ -127,7 +173,9 @@ def adapt_attention(
         raise ValueError(f"adaptation.param_set: unknown {param_set!r}; use {sorted(ADAPT_SETS)}")
     teacher_params = params if teacher_params is None else teacher_params
     trainable, frozen = tr.partition(params, ADAPT_SETS[param_set])
-    loss_fn = distillation_loss_fn(student, teacher, teacher_params)
+    loss_fn = distillation_loss_fn(
+        student, teacher, teacher_params, normaliser_margin, normaliser_weight
+    )
     opt = optax.adam(learning_rate)
 
     @jax.jit
@@ -165,6 +213,37 @@ def _keys_for_trunk(batch: dict) -> dict:
 #: (an attention-adapted MiniLM at 1.7e-3 lost 3% MPC/plaintext agreement; the base
 #: checkpoint's floor is 0.12). `secfwt adapt` warns under it.
 NORMALISER_FLOOR_WARN = 0.05
+#: `secfwt adapt`'s defaults for the normaliser term of the loss: twice the warning level,
+#: and a weight at which a token with den = 0 costs 20x the adapted model's hidden-state
+#: distance (about 0.05 on MiniLM).
+NORMALISER_MARGIN = 0.1
+NORMALISER_WEIGHT = 1.0
+
+
+def _has_normalisers(classifier: Classifier) -> bool:
+    cfg = classifier.config
+    return cfg.attention.kind == "rfa" and cfg.family in ("bert", "roberta")
+
+
+def rfa_normalisers(classifier: Classifier, params: dict, layer_inputs, mask) -> jnp.ndarray:
+    """RFA's normaliser phi(q) . sum_k phi(k) per layer, token and head: [L, B, N, heads].
+
+    `layer_inputs` [L(+1), B, N, H] holds each layer's input (`layer_states`); `mask` [B, N]
+    marks real tokens (padded keys are left out of the sum, as in the forward)."""
+    from secfwt_jax.models.attention import rfa_features
+
+    cfg = classifier.config
+    mask = jnp.asarray(mask, jnp.float32)
+    shape = (*mask.shape, cfg.num_heads, cfg.head_dim)
+    layers = params[classifier.trunk_name]["encoder"]["layer"]
+    out = []
+    for layer in range(cfg.num_layers):
+        proj = layers[str(layer)]["attention"]["self"]
+        hidden = layer_inputs[layer]
+        q, k = ((hidden @ proj[n]["kernel"] + proj[n]["bias"]).reshape(shape) for n in ("query", "key"))  # fmt: skip
+        phi_q, phi_k = rfa_features(q, k, mask, cfg.attention, layer)
+        out.append(jnp.einsum("bnhf,bhf->bnh", phi_q, jnp.sum(phi_k, axis=1)))
+    return jnp.stack(out)
 
 
 def rfa_normaliser_floor(classifier: Classifier, params: dict, batch: dict) -> list[float]:
@@ -173,20 +252,10 @@ def rfa_normaliser_floor(classifier: Classifier, params: dict, batch: dict) -> l
     Trigonometric random features are not positive, so RFA's normaliser can approach zero;
     fixed-point errors of the features then become large relative errors of that token's
     output. Empty for softmax attention or a family without BERT-style q/k projections."""
-    from secfwt_jax.models.attention import rfa_features
-
-    cfg = classifier.config
-    if cfg.attention.kind != "rfa" or cfg.family not in ("bert", "roberta"):
+    if not _has_normalisers(classifier):
         return []
     batch = _keys_for_trunk(batch)
     real = np.asarray(batch["attention_mask"], bool)
-    shape = (*real.shape, cfg.num_heads, cfg.head_dim)
-    floors = []
-    for layer in range(cfg.num_layers):
-        hidden, mask = classifier.lower_hidden(params, batch, num_layers=layer)
-        proj = params[classifier.trunk_name]["encoder"]["layer"][str(layer)]["attention"]["self"]
-        q, k = ((hidden @ proj[n]["kernel"] + proj[n]["bias"]).reshape(shape) for n in ("query", "key"))  # fmt: skip
-        phi_q, phi_k = rfa_features(q, k, mask, cfg.attention, layer)
-        den = jnp.einsum("bnhf,bhf->bnh", phi_q, jnp.sum(phi_k, axis=1))
-        floors.append(float(np.abs(np.asarray(den))[real].min()))
-    return floors
+    states = layer_states(classifier, params, batch)
+    den = np.abs(np.asarray(rfa_normalisers(classifier, params, states, batch["attention_mask"])))
+    return [float(d[real].min()) for d in den]
