@@ -134,4 +134,7 @@ def test_normaliser_term_keeps_rfa_normalisers_above_the_margin(models):
     # the distance alone (weight 0) is what distillation_distance reports either way
     plain = adaptation.distillation_distance(student, runs[1.0], teacher, params, held_out)
     with_term = adaptation.distillation_loss_fn(student, teacher, params, margin, 1.0)
-    assert float(with_term({}, runs[1.0], {k: held_out[k] for k in ("input_ids", "attention_mask")})) >= plain
+    assert (
+        float(with_term({}, runs[1.0], {k: held_out[k] for k in ("input_ids", "attention_mask")}))
+        >= plain
+    )

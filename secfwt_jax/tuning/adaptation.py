@@ -106,7 +106,9 @@ def normaliser_shortfall(normalisers: jnp.ndarray, mask, margin: float) -> jnp.n
     0 when every normaliser is at least `margin`; 1 per token at den = 0 (more if negative)."""
     weights = jnp.asarray(mask, jnp.float32)[None, :, :, None]
     short = jnp.square(jax.nn.relu(1.0 - normalisers / margin))
-    per_layer = jnp.sum(weights * short, axis=(1, 2, 3)) / (jnp.sum(weights) * normalisers.shape[-1])
+    per_layer = jnp.sum(weights * short, axis=(1, 2, 3)) / (
+        jnp.sum(weights) * normalisers.shape[-1]
+    )
     return jnp.mean(per_layer)
 
 
