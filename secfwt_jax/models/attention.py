@@ -17,7 +17,7 @@ import numpy as np
 
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.feature_maps import (
-    l2_normalize,
+    inverse_norm,
     positive_features,
     random_directions,
     trig_features,
@@ -55,10 +55,12 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False):
     return out * jnp.reciprocal(jnp.transpose(denom, (0, 2, 1)))[..., None]
 
 
-def _trig(x, w, cfg: AttentionConfig, *, guaranteed_bound: bool):
+def _trig(x, w, cfg: AttentionConfig, *, guaranteed_bound: bool, row_scale=None):
     """Trig features; the poly path clips only when |w^T x| has no guaranteed bound."""
     bound = None if guaranteed_bound else cfg.poly_bound
-    return trig_features(x, w, trig=cfg.trig, bound=bound, degree=cfg.poly_degree)
+    return trig_features(
+        x, w, trig=cfg.trig, bound=bound, degree=cfg.poly_degree, row_scale=row_scale
+    )
 
 
 def rfa_features(q, k, key_mask, cfg: AttentionConfig, layer: int):
@@ -73,7 +75,9 @@ def rfa_features(q, k, key_mask, cfg: AttentionConfig, layer: int):
     w = random_directions(cfg.seed, layer, num_heads, head_dim, cfg.num_features, cfg.sigma)
     qk = jnp.concatenate([q, k], axis=0)
     if cfg.variant == "l2":
-        phi = _trig(l2_normalize(qk), w, cfg, guaranteed_bound=True)
+        # sin/cos of w^T (x / |x|), the 1/|x| applied after the projection (m products
+        # per row, not D); |w^T x| / |x| <= |w| still bounds the argument.
+        phi = _trig(qk, w, cfg, guaranteed_bound=True, row_scale=inverse_norm(qk))
         phi_q, phi_k = phi[:batch], phi[batch:]
     else:
         # exp(q.k / sqrt(d)) = exp(q'.k') with x' = x / d^(1/4).

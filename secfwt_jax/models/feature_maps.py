@@ -127,13 +127,25 @@ def poly_sin_cos(t, *, bound: float, degree: int):
     return poly_sin_cos_unit(s, bound=bound, degree=degree)
 
 
+def inverse_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """1 / |x| over the last axis, kept as a trailing axis of size 1 (one refined rsqrt)."""
+    return refined_rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     """x / |x| over the last axis (one rsqrt, refined; no division)."""
-    return x * refined_rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    return x * inverse_norm(x, eps)
 
 
-def trig_features(x, w, *, trig: str = "exact", bound: float | None = None, degree: int = 6):
+def trig_features(
+    x, w, *, trig: str = "exact", bound: float | None = None, degree: int = 6, row_scale=None
+):
     """[sin(w^T x), cos(w^T x)] / sqrt(m): x [B, N, H, D], w [H, D, m] -> [B, N, H, 2m].
+
+    `row_scale` [B, N, H, 1] multiplies each row after the projection: w^T (r x) = r w^T x.
+    The l2 variant passes r = 1/|x| (`inverse_norm`) so that the scaling costs one product
+    per feature (m) instead of one per coordinate (D); under MPC each is a secret product
+    with a truncation, so at m = 32, D = 64 this halves it.
 
     trig "exact": jnp.sin / jnp.cos. trig "poly": `bound` None means |w^T x| <= max_j |w_j|
     is guaranteed (|x| <= 1, the l2 variant; Cauchy-Schwarz), so that bound is used and
@@ -143,10 +155,14 @@ def trig_features(x, w, *, trig: str = "exact", bound: float | None = None, degr
     scale = 1.0 / np.sqrt(w.shape[-1])
     if trig == "exact":
         t = project(x, w)
+        if row_scale is not None:
+            t = t * row_scale
         return jnp.concatenate([jnp.sin(t), jnp.cos(t)], axis=-1) * scale
     clip = bound is not None
     bound = float(bound) if clip else float(np.linalg.norm(w, axis=1).max())
     s = project(x, (np.asarray(w) / bound).astype(np.float32))
+    if row_scale is not None:
+        s = s * row_scale
     if clip:
         s = jnp.clip(s, -1.0, 1.0)
     sin, cos = poly_sin_cos_unit(s, bound=bound, degree=degree, scale=scale)
