@@ -12,7 +12,7 @@ import flax.traverse_util as traverse
 import jax
 import numpy as np
 
-from secfwt_jax.models.classifier import Classifier, cross_entropy
+from secfwt_jax.models.classifier import Classifier, cross_entropy, cross_entropy_loss
 from secfwt_jax.models.encoder import Embeddings, LayerNorm, SelfAttention, activation_fn
 from secfwt_jax.models.heads import dense
 from secfwt_jax.tuning import backprop, sets, spsa, trainable
@@ -69,10 +69,8 @@ def is_trainable(shape: StepShape) -> Callable[[str], bool]:
 
 
 def make_loss(classifier: Classifier):
-    def loss_fn(t, f, batch):
-        return cross_entropy(classifier.logits(trainable.merge(t, f), batch), batch["labels"])
-
-    return loss_fn
+    """The loss over a (trainable, frozen) split of the classifier's own tree."""
+    return cross_entropy_loss(lambda t, f, b: classifier.logits(trainable.merge(t, f), b))
 
 
 def spsa_update(
@@ -213,17 +211,16 @@ def prompt_problem(classifier: Classifier, params: dict) -> sets.TuningProblem:
     return sets.build_problem(spec, classifier, params, embed_std=0.02)
 
 
-def problem_loss(problem: sets.TuningProblem):
-    return lambda t, f, b: cross_entropy(problem.logits(t, f, b), b["labels"])
-
-
 def prompt_backprop_case(
     classifier: Classifier, params: dict, shape: StepShape, seed: int = 0, optimizer="adam"
 ):
     """Gradient prompt tuning: jax.grad through the whole model to the prompt subspace z
     (`PROMPT_LENGTH` tokens), optax ``optimizer``; everything but the step size secret."""
     problem = prompt_problem(classifier, params)
-    opt, loss_fn = backprop.make_optimizer(optimizer, shape.learning_rate), problem_loss(problem)
+    opt, loss_fn = (
+        backprop.make_optimizer(optimizer, shape.learning_rate),
+        cross_entropy_loss(problem.logits),
+    )
 
     def prompt_backprop_step(t, f, batch):
         new, _, info = backprop.backprop_step(loss_fn, opt, t, f, batch, opt.init(t))
@@ -239,7 +236,7 @@ def cma_generation_case(
     """One CMA-ES generation: the losses of ``population`` public prompt candidates (one
     batched forward); the model, data and labels secret."""
     problem = prompt_problem(classifier, params)
-    loss_fn = problem_loss(problem)
+    loss_fn = cross_entropy_loss(problem.logits)
     rng = np.random.default_rng([seed, 7])
     candidates = _normal(rng, (population, INTRINSIC_DIM))
 
@@ -257,7 +254,7 @@ def cached_trunk_case(classifier: Classifier, params: dict, shape: StepShape, se
     batch = synthetic_batch(classifier, shape, seed)
     rng = np.random.default_rng([seed, 9])
     batch["hidden"] = _normal(rng, (shape.batch_size, shape.seq_len, classifier.config.hidden_size))
-    loss_fn = problem_loss(problem)
+    loss_fn = cross_entropy_loss(problem.logits)
     config = spsa.SpsaConfig(
         eps=shape.eps, num_directions=shape.num_directions, directions=shape.directions
     )
@@ -282,7 +279,7 @@ def set_cases(classifier: Classifier, params: dict, shape: StepShape, kind: str,
     size secret."""
     spec = sets.TrainableSpec(kind, prompt_length=PROMPT_LENGTH, intrinsic_dim=INTRINSIC_DIM)
     problem = sets.build_problem(spec, classifier, params, embed_std=0.02)
-    loss_fn = problem_loss(problem)
+    loss_fn = cross_entropy_loss(problem.logits)
     config = spsa.SpsaConfig(
         eps=shape.eps, num_directions=shape.num_directions, directions=shape.directions
     )

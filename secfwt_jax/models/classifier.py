@@ -160,5 +160,12 @@ def cross_entropy(logits, labels_onehot):
     return -jnp.mean(jnp.sum(labels_onehot * log_probs, axis=-1))
 
 
+def cross_entropy_loss(logits_fn):
+    """The tuning loss, defined once: (trainable, frozen, batch) -> mean cross-entropy of
+    `logits_fn(trainable, frozen, batch)` against `batch["labels"]`. Every step (SPSA,
+    CMA-ES, backprop, plaintext or under SPU) and the cost cases use it."""
+    return lambda t, f, b: cross_entropy(logits_fn(t, f, b), b["labels"])
+
+
 def accuracy(logits, labels_onehot):
     return jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels_onehot, -1))

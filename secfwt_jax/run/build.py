@@ -40,7 +40,7 @@ from secfwt_jax.data.loaders import DataError, LabelledText, load_labelled
 from secfwt_jax.data.sampling import k_shot_splits
 from secfwt_jax.data.templates import PromptTemplate
 from secfwt_jax.models import checkpoint
-from secfwt_jax.models.classifier import Classifier, cross_entropy
+from secfwt_jax.models.classifier import Classifier, cross_entropy_loss
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
 from secfwt_jax.run.spec import RunSpec, SpecError
@@ -483,8 +483,7 @@ def build_programs(
     def make(*fields) -> ProgramDef:
         return ProgramDef(*fields, description=desc, known_constants=known)
 
-    def loss_fn(t, f, b):
-        return cross_entropy(problem.logits(t, f, b), b["labels"])
+    loss_fn = cross_entropy_loss(problem.logits)
 
     def step(t, f, x, y, z, lr):
         # Only the new (secret) parameters and the batch loss leave the step.

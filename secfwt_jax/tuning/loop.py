@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from secfwt_jax.data.batching import iterate_minibatches
-from secfwt_jax.models.classifier import accuracy, cross_entropy
+from secfwt_jax.models.classifier import accuracy, cross_entropy, cross_entropy_loss
 from secfwt_jax.models.heads import pool
 from secfwt_jax.tuning import backprop, cmaes, spsa, spsa_inplace
 from secfwt_jax.tuning.schedules import ScheduleConfig, make_schedule
@@ -50,7 +50,7 @@ BACKPROP_FORWARD_EQUIVALENTS = 3
 
 def problem_loss(problem: TuningProblem) -> spsa.LossFn:
     """Mean cross-entropy of `problem.logits`: (trainable, frozen, batch) -> []."""
-    return lambda t, f, b: cross_entropy(problem.logits(t, f, b), b["labels"])
+    return cross_entropy_loss(problem.logits)
 
 
 def _batch_at(source: BatchSource, step: int) -> dict:
