@@ -345,7 +345,7 @@ def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
         losses_held.append(backend.at(do, lambda x: float(np.min(x)), held))
         value = backend.local(losses_held[-1])
         bar.update(backend.cost, value)
-    best_h = backend.at(do, cmaes.best, es_h)
+    best_h = backend.at(do, cmaes.solution, es_h)
     return backend.share(best_h), losses_held
 
 

@@ -211,3 +211,20 @@ def test_backprop_baseline_reduces_the_training_loss():
     with pytest.raises(ValueError, match="optimizer"):
         backprop.make_optimizer("rmsprop", 1.0)
     assert isinstance(opt, optax.GradientTransformation)
+
+
+def test_cma_solution_is_the_distribution_mean_not_a_lucky_candidate():
+    """Each generation is scored on one minibatch, so every candidate of a generation
+    shares that minibatch's luck. Ranks within a generation are unaffected, but the best
+    loss ever seen belongs to the easiest minibatch: `xbest` sticks there, while the
+    distribution mean (`cmaes.solution`) keeps converging."""
+    target = np.linspace(-1, 1, 6)
+    rng = np.random.default_rng(0)
+    es = cmaes.start_strategy(6, cmaes.CmaConfig(population=8, sigma0=0.5, generations=120))
+    for _ in range(120):
+        candidates = cmaes.ask(es)
+        luck = rng.normal(0.0, 0.5)  # this generation's minibatch, shared by its candidates
+        cmaes.tell(es, candidates, np.sum((candidates - target) ** 2, axis=1) + luck)
+    z = cmaes.solution(es)["z"]
+    np.testing.assert_array_equal(z, np.asarray(es.mean, np.float32))
+    assert np.sum((z - target) ** 2) < 0.1 * np.sum((es.result.xbest - target) ** 2)

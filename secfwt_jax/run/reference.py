@@ -91,7 +91,7 @@ def plaintext_reference(
             values = np.asarray(population_loss({"z": candidates}, frozen, train_x[k], data.train_labels[k]))  # fmt: skip
             cmaes.tell(es, candidates, values)
             losses.append(float(values.min()))
-        theta = cmaes.best(es)
+        theta = cmaes.solution(es)
     after = scores(theta)
     change = relative_gap(build.flatten(theta), build.flatten(initial))
     return {"before": before, "after": after, "losses": losses, "theta": theta, "relative_param_change": change}  # fmt: skip

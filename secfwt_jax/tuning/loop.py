@@ -196,7 +196,8 @@ def train_cma_prompt(
     """CMA-ES over the subspace prompt z (`problem.spec.kind == 'prompt'`).
 
     Each generation's candidates are scored by ONE batched forward
-    (`evaluate_population` over stacked {'z': [P, d]}). Returns ({'z': best z}, history).
+    (`evaluate_population` over stacked {'z': [P, d]}). Returns ({'z': the search
+    distribution's mean}, history); see `cmaes.solution` for why not the best candidate.
     """
     if set(problem.trainable) != {"z"}:
         raise ValueError("train_cma_prompt: needs a 'prompt' problem (trainable {'z'})")
@@ -214,7 +215,7 @@ def train_cma_prompt(
     history = [
         {**h, "forwards": cma_cfg.population * (h["generation"] + 1)} for h in result.history
     ]
-    return {"z": jnp.asarray(result.best_z)}, history
+    return {"z": jnp.asarray(result.mean_z)}, history
 
 
 def pooled_features(classifier, params, batch: dict, chunk: int = 64) -> np.ndarray:
