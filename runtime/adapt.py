@@ -106,7 +106,7 @@ def adapt_checkpoint(
         worst = floors.index(min(floors))
         log(f"warning: RFA normalisers down to {floors[worst]:.1e} in layer {worst} on held-out text: "
             "the MPC forward will drift from plaintext there (benchmarks/rfa_normalisers.py; "
-            "try other --steps or --lr)")  # fmt: skip
+            "raise --normaliser-weight or --normaliser-margin)")  # fmt: skip
 
     hf = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
     model = FlaxAutoModel.from_config(hf, _do_init=True)
