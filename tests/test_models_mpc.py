@@ -126,3 +126,26 @@ def test_l2_poly_rfa_program_has_no_comparison_and_no_spu_trig():
         assert op not in text, op
     res = simulator.mpc_run(attention, (q, k, v), preset=protocols.preset("SEMI2K"))
     np.testing.assert_allclose(res.outputs, attention(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # 3 rows < D/2: one Gram matrix; 40: elementwise
+def test_sum_of_squares_matches_plaintext_and_the_gram_path_sends_less(rows):
+    import jax.numpy as jnp
+
+    from secfwt_jax.compile import profiler
+    from secfwt_jax.models.mpc_ops import sum_of_squares
+
+    x = np.random.default_rng(rows).normal(size=(rows, 32)).astype(np.float32)
+    expected = (x.astype(np.float64) ** 2).sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(sum_of_squares(x)), expected, rtol=1e-5)
+    preset = protocols.preset("ABY3")
+    out = simulator.mpc_run(sum_of_squares, (x,), preset=preset).outputs
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    ours = profiler.profile_function(sum_of_squares, (x,), (), preset).total_bytes
+    elementwise = profiler.profile_function(
+        lambda a: jnp.sum(a * a, axis=-1, keepdims=True), (x,), (), preset
+    ).total_bytes
+    if rows == 3:  # 9 Gram outputs against 96 truncated products
+        assert ours < elementwise / 5
+    else:
+        assert ours == elementwise

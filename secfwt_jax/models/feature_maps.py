@@ -24,7 +24,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from secfwt_jax.models.mpc_ops import refined_rsqrt
+from secfwt_jax.models.mpc_ops import refined_rsqrt, sum_of_squares
 
 
 def random_directions(
@@ -129,7 +129,7 @@ def poly_sin_cos(t, *, bound: float, degree: int):
 
 def inverse_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     """1 / |x| over the last axis, kept as a trailing axis of size 1 (one refined rsqrt)."""
-    return refined_rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    return refined_rsqrt(sum_of_squares(x) + eps)
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:

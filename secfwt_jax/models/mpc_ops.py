@@ -38,14 +38,13 @@ def layer_norm(x: jnp.ndarray, scale, bias, eps: float) -> jnp.ndarray:
     with c = x - mean. Typical LayerNorm inputs have variances of 1e-3..1e-2 (BERT
     embeddings), which fixed point holds to only ~1e-3 relative, while sum(c^2) is n times
     larger. Measured on all-MiniLM-L6-v2's embedding LayerNorm under SEMI2K FM64: relative
-    error 5.4e-4 with the textbook form, 6e-5 with this one. The sum of squares is an
-    elementwise product and a reduce, not an einsum: SPU truncates once after the reduce
-    either way, but it runs a batched dot_general as a loop with 2 rounds per row (41 vs 87
-    rounds for 24 rows here; the demo SPSA step went from 2,781 to 1,062 rounds).
+    error 5.4e-4 with the textbook form, 6e-5 with this one. The sum of squares is
+    `sum_of_squares`: one 2-D Gram matrix when the rows are few, else elementwise (never a
+    batched einsum, which SPU runs as a loop with 2 rounds per row).
     """
     n = x.shape[-1]
     centred = x - jnp.mean(x, axis=-1, keepdims=True)
-    sum_sq = jnp.sum(centred * centred, axis=-1, keepdims=True)
+    sum_sq = sum_of_squares(centred)
     inv_std = refined_rsqrt(sum_sq + n * eps) * np.float32(np.sqrt(n))
     return centred * inv_std * scale + bias
 
@@ -152,6 +151,27 @@ def packed_matmul(a: jnp.ndarray, b: jnp.ndarray, limit: int = PACK_LIMIT) -> jn
     stacked = b.reshape(c, s * k, n)
     out = diag[0] @ stacked[0] if c == 1 else jnp.einsum("cmk,ckn->cmn", diag, stacked)
     return out.reshape(g, m, n)
+
+
+def sum_of_squares(x: jnp.ndarray) -> jnp.ndarray:
+    """sum(x * x) over the last axis: [..., D] -> [..., 1].
+
+    Elementwise x * x costs a product AND a truncation per element under MPC (ABY3 FM64:
+    88 B per element, measured); a matmul truncates once per OUTPUT, after accumulating.
+    So when the R rows are fewer than D / 2, the sums are the diagonal of the one Gram
+    matrix X X^T [R, R] (R^2 outputs instead of R D products; the diagonal is a select on
+    a public mask: local), e.g. a BERT-base LayerNorm at 128 tokens: 8.65 -> 1.44 MB.
+    Otherwise elementwise. (Smaller Gram blocks would need packing whose [M, big K] x
+    [big K, few] products SPU 0.9.3 computes 15x slower than square ones, or a loop with
+    rounds per block.) More precise too: one truncation after the sum, not D before it."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead))
+    if 2 * rows >= d:
+        return jnp.sum(x * x, axis=-1, keepdims=True)
+    flat = x.reshape(rows, d)
+    gram = flat @ flat.T
+    diag = jnp.sum(jnp.where(np.eye(rows, dtype=bool), gram, jnp.zeros_like(gram)), axis=-1)
+    return diag.reshape(*lead, 1)
 
 
 def heads_matmul(a: jnp.ndarray, b: jnp.ndarray, spec: str) -> jnp.ndarray:
