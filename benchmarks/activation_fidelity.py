@@ -10,7 +10,8 @@ cores. Writes benchmarks/results/activation_fidelity.json and prints markdown.
 
 1. MPC cost of one GeLU element, ABY3 and SEMI2K FM64, for each `ModelConfig.gelu_impl`.
 2. The bundled all-MiniLM-L6-v2 with the main job's attention (RFA l2, poly, m = 32) and
-   each GeLU, before and after the model owner's adaptation, against the original model
+   each GeLU, before and after the model owner's adaptation (an adapted checkpoint runs
+   with the attention its secfwt_adaptation.json records, e.g. m = 16), against the original model
    (softmax, exact GeLU), on the bundled sentiment corpus at the main job's 16 tokens:
    - the cosine of the mean-pooled sentence embeddings with the original's (500 test rows);
    - frozen-feature probe accuracy on the same stratified 500-row test split (seed 13): a
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from secfwt_jax.files import write_json_atomic
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
 from secfwt_jax.models.config import GELU_IMPLS, AttentionConfig
 from secfwt_jax.models.encoder import activation_fn
+from secfwt_jax.run.build import ADAPTATION_FILE
 
 RESULTS = Path(__file__).parent / "results" / "activation_fidelity.json"
 MAIN_JOB_RFA = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32)
@@ -129,6 +132,15 @@ def markdown(costs: list[dict], models: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def adapted_attention(path: Path) -> AttentionConfig:
+    """The attention settings an adapted checkpoint was made for (its secfwt_adaptation.json;
+    the main job's when the file is absent)."""
+    info = path / ADAPTATION_FILE
+    if not info.is_file():
+        return MAIN_JOB_RFA
+    return AttentionConfig(**json.loads(info.read_text())["attention"])
+
+
 def variants_from(adapted: list[str]) -> list[tuple[str, Path, AttentionConfig, str]]:
     base = bundled_minilm_dir()
     out = [("original (softmax, exact GeLU)", base, AttentionConfig(kind="softmax"), "exact")]
@@ -140,7 +152,8 @@ def variants_from(adapted: list[str]) -> list[tuple[str, Path, AttentionConfig, 
         if not (Path(path) / "config.json").is_file():
             print(f"--adapted: no checkpoint at {path}; skipped")
             continue
-        out.append((f"RFA m=32, {gelu} GeLU, adapted", Path(path), MAIN_JOB_RFA, gelu))
+        attention = adapted_attention(Path(path))
+        out.append((f"RFA m={attention.num_features}, {gelu} GeLU, adapted", Path(path), attention, gelu))  # fmt: skip
     return out
 
 
