@@ -75,10 +75,12 @@ def test_train_backprop_lowers_training_loss_and_evaluates_periodically(model):
     eval_fn = lambda t: loop.evaluate(problem, t, batch)  # noqa: E731
     trainable, history = loop.train_backprop(
         problem, loop.cycle_minibatches(batch, 8, seed=0), "adam",
-        ScheduleConfig(peak=0.05, total_steps=80), steps=80, eval_fn=eval_fn, eval_every=40,
+        ScheduleConfig(peak=0.01, total_steps=100), steps=100, eval_fn=eval_fn, eval_every=50,
     )  # fmt: skip
-    assert [h["step"] for h in history if "eval" in h] == [0, 40, 79]
-    assert history[-1]["forwards"] == 80 * loop.BACKPROP_FORWARD_EQUIVALENTS
+    # (step size 0.01: at 0.05 this tiny RFA model's loss after 80 steps swung between 0.07x
+    # and 0.6x of the start with float32 rounding changes alone; at 0.01 it is 0.22-0.27x)
+    assert [h["step"] for h in history if "eval" in h] == [0, 50, 99]
+    assert history[-1]["forwards"] == 100 * loop.BACKPROP_FORWARD_EQUIVALENTS
     assert loop.evaluate(problem, trainable, batch)["loss"] < 0.5 * initial_loss(problem, batch)
 
 
