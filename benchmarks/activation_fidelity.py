@@ -11,8 +11,9 @@ cores. Writes benchmarks/results/activation_fidelity.json and prints markdown.
 1. MPC cost of one GeLU element, ABY3 and SEMI2K FM64, for each `ModelConfig.gelu_impl`.
 2. The bundled all-MiniLM-L6-v2 with the main job's attention (RFA l2, poly, m = 32) and
    each GeLU, before and after the model owner's adaptation (an adapted checkpoint runs
-   with the attention its secfwt_adaptation.json records, e.g. m = 16), against the original model
-   (softmax, exact GeLU), on the bundled sentiment corpus at the main job's 16 tokens:
+   with the attention its secfwt_adaptation.json records, e.g. m = 16), against the
+   original model (softmax, exact GeLU), on the bundled sentiment corpus at the main
+   job's 16 tokens:
    - the cosine of the mean-pooled sentence embeddings with the original's (500 test rows);
    - frozen-feature probe accuracy on the same stratified 500-row test split (seed 13): a
      logistic regression (scikit-learn, C = 1 on standardised features) trained on
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from secfwt_jax.files import write_json_atomic
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
 from secfwt_jax.models.config import GELU_IMPLS, AttentionConfig
 from secfwt_jax.models.encoder import activation_fn
-from secfwt_jax.run.build import ADAPTATION_FILE
+from secfwt_jax.run.build import adaptation_record
 
 RESULTS = Path(__file__).parent / "results" / "activation_fidelity.json"
 MAIN_JOB_RFA = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32)
@@ -135,10 +135,8 @@ def markdown(costs: list[dict], models: list[dict]) -> str:
 def adapted_attention(path: Path) -> AttentionConfig:
     """The attention settings an adapted checkpoint was made for (its secfwt_adaptation.json;
     the main job's when the file is absent)."""
-    info = path / ADAPTATION_FILE
-    if not info.is_file():
-        return MAIN_JOB_RFA
-    return AttentionConfig(**json.loads(info.read_text())["attention"])
+    record = adaptation_record(path)
+    return MAIN_JOB_RFA if record is None else AttentionConfig(**record["attention"])
 
 
 def variants_from(adapted: list[str]) -> list[tuple[str, Path, AttentionConfig, str]]:

@@ -217,10 +217,8 @@ def prompt_backprop_case(
     """Gradient prompt tuning: jax.grad through the whole model to the prompt subspace z
     (`PROMPT_LENGTH` tokens), optax ``optimizer``; everything but the step size secret."""
     problem = prompt_problem(classifier, params)
-    opt, loss_fn = (
-        backprop.make_optimizer(optimizer, shape.learning_rate),
-        cross_entropy_loss(problem.logits),
-    )
+    opt = backprop.make_optimizer(optimizer, shape.learning_rate)
+    loss_fn = cross_entropy_loss(problem.logits)
 
     def prompt_backprop_step(t, f, batch):
         new, _, info = backprop.backprop_step(loss_fn, opt, t, f, batch, opt.init(t))

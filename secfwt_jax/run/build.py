@@ -100,15 +100,22 @@ def head_config(spec: RunSpec, tokenizer) -> HeadConfig:
 ADAPTATION_FILE = "secfwt_adaptation.json"  # written by `secfwt adapt`
 
 
+def adaptation_record(directory) -> dict | None:
+    """What `secfwt adapt` recorded for an adapted checkpoint (attention settings, GeLU,
+    ...), or None for a checkpoint it did not write."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / ADAPTATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def check_adapted_attention(directory, attention: AttentionConfig, gelu: str = "piecewise") -> None:
     """Refuse an adapted checkpoint made for other random features or another GeLU (one
     line). Records written before `gelu` was recorded were made for "piecewise"."""
-    import json
-
-    path = directory / ADAPTATION_FILE
-    if not path.is_file():
+    record = adaptation_record(directory)
+    if record is None:
         return
-    record = json.loads(path.read_text())
     made_for = record["attention"]
     wanted = dataclasses.asdict(attention)
     diff = sorted(k for k in made_for if made_for[k] != wanted.get(k))

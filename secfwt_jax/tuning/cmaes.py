@@ -47,7 +47,7 @@ class CmaResult:
     best_z: np.ndarray  # the lowest-loss candidate seen (biased under minibatch noise)
     best_loss: float
     history: list[dict]  # per generation: mean / min loss, sigma
-    mean_z: np.ndarray | None = None  # the distribution mean: the answer (see `solution`)
+    mean_z: np.ndarray  # the distribution mean: the answer (see `solution`)
 
 
 PopulationLoss = Callable[[np.ndarray, int], np.ndarray]  # ([P, d], generation) -> [P]
