@@ -20,6 +20,8 @@ weight unless the row says otherwise):
 
 SPSA rows use the project's cheap settings: Rademacher directions (free update) and the
 piecewise GeLU (the model default); ``--directions gaussian`` measures the product update.
+Softmax rows compute exp with ``mpc_ops.exp_nonpositive`` (the run spec's default,
+``attention.exp: poly``); ``--softmax-exp exact`` measures SPU's PADE exp instead.
 
 Layers. Each row is measured as a whole program at ``--layers-measured`` layer counts
 (default 1 and 2) and extrapolated linearly to the shape's depth: cost(L) = c(1) + (L - 1)
@@ -82,7 +84,7 @@ SHAPES: dict[str, ModelConfig] = {
 PUMA_BYTES = {"bert-base": 10.77e9, "roberta-base": 11.46e9, "bert-large": 27.25e9}
 RFA_POLY = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=64)
 RFA_EXACT = dataclasses.replace(RFA_POLY, trig="exact")
-SOFTMAX = AttentionConfig()
+SOFTMAX = AttentionConfig(exp="poly")
 ROWS: dict[str, AttentionConfig] = {
     "sft_adam": SOFTMAX, "bp_prompt": SOFTMAX, "spsa_softmax": SOFTMAX,
     "spsa_rfa_exact": RFA_EXACT, "spsa_rfa_poly": RFA_POLY, "cma_generation": RFA_POLY,
@@ -107,17 +109,20 @@ def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
     return pc.forward_case(clf, params, shape, 0)
 
 
-def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64) -> ModelConfig:
-    """``base`` cut to ``layers`` layers with ``row``'s attention (RFA with ``rfa_features``)."""
+def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly") -> ModelConfig:  # fmt: skip
+    """``base`` cut to ``layers`` layers with ``row``'s attention (RFA with ``rfa_features``,
+    softmax with ``softmax_exp``)."""
     attention = ROWS[row]
     if attention.kind == "rfa":
         attention = dataclasses.replace(attention, num_features=rfa_features)
+    else:
+        attention = dataclasses.replace(attention, exp=softmax_exp)
     return dataclasses.replace(base, num_layers=layers, attention=attention)
 
 
-def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64) -> dict:  # fmt: skip
+def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64, softmax_exp="poly") -> dict:  # fmt: skip
     """One whole-program profile of ``row`` with the model cut to ``layers`` layers."""
-    cfg = row_model(row, base, layers, rfa_features)
+    cfg = row_model(row, base, layers, rfa_features, softmax_exp)
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     fn, args, public = row_case(row, clf, clf.init(0, seq_len=shape.seq_len), shape, population)
     prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
@@ -173,19 +178,24 @@ def estimates(totals: dict, world_size: int) -> dict:
 
 
 def head_costs(preset, seqs=(128, 512), d: int = 64, m: int = 64) -> list[dict]:
-    """Goal (c): one attention head, softmax vs RFA (l2, poly, m), q/k/v secret [1, n, 1, d]."""
+    """Goal (c): one attention head, RFA (l2, poly, m) against softmax with the project's
+    exp ("softmax", `exp_nonpositive`) and with SPU's PADE exp ("softmax_spu_exp", the
+    softmax the goal was set against); q/k/v secret [1, n, 1, d]."""
     out, rng = [], np.random.default_rng(0)
     cfg = dataclasses.replace(RFA_POLY, num_features=m)
     for n in seqs:
         q, k, v = (rng.normal(0, 1, (1, n, 1, d)).astype(np.float32) for _ in range(3))
         mask = np.ones((1, n), np.float32)
-        fns = {"softmax": lambda a, b, c, mm: softmax_attention(a, b, c, mm),
+        fns = {"softmax": lambda a, b, c, mm: softmax_attention(a, b, c, mm, exp="poly"),
+               "softmax_spu_exp": lambda a, b, c, mm: softmax_attention(a, b, c, mm),
                "rfa_poly": lambda a, b, c, mm: random_feature_attention(a, b, c, mm, cfg, 0)}  # fmt: skip
         row = {"seq": n, "d": d, "m": m}
         for name, fn in fns.items():
             prof = profiler.profile_function(fn, (q, k, v, mask), (), preset, name=f"head_{name}")
             row[name] = {"total_bytes": prof.total_bytes, "rounds": prof.rounds}
-        row["bytes_ratio"] = row["softmax"]["total_bytes"] / row["rfa_poly"]["total_bytes"]
+        rfa_bytes = row["rfa_poly"]["total_bytes"]
+        row["bytes_ratio"] = row["softmax"]["total_bytes"] / rfa_bytes
+        row["bytes_ratio_spu_exp"] = row["softmax_spu_exp"]["total_bytes"] / rfa_bytes
         out.append(row)
     return out
 
@@ -220,9 +230,13 @@ def goals(results: list[dict], heads: list[dict], set_rows: list[dict] = ()) -> 
         }
     for h in heads:
         need = 8 if h["seq"] >= 512 else 2
-        more_rounds = h["rfa_poly"]["rounds"] > h["softmax"]["rounds"]
-        g[f"c n={h['seq']}"] = {"bytes_ratio": h["bytes_ratio"], "target": need,
-                                "met": h["bytes_ratio"] >= need and not more_rounds}  # fmt: skip
+        for suffix, ref in (("", "softmax"), (" vs SPU exp", "softmax_spu_exp")):
+            if ref not in h:  # results written before the SPU-exp reference was measured
+                continue
+            ratio = h[ref]["total_bytes"] / h["rfa_poly"]["total_bytes"]
+            more_rounds = h["rfa_poly"]["rounds"] > h[ref]["rounds"]
+            g[f"c n={h['seq']}{suffix}"] = {"bytes_ratio": ratio, "target": need,
+                                            "met": ratio >= need and not more_rounds}  # fmt: skip
     for r in results:
         if r["shape"] == "minilm" and r["row"] == "spsa_rfa_poly" and r["seq"] == 16:
             g[f"r {r['protocol']}"] = {"rounds": r["rounds"], "target": 1500, "met": r["rounds"] <= 1500}  # fmt: skip
@@ -230,21 +244,27 @@ def goals(results: list[dict], heads: list[dict], set_rows: list[dict] = ()) -> 
 
 
 def markdown(results: list[dict], heads: list[dict], gl: dict, set_rows: list[dict] = ()) -> str:
-    lines = ["| shape | n | B | protocol | row | GeLU | RFA m | GB | rounds | LAN s | WAN100 s | extrapolated |",
+    lines = ["| shape | n | B | protocol | row | GeLU | attention | GB | rounds | LAN s | WAN100 s | extrapolated |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         e = r["estimates_s"]
-        m = r.get("rfa_features", 64) if ROWS[r["row"]].kind == "rfa" else "-"
+        if ROWS[r["row"]].kind == "rfa":
+            attention = f"RFA m {r.get('rfa_features', 64)}"
+        else:  # results written before the poly exp computed exp with SPU's
+            attention = f"softmax, {r.get('softmax_exp', 'exact')} exp"
         lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {r['row']} | "
-                     f"{r.get('gelu', 'piecewise')} | {m} | "
+                     f"{r.get('gelu', 'piecewise')} | {attention} | "
                      f"{r['total_bytes'] / 1e9:,.2f} | {r['rounds']:,.0f} | {e['lan']:,.1f} | "
                      f"{e['wan100']:,.1f} | {'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
     if heads:
-        lines += ["", "| one head (d 64, m 64) | n | softmax MB, rounds | RFA poly MB, rounds | ratio |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| one head (d 64, m 64) | n | softmax (poly exp) MB, rounds | softmax (SPU exp) MB, rounds | RFA poly MB, rounds | ratio | ratio vs SPU exp |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for h in heads:
-            s, f = h["softmax"], h["rfa_poly"]
-            lines.append(f"| | {h['seq']} | {s['total_bytes'] / 1e6:,.1f}, {s['rounds']:.0f} | "
-                         f"{f['total_bytes'] / 1e6:,.1f}, {f['rounds']:.0f} | {h['bytes_ratio']:.2f} |")  # fmt: skip
+            s, x, f = h["softmax"], h.get("softmax_spu_exp"), h["rfa_poly"]
+            spu = f"{x['total_bytes'] / 1e6:,.1f}, {x['rounds']:.0f}" if x else "-"
+            spu_ratio = f"{h['bytes_ratio_spu_exp']:.2f}" if x else "-"
+            lines.append(f"| | {h['seq']} | {s['total_bytes'] / 1e6:,.1f}, {s['rounds']:.0f} | {spu} | "
+                         f"{f['total_bytes'] / 1e6:,.1f}, {f['rounds']:.0f} | {h['bytes_ratio']:.2f} | {spu_ratio} |")  # fmt: skip
     if set_rows:
         lines += ["", "| trainable set | shape | n | protocol | step GB | forward GB | step / 2 forwards |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -304,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gelu", choices=list(GELU_IMPLS), default="piecewise",
                         help="GeLU of every row (ModelConfig.gelu_impl); relu/quad need an adapted model")  # fmt: skip
     parser.add_argument("--rfa-features", type=int, default=64, help="m of the RFA rows")
+    parser.add_argument("--softmax-exp", choices=["poly", "exact"], default="poly",
+                        help="exp of the softmax rows (AttentionConfig.exp): poly = exp_nonpositive, exact = SPU's PADE exp")  # fmt: skip
     parser.add_argument("--heads", action="store_true", help="also goal (c): one head, n 128/512")
     parser.add_argument("--sets", action="store_true",
                         help="also goal (b) for every trainable set, at the first shape and n")  # fmt: skip
@@ -321,12 +343,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
             for n in args.seqs:
                 shape = profile_cases.StepShape(args.batch, n, directions=args.directions)
                 for row in args.rows:
-                    pts = [measure_row(row, base, lay, shape, preset, args.population, args.rfa_features)
+                    pts = [measure_row(row, base, lay, shape, preset, args.population,
+                                       args.rfa_features, args.softmax_exp)
                            for lay in args.layers_measured]  # fmt: skip
                     tot = extrapolate(pts, base.num_layers)
                     res = {"shape": name, "layers": base.num_layers, "seq": n, "batch": args.batch,
                            "protocol": proto, "row": row, "gelu": args.gelu,
-                           "rfa_features": args.rfa_features, **tot, "measured": pts,
+                           "rfa_features": args.rfa_features, "softmax_exp": args.softmax_exp,
+                           **tot, "measured": pts,
                            "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
                     results.append(res)
                     log(f"{name} n={n} {proto} {row}: {tot['total_bytes'] / 1e9:,.3f} GB, "

@@ -57,13 +57,14 @@ def test_run_writes_json_markdown_and_goals(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
-def test_gelu_and_rfa_features_options_reach_every_row(tmp_path):
+def test_gelu_rfa_features_and_softmax_exp_options_reach_every_row(tmp_path):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     common = ["--shapes", "tiny", "--seqs", "8", "--protocols", "ABY3", "--rows", "forward_rfa",
               "forward_softmax", "--layers-measured", "1", "3"]  # fmt: skip
     runs = {}
-    for name, extra in (("default", []), ("cheap", ["--gelu", "relu", "--rfa-features", "8"])):
+    cheap_args = ["--gelu", "relu", "--rfa-features", "8", "--softmax-exp", "poly"]
+    for name, extra in (("default", ["--softmax-exp", "exact"]), ("cheap", cheap_args)):
         args = parser.parse_args([*common, *extra, "--out", str(tmp_path / name)])
         assert bench.run(args, log=lambda _: None) == 0
         payload = json.loads((tmp_path / name / "bench.json").read_text())
@@ -73,7 +74,10 @@ def test_gelu_and_rfa_features_options_reach_every_row(tmp_path):
     assert cheap["forward_rfa"]["rfa_features"] == 8
     for row in ("forward_rfa", "forward_softmax"):  # relu is cheaper than piecewise GeLU
         assert cheap[row]["total_bytes"] < default[row]["total_bytes"]
-    assert "| forward_rfa | relu | 8 |" in (tmp_path / "cheap" / "bench.md").read_text()
+    assert {cheap["forward_softmax"]["softmax_exp"], default["forward_softmax"]["softmax_exp"]} == {"poly", "exact"}  # fmt: skip
+    table = (tmp_path / "cheap" / "bench.md").read_text()
+    assert "| forward_rfa | relu | RFA m 8 |" in table
+    assert "| forward_softmax | relu | softmax, poly exp |" in table
     assert (
         bench.row_model("forward_softmax", bench.SHAPES["tiny"], 1, 8).attention.kind == "softmax"
     )
@@ -93,3 +97,14 @@ def test_every_trainable_set_steps_for_at_most_two_forwards(tmp_path):
     assert all(r <= 1.05 for r in ratios.values()), ratios
     assert ratios["head"] < 0.6 < ratios["top"] < 0.9 < ratios["full"]  # shared frozen trunk
     assert all(payload["goals"][f"b set {k} tiny 8 ABY3"]["met"] for k in ratios)
+
+
+def test_goal_c_compares_one_head_against_both_softmax_exps():
+    heads = bench.head_costs(ABY3, seqs=(16,), d=8, m=8)
+    (h,) = heads
+    assert h["softmax"]["total_bytes"] < h["softmax_spu_exp"]["total_bytes"]  # poly exp is cheaper
+    assert h["bytes_ratio"] < h["bytes_ratio_spu_exp"]
+    g = bench.goals([], heads)
+    assert g["c n=16"]["bytes_ratio"] == pytest.approx(h["bytes_ratio"])
+    assert g["c n=16 vs SPU exp"]["bytes_ratio"] == pytest.approx(h["bytes_ratio_spu_exp"])
+    assert "ratio vs SPU exp" in bench.markdown([], heads, g)

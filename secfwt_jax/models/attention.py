@@ -22,7 +22,7 @@ from secfwt_jax.models.feature_maps import (
     random_directions,
     trig_features,
 )
-from secfwt_jax.models.mpc_ops import heads_matmul, refined_reciprocal
+from secfwt_jax.models.mpc_ops import exp_nonpositive, heads_matmul, refined_reciprocal
 
 
 def causal_mask(seq_len: int) -> np.ndarray:
@@ -30,11 +30,12 @@ def causal_mask(seq_len: int) -> np.ndarray:
     return np.tril(np.ones((seq_len, seq_len), dtype=np.float32))
 
 
-def softmax_attention(q, k, v, key_mask, *, causal: bool = False):
-    """Exact softmax attention with multiplicative masking: [B, N, H, D] -> [B, N, H, D].
+def softmax_attention(q, k, v, key_mask, *, causal: bool = False, exp: str = "exact"):
+    """Softmax attention with multiplicative masking: [B, N, H, D] -> [B, N, H, D].
 
     The row max is taken over all keys; any per-row constant leaves softmax unchanged and
-    this one keeps every exp argument <= 0, which SPU's exp needs. The two per-(batch,
+    this one keeps every exp argument <= 0, which SPU's exp and `exp_nonpositive` (``exp=
+    "poly"``, see `config.ExpImpl`) need. The two per-(batch,
     head) products are packed into single matmuls (`mpc_ops.heads_matmul`), and the
     1/sqrt(d) scale (a truncation under MPC) goes on the smaller of q [N, D] and the
     scores [N, N].
@@ -46,13 +47,18 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False):
     scores = heads_matmul(q, k, "bqhd,bkhd->bhqk")
     if seq <= head_dim:
         scores = scores * scale
-    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    weights = _exp(exp)(scores - jnp.max(scores, axis=-1, keepdims=True))
     weights = weights * key_mask[:, None, None, :]
     if causal:
         weights = weights * causal_mask(q.shape[1])
     out = heads_matmul(weights, v, "bhqk,bkhd->bqhd")
     denom = jnp.sum(weights, axis=-1)  # [B, H, N]
     return out * jnp.reciprocal(jnp.transpose(denom, (0, 2, 1)))[..., None]
+
+
+def _exp(impl: str):
+    """exp for arguments <= 0: `jnp.exp` ("exact") or `mpc_ops.exp_nonpositive` ("poly")."""
+    return exp_nonpositive if impl == "poly" else jnp.exp
 
 
 def _trig(x, w, cfg: AttentionConfig, *, guaranteed_bound: bool, row_scale=None):
@@ -92,7 +98,7 @@ def rfa_features(q, k, key_mask, cfg: AttentionConfig, layer: int):
             # shifted by its max over keys (a common factor, also cancels) to stay bounded.
             ks = qks[batch:]
             sq = (0.5 / cfg.sigma**2) * jnp.sum(ks * ks, axis=-1, keepdims=True)
-            phi_k = phi_k * jnp.exp(sq - jnp.max(sq, axis=1, keepdims=True))
+            phi_k = phi_k * _exp(cfg.exp)(sq - jnp.max(sq, axis=1, keepdims=True))
     return phi_q, phi_k * key_mask[:, :, None, None]
 
 
@@ -119,4 +125,4 @@ def attend(q, k, v, key_mask, cfg: AttentionConfig, layer: int, *, causal: bool 
     """Dispatch on `cfg.kind`."""
     if cfg.kind == "rfa":
         return random_feature_attention(q, k, v, key_mask, cfg, layer, causal=causal)
-    return softmax_attention(q, k, v, key_mask, causal=causal)
+    return softmax_attention(q, k, v, key_mask, causal=causal, exp=cfg.exp)

@@ -20,6 +20,12 @@ AttentionKind = Literal["softmax", "rfa"]
 #   "positive":       FAVOR+ positive features exp(w.x - |x|^2/2) (Choromanski et al. 2021).
 RfaVariant = Literal["softmax_kernel", "l2", "positive"]
 TrigMode = Literal["exact", "poly"]
+# How attention computes exp of its non-positive arguments (softmax's weights after the row
+# max is subtracted; the softmax_kernel variant's key factor):
+#   "exact": jnp.exp (under SPU: its PADE exp, 1,936 B and 71 rounds per element, ABY3);
+#   "poly":  `mpc_ops.exp_nonpositive`, p(y)^16 on the clipped argument, relative error
+#            <= 1.1e-5 on [-16, 0], 1,028 B and 40 rounds per element (ABY3).
+ExpImpl = Literal["exact", "poly"]
 # How the GeLU activations ("gelu", "gelu_new", "gelu_pytorch_tanh") are computed:
 #   "piecewise": two comparisons and one even Chebyshev polynomial (max error 7.5e-4 over
 #                the real line; about a fifth of the exact form's MPC bytes, see
@@ -64,6 +70,7 @@ class AttentionConfig:
       poly_degree: degree of the base cosine polynomial (even); sine uses degree + 1. The
         full range is reached by double-angle steps (`feature_maps.poly_sin_cos_unit`).
       seed: public seed of the random directions; fixed per layer and head, never trained.
+      exp: see `ExpImpl`; the run spec defaults to "poly", the reference to "exact".
     """
 
     kind: AttentionKind = "softmax"
@@ -74,6 +81,7 @@ class AttentionConfig:
     poly_bound: float = 16.0
     poly_degree: int = 6
     seed: int = 0
+    exp: ExpImpl = "exact"
 
     def __post_init__(self) -> None:
         _require(self.kind in ("softmax", "rfa"), "attention.kind", f"unknown {self.kind!r}")
@@ -85,6 +93,7 @@ class AttentionConfig:
             f"unknown {self.variant!r}",
         )
         _require(self.trig in ("exact", "poly"), "attention.trig", f"unknown {self.trig!r}")
+        _require(self.exp in ("exact", "poly"), "attention.exp", f"unknown {self.exp!r}")
         _require(self.poly_bound > 0, "attention.poly_bound", "must be positive")
         _require(
             self.poly_degree >= 2 and self.poly_degree % 2 == 0,

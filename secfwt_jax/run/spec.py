@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from secfwt_jax.models.config import (
     SUPPORTED_ACTIVATIONS,
@@ -99,12 +99,21 @@ class ModelSpec(_Section):
     architecture: Architecture | None = None
     tokenizer: str | None = None
     adapted_checkpoint: str | None = None
-    attention: AttentionConfig = AttentionConfig(kind="rfa", trig="poly")
+    attention: AttentionConfig = AttentionConfig(kind="rfa", trig="poly", exp="poly")
     #: How GeLU is computed (`ModelConfig.gelu_impl`): "piecewise" (accurate, the default),
     #: "exact", or the cheap stand-ins "relu" / "quad", which want a checkpoint adapted to
     #: them by `secfwt adapt` (docs/cost.md).
     gelu: GeluImpl = "piecewise"
     head: HeadSpec = HeadSpec()
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _mpc_exp(cls, value):
+        """A spec runs under MPC: softmax's exp is the cheap `exp_nonpositive` ("poly")
+        unless the spec says `exp: exact` (SPU's exp, about twice the bytes)."""
+        if isinstance(value, dict) and "exp" not in value:
+            return {**value, "exp": "poly"}
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
