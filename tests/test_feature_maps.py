@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from secfwt_jax.models.attention import random_feature_attention, softmax_attention
+from secfwt_jax.models.attention import random_feature_attention, rfa_features, softmax_attention
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.feature_maps import (
     l2_normalize,
@@ -71,6 +71,8 @@ def test_l2_poly_features_need_no_clip_and_match_exact():
 VARIANTS = {
     "l2_exact": AttentionConfig(kind="rfa", variant="l2", num_features=32),
     "l2_poly": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32),
+    # 2m = 4 features < head_dim 8: padding is masked on phi(k), not on v
+    "l2_poly_narrow": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=2),
     "softmax_kernel_poly": AttentionConfig(
         kind="rfa", variant="softmax_kernel", trig="poly", num_features=32
     ),
@@ -101,6 +103,15 @@ def test_rfa_padded_keys_have_no_influence(name, causal):
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(np.asarray(moved)[real], np.asarray(base)[real], atol=1e-5)
     assert not np.allclose(np.asarray(k + pad * noise_k), np.asarray(k))  # the pads did change
+    # The same as zeroing the padded keys' features (`rfa_features`) with a ones column.
+    phi_q, phi_k = rfa_features(q, k, mask, cfg, 0)
+    v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,))], axis=-1)
+    if causal:
+        out = jnp.einsum("bnhf,bnhfd->bnhd", phi_q, jnp.cumsum(jnp.einsum("bnhf,bnhd->bnhfd", phi_k, v1), axis=1))  # fmt: skip
+    else:
+        out = jnp.einsum("bnhf,bhfd->bnhd", phi_q, jnp.einsum("bnhf,bnhd->bhfd", phi_k, v1))
+    by_hand = np.asarray(out[..., :-1] / out[..., -1:])
+    np.testing.assert_allclose(np.asarray(base)[real], by_hand[real], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["softmax_kernel", "positive"])

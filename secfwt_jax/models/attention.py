@@ -114,13 +114,19 @@ def random_feature_attention(
 
     v gets the key mask as an extra column, so numerator and denominator come out of the
     same two matmuls ([F, D+1] key summary, then [N, D+1]), and only the N denominators
-    are inverted. Padded keys are removed by masking v's D values (the mask column is
-    free) rather than phi(k)'s F = 2m features: the same sums, F - D fewer secret
-    products per token under MPC.
+    are inverted. Padded keys are removed from both by masking whichever is narrower:
+    phi(k)'s F features, or v's D values (then the extra column is the mask itself, free).
+    The sums are the same; under MPC each masked value is one secret product, so at F =
+    2m > D (m = 64 at d = 64, MiniLM's m = 32 at d = 32) masking v saves F - D per token.
     """
     phi_q, phi_k = _unmasked_features(q, k, cfg, layer)
     mask = key_mask[:, :, None, None].astype(v.dtype)
-    v1 = jnp.concatenate([v * mask, jnp.broadcast_to(mask, v.shape[:-1] + (1,))], axis=-1)
+    if phi_k.shape[-1] < v.shape[-1]:
+        phi_k = phi_k * mask
+        mask = jnp.ones_like(mask)
+    else:
+        v = v * mask
+    v1 = jnp.concatenate([v, jnp.broadcast_to(mask, v.shape[:-1] + (1,))], axis=-1)
     if causal:
         kv = jnp.cumsum(jnp.einsum("bnhf,bnhd->bnhfd", phi_k, v1), axis=1)
         out = jnp.einsum("bnhf,bnhfd->bnhd", phi_q, kv)
