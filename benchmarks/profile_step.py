@@ -18,7 +18,8 @@ Rademacher directions by default (``--directions gaussian`` for the product upda
 GeLU: the models' default piecewise form (`ModelConfig.gelu_impl`). Baseline:
 ``tuning.backprop.backprop_step`` (jax.grad) on the same trainable set and loss, with SGD
 and with Adam (optimiser state created in the step), softmax attention -- the paper's SFT.
-RFA: l2 variant, bounded polynomial sin/cos.
+RFA: l2 variant, bounded polynomial sin/cos. Softmax: exp by `mpc_ops.exp_nonpositive`
+(``attention.exp: poly``, the run spec's default; docs/cost.md section 7).
 
 Figures: bytes sent by all parties, rounds = total send actions / parties (both exact and
 repeatable), compute = the simulator's wall time (noisy). Time estimates use
@@ -54,6 +55,7 @@ RFA = {
     "demo": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32),
     "minilm": AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32),
 }
+SOFTMAX = AttentionConfig(exp="poly")
 SHAPES = {"demo": profiler.StepShape(8, 12), "minilm": profiler.StepShape(2, 16)}
 
 
@@ -113,13 +115,13 @@ def profile_model(name: str, base: ModelConfig, layers: int, preset, args, log) 
         shape = dataclasses.replace(shape, batch_size=args.batch, seq_len=args.seq)
         base = dataclasses.replace(base, num_layers=args.minilm_layers)
     tables = {}
-    for kind, att in (("softmax", AttentionConfig()), ("rfa", RFA[name])):
+    for kind, att in (("softmax", SOFTMAX), ("rfa", RFA[name])):
         clf = Classifier(base.with_attention(att), HeadConfig(num_labels=2))
         tables[kind] = profiler.profile_components(clf, shape, preset, layers=layers,
                                                    label=f"{name}_{kind}")  # fmt: skip
         profiler.print_table(tables[kind], log)
     profiler.op_table(tables["rfa"].whole, out=log)
-    softmax_clf = Classifier(base, HeadConfig(num_labels=2))
+    softmax_clf = Classifier(base.with_attention(SOFTMAX), HeadConfig(num_labels=2))
     backprops = {
         o: backprop_totals(softmax_clf, shape, preset, o, layers, log) for o in args.optimizers
     }
