@@ -131,8 +131,9 @@ def gelu_quad(x: jnp.ndarray) -> jnp.ndarray:
 # best max error kept.
 EXP_CLIP = 16.0
 EXP_SQUARINGS = 4
+#: p's coefficients, increasing powers of y.
 EXP_POLY = (0.999999327003, 0.999957515897, 0.499543064242, 0.164803922256,
-            0.0381077168014, 0.00500947630331)  # fmt: skip  (increasing powers of y)
+            0.0381077168014, 0.00500947630331)  # fmt: skip
 
 
 def exp_nonpositive(x: jnp.ndarray) -> jnp.ndarray:
