@@ -38,6 +38,20 @@ def test_every_shipped_spec_validates(path):
     assert spec.name and len(spec.spec_hash) == 64
 
 
+def test_the_m16_spec_is_the_main_job_with_only_the_cheap_model_changed():
+    main = load_spec(ROOT / "configs" / "minilm_sentiment.yaml").model_dump()
+    m16 = load_spec(ROOT / "configs" / "minilm_sentiment_m16.yaml").model_dump()
+    changed = {
+        section if key is None else f"{section}.{key}"
+        for section in main
+        for key in (main[section] if isinstance(main[section], dict) else [None])
+        if (main[section] if key is None else main[section][key])
+        != (m16[section] if key is None else m16[section][key])
+    }
+    assert changed == {"name", "model.adapted_checkpoint", "model.attention", "model.gelu", "output.dir"}  # fmt: skip
+    assert m16["model"]["gelu"] == "relu" and m16["model"]["attention"]["num_features"] == 16
+
+
 def test_relative_paths_resolve_against_the_spec_file():
     spec = load_spec(TINY)
     assert spec.resolve(spec.data.path) == (ROOT / "tests" / "data" / "sentiment_small.csv")
