@@ -26,16 +26,13 @@ import argparse
 
 import jax
 import numpy as np
+from activation_fidelity import MAIN_JOB_RFA, adapted_attention
 from rfa_fidelity import sentences
 
 from secfwt_jax.data.batching import encode
 from secfwt_jax.data.datasets import load_sentiment
 from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_pretrained, load_tokenizer
-from secfwt_jax.models.config import AttentionConfig
-from secfwt_jax.run.build import adaptation_record
 from secfwt_jax.tuning.adaptation import layer_states, rfa_normaliser_floor, rfa_normalisers
-
-MAIN_JOB_RFA = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=32)
 
 
 def main() -> None:
@@ -50,9 +47,7 @@ def main() -> None:
     models = [("bundled (not adapted)", bundled_minilm_dir(), "piecewise", MAIN_JOB_RFA)]
     for item in args.checkpoint:
         gelu, _, path = item.rpartition("=")
-        record = adaptation_record(path)
-        attention = MAIN_JOB_RFA if record is None else AttentionConfig(**record["attention"])
-        models.append((path, path, gelu or "piecewise", attention))
+        models.append((path, path, gelu or "piecewise", adapted_attention(path)))
     for label, path, gelu, attention in models:
         clf, params = load_pretrained(path, attention=attention, gelu_impl=gelu)
         floors = rfa_normaliser_floor(clf, params, batch)

@@ -123,12 +123,13 @@ def gelu_quad(x: jnp.ndarray) -> jnp.ndarray:
 # cancels in softmax's normalisation. Cost under ABY3 FM64, measured: 1,028 B and 39.7
 # rounds per element (one comparison and select for the clip, one truncation for the
 # scale, Horner's 1 public + 4 secret products, 4 squarings) against SPU's PADE exp at
-# 1,936 B and 71 rounds (SEMI2K: 592 B, 27 rounds), and SPU's Taylor exp ((1 + x/256)^256, no clip) at 768 B, 26
-# rounds but 1.1e-3 absolute error and garbage below -512. Under MPC the squarings also
-# multiply each truncation's error: 1.4e-4 absolute at most against exp (PADE: 8.7e-5). Fit (reproduce): iteratively
-# reweighted least squares on 20,001 Chebyshev nodes of [-1, 0], basis 1..y^5, target e^y
-# with weight e^-y (relative error), weights w <- w (1 + e / max e), 300 iterations, the
-# best max error kept.
+# 1,936 B and 71 rounds (SEMI2K: 592 B and 27 rounds), and SPU's Taylor exp
+# ((1 + x/256)^256, no clip) at 768 B and 26 rounds but 1.1e-3 absolute error and garbage
+# below -512. Under MPC the squarings also multiply each truncation's error: 1.4e-4
+# absolute at most against exp (PADE: 8.7e-5). Fit (reproduce): iteratively reweighted
+# least squares on 20,001 Chebyshev nodes of [-1, 0], basis 1..y^5, target e^y with weight
+# e^-y (relative error), weights w <- w (1 + e / max e), 300 iterations, the best max
+# error kept.
 EXP_CLIP = 16.0
 EXP_SQUARINGS = 4
 #: p's coefficients, increasing powers of y.
