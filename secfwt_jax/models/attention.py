@@ -22,7 +22,7 @@ from secfwt_jax.models.feature_maps import (
     random_directions,
     trig_features,
 )
-from secfwt_jax.models.mpc_ops import exp_nonpositive, heads_matmul, refined_reciprocal
+from secfwt_jax.models.mpc_ops import exp_nonpositive, heads_matmul, max_last_axis, reciprocal_pow2
 
 
 def causal_mask(seq_len: int) -> np.ndarray:
@@ -47,13 +47,24 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False, exp: str = "ex
     scores = heads_matmul(q, k, "bqhd,bkhd->bhqk")
     if seq <= head_dim:
         scores = scores * scale
-    weights = _exp(exp)(scores - jnp.max(scores, axis=-1, keepdims=True))
+    weights = _exp(exp)(scores - max_last_axis(scores))
     weights = weights * key_mask[:, None, None, :]
     if causal:
         weights = weights * causal_mask(q.shape[1])
     out = heads_matmul(weights, v, "bhqk,bkhd->bqhd")
-    denom = jnp.sum(weights, axis=-1)  # [B, H, N]
-    return out * jnp.reciprocal(jnp.transpose(denom, (0, 2, 1)))[..., None]
+    denom = jnp.sum(weights, axis=-1)  # [B, H, N], at most N (every weight <= 1)
+    inv = reciprocal_pow2(denom, DENOMINATOR_LO, sums_bound(k.shape[1]))
+    return out * jnp.transpose(inv, (0, 2, 1))[..., None]
+
+
+#: Attention denominators below 2^-16 saturate (`mpc_ops.reciprocal_pow2`): a row whose
+#: every weight is under 2^-16 / N has no usable precision in 18 fraction bits anyway.
+DENOMINATOR_LO = -16
+
+
+def sums_bound(num_keys: int) -> int:
+    """hi of `reciprocal_pow2` for a sum of num_keys terms each at most 1 (with slack)."""
+    return int(np.ceil(np.log2(num_keys))) + 1
 
 
 def _exp(impl: str):
@@ -72,12 +83,14 @@ def _trig(x, w, cfg: AttentionConfig, *, guaranteed_bound: bool, row_scale=None)
 def rfa_features(q, k, key_mask, cfg: AttentionConfig, layer: int):
     """Feature maps phi(q), phi(k) for one layer: [B, N, H, D] -> [B, N, H, F], padded
     keys' features zeroed (which removes them from RFA's numerator and denominator)."""
-    phi_q, phi_k = _unmasked_features(q, k, cfg, layer)
+    phi_q, phi_k, _ = _unmasked_features(q, k, key_mask, cfg, layer)
     return phi_q, phi_k * key_mask[:, :, None, None]
 
 
-def _unmasked_features(q, k, cfg: AttentionConfig, layer: int):
-    """phi(q), phi(k) of every token, padding included.
+def _unmasked_features(q, k, key_mask, cfg: AttentionConfig, layer: int, also=None):
+    """phi(q), phi(k) of every token, padding included (the mask only keeps padded keys
+    out of softmax_kernel's max over keys), and ``also``'s product (a, b) -> a * b, which
+    the l2 variant computes inside its rsqrt's ops (one op fewer), the others apart.
 
     q and k are stacked on the batch axis and mapped together: under MPC every op costs
     its rounds once instead of twice (the l2 normalisation's rsqrt alone is ~26 rounds).
@@ -88,8 +101,12 @@ def _unmasked_features(q, k, cfg: AttentionConfig, layer: int):
     if cfg.variant == "l2":
         # sin/cos of w^T (x / |x|), the 1/|x| applied after the projection (m products
         # per row, not D); |w^T x| / |x| <= |w| still bounds the argument.
-        phi = _trig(qk, w, cfg, guaranteed_bound=True, row_scale=inverse_norm(qk))
-        phi_q, phi_k = phi[:batch], phi[batch:]
+        if also is None:
+            inv, extra = inverse_norm(qk), None
+        else:
+            inv, extra = inverse_norm(qk, also=also)
+        phi = _trig(qk, w, cfg, guaranteed_bound=True, row_scale=inv)
+        return phi[:batch], phi[batch:], extra
     else:
         # exp(q.k / sqrt(d)) = exp(q'.k') with x' = x / d^(1/4).
         qks = qk * (1.0 / head_dim**0.25)
@@ -100,11 +117,16 @@ def _unmasked_features(q, k, cfg: AttentionConfig, layer: int):
             phi = _trig(qks, w, cfg, guaranteed_bound=False)
             phi_q, phi_k = phi[:batch], phi[batch:]
             # Query magnitude factor cancels in the ratio. Key factor exp(|k'|^2 / 2 s^2) is
-            # shifted by its max over keys (a common factor, also cancels) to stay bounded.
+            # shifted by its max over real keys (a common factor, also cancels) to stay
+            # bounded; padded keys count as |k'| = 0, so they neither set the max (which
+            # would shrink every normaliser) nor overflow.
             ks = qks[batch:]
             sq = (0.5 / cfg.sigma**2) * jnp.sum(ks * ks, axis=-1, keepdims=True)
-            phi_k = phi_k * _exp(cfg.exp)(sq - jnp.max(sq, axis=1, keepdims=True))
-    return phi_q, phi_k
+            sq = sq * key_mask[:, :, None, None].astype(sq.dtype)
+            phi_k = phi_k * _exp(cfg.exp)(
+                sq - jnp.moveaxis(max_last_axis(jnp.moveaxis(sq, 1, -1)), -1, 1)
+            )
+    return phi_q, phi_k, None if also is None else also[0] * also[1]
 
 
 def random_feature_attention(
@@ -119,13 +141,15 @@ def random_feature_attention(
     The sums are the same; under MPC each masked value is one secret product, so at F =
     2m > D (m = 64 at d = 64, MiniLM's m = 32 at d = 32) masking v saves F - D per token.
     """
-    phi_q, phi_k = _unmasked_features(q, k, cfg, layer)
     mask = key_mask[:, :, None, None].astype(v.dtype)
-    if phi_k.shape[-1] < v.shape[-1]:
+    num_features = 2 * cfg.num_features if cfg.variant != "positive" else cfg.num_features
+    mask_v = num_features >= v.shape[-1]
+    phi_q, phi_k, masked_v = _unmasked_features(q, k, key_mask, cfg, layer, also=(v, mask) if mask_v else None)  # fmt: skip
+    if mask_v:
+        v = masked_v
+    else:
         phi_k = phi_k * mask
         mask = jnp.ones_like(mask)
-    else:
-        v = v * mask
     v1 = jnp.concatenate([v, jnp.broadcast_to(mask, v.shape[:-1] + (1,))], axis=-1)
     if causal:
         kv = jnp.cumsum(jnp.einsum("bnhf,bnhd->bnhfd", phi_k, v1), axis=1)
@@ -133,7 +157,10 @@ def random_feature_attention(
     else:
         kv = heads_matmul(phi_k, v1, "bnhf,bnhd->bhfd")
         out = heads_matmul(phi_q, kv, "bnhf,bhfd->bnhd")
-    return out[..., :-1] * refined_reciprocal(out[..., -1:])
+    # l2 features: |phi(q).phi(k)| <= 1 per key; the exp-based variants are unbounded.
+    hi = sums_bound(k.shape[1]) if cfg.variant == "l2" else 24
+    # Unlike softmax's, RFA's normalisers can be negative (trig features): signed.
+    return out[..., :-1] * reciprocal_pow2(out[..., -1:], DENOMINATOR_LO, hi, signed=True)
 
 
 def attend(q, k, v, key_mask, cfg: AttentionConfig, layer: int, *, causal: bool = False):

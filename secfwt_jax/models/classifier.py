@@ -30,6 +30,7 @@ from secfwt_jax.models.heads import (
     mlm_scores,
     select_position,
 )
+from secfwt_jax.models.mpc_ops import exp_bucketed, log_pow2, max_last_axis
 
 
 def trunk_module(config: ModelConfig):
@@ -155,9 +156,19 @@ class Classifier:
 
 
 def cross_entropy(logits, labels_onehot):
-    """Mean softmax cross-entropy; labels are one-hot [B, C] so no secret gather is needed."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.sum(labels_onehot * log_probs, axis=-1))
+    """Mean softmax cross-entropy; labels are one-hot [B, C] so no secret gather is needed.
+
+    log_softmax(z) = z - max(z) - log(sum exp(z - max(z))), with the MPC-cheap max
+    (`mpc_ops.max_last_axis`), exp (`mpc_ops.exp_bucketed`: arguments <= 0, no squarings
+    to amplify MPC noise) and log (`mpc_ops.log_pow2` on the sum, which lies in [1, C]).
+    """
+    num_classes = logits.shape[-1]
+    shifted = logits - max_last_axis(logits)
+    total = jnp.sum(exp_bucketed(shifted), axis=-1, keepdims=True)
+    # total in [1, C] (up to the poly exp's 1e-5 at the max): for C = 2 one octave, no
+    # comparison; a sum a hair under 1 extrapolates (or saturates at log 1 = 0).
+    log_total = log_pow2(total, 0, max(1, int(np.ceil(np.log2(num_classes)))))
+    return -jnp.mean(jnp.sum(labels_onehot * (shifted - log_total), axis=-1))
 
 
 def cross_entropy_loss(logits_fn):

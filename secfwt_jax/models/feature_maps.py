@@ -24,7 +24,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from secfwt_jax.models.mpc_ops import refined_rsqrt, sum_of_squares
+from secfwt_jax.models.mpc_ops import rsqrt_pow2, sum_of_squares
 
 
 def random_directions(
@@ -127,13 +127,14 @@ def poly_sin_cos(t, *, bound: float, degree: int):
     return poly_sin_cos_unit(s, bound=bound, degree=degree)
 
 
-def inverse_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-    """1 / |x| over the last axis, kept as a trailing axis of size 1 (one refined rsqrt)."""
-    return refined_rsqrt(sum_of_squares(x) + eps)
+def inverse_norm(x: jnp.ndarray, eps: float = 1e-6, also=None):
+    """1 / |x| over the last axis, kept as a trailing axis of size 1 (one `rsqrt_pow2`).
+    ``also=(a, b)``: a * b rides in one of its multiply ops, returned second."""
+    return rsqrt_pow2(sum_of_squares(x) + eps, also=also)
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-    """x / |x| over the last axis (one rsqrt, refined; no division)."""
+    """x / |x| over the last axis (one `rsqrt_pow2`; no division)."""
     return x * inverse_norm(x, eps)
 
 

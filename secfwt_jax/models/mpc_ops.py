@@ -10,6 +10,8 @@ approximation error. In floating point they compute the same values as the textb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,13 +42,15 @@ def layer_norm(x: jnp.ndarray, scale, bias, eps: float) -> jnp.ndarray:
     larger. Measured on all-MiniLM-L6-v2's embedding LayerNorm under SEMI2K FM64: relative
     error 5.4e-4 with the textbook form, 6e-5 with this one. The sum of squares is
     `sum_of_squares`: one 2-D Gram matrix when the rows are few, else elementwise (never a
-    batched einsum, which SPU runs as a loop with 2 rounds per row).
+    batched einsum, which SPU runs as a loop with 2 rounds per row). The rsqrt is
+    `rsqrt_pow2`, with sqrt(n) folded into its public output constants and the product
+    c * scale (independent of it) fused into one of its multiply ops: one op fewer.
     """
     n = x.shape[-1]
     centred = x - jnp.mean(x, axis=-1, keepdims=True)
     sum_sq = sum_of_squares(centred)
-    inv_std = refined_rsqrt(sum_sq + n * eps) * np.float32(np.sqrt(n))
-    return centred * inv_std * scale + bias
+    inv_std, scaled = rsqrt_pow2(sum_sq + n * eps, scale=float(np.sqrt(n)), also=(centred, scale))
+    return scaled * inv_std + bias
 
 
 # ------------------------------------------------------------------------------- GeLU
@@ -91,7 +95,7 @@ def gelu_piecewise(x: jnp.ndarray, approximate: bool = False) -> jnp.ndarray:
     docs/cost.md): about 0.9 KB and 29 rounds, against 4.9 KB and 186 rounds for the
     exact GeLU with the ``erf_exp`` rewrite: one stacked comparison [x > B, -x > B], the
     scale x / B, 4 products (t, T_2, T_3 and T_3 times row B), one public [2, 4] dot,
-    two selects. The selects are exact in the ring, so the polynomial's (possibly
+    one AND and one stacked select. The selects are exact in the ring, so the polynomial's (possibly
     wrapped-around) value far outside [-B, B] never leaks into the result.
     """
     w, a0, b0 = gelu_paterson_stockmeyer(GELU_CHEBYSHEV["tanh" if approximate else "erf"])
@@ -105,7 +109,11 @@ def gelu_piecewise(x: jnp.ndarray, approximate: bool = False) -> jnp.ndarray:
     rows = jnp.tensordot(jnp.asarray(w, x.dtype), jnp.stack([t1, t2, t3, x]), axes=1)
     inner = (rows[0] + a0) + t3 * (rows[1] + b0)
     above, below = jnp.stack([x, -x]) > GELU_BOUND  # one comparison op, stacked
-    return jnp.where(above, x, jnp.where(below, jnp.zeros_like(x), inner))
+    inside = ~above & ~below
+    # Both selects in one op (and one boolean AND): x where x > B, the polynomial where
+    # |x| <= B, 0 elsewhere; the cases exclude each other, so the sum picks one.
+    picked = jnp.where(jnp.stack([above, inside]), jnp.stack([x, inner]), jnp.zeros((), x.dtype))  # fmt: skip
+    return picked[0] + picked[1]
 
 
 def gelu_quad(x: jnp.ndarray) -> jnp.ndarray:
@@ -120,10 +128,11 @@ def gelu_quad(x: jnp.ndarray) -> jnp.ndarray:
 # for RELATIVE error (6.7e-7 on [-1, 0]; the 4 squarings multiply it by 16): max relative
 # error 1.1e-5 on [-16, 0], and below -16 the value is e^-16 (1.1e-7, under half an ulp of
 # FM64's 18 fraction bits) instead of smaller. A relative error that is nearly uniform
-# cancels in softmax's normalisation. Cost under ABY3 FM64, measured: 1,028 B and 39.7
+# cancels in softmax's normalisation. Cost under ABY3 FM64, measured: 1,004 B and 35.7
 # rounds per element (one comparison and select for the clip, one truncation for the
-# scale, Horner's 1 public + 4 secret products, 4 squarings) against SPU's PADE exp at
-# 1,936 B and 71 rounds (SEMI2K: 592 B and 27 rounds), and SPU's Taylor exp
+# scale, the powers y^2..y^5 in 3 secret products and their public combination in one
+# truncation, 4 squarings; Horner's chain was 1,028 B and 39.7 rounds) against SPU's PADE
+# exp at 1,936 B and 71 rounds (SEMI2K: 560 B and 24 rounds), and SPU's Taylor exp
 # ((1 + x/256)^256, no clip) at 768 B and 26 rounds but 1.1e-3 absolute error and garbage
 # below -512. Under MPC the squarings also multiply each truncation's error: 1.4e-4
 # absolute at most against exp (PADE: 8.7e-5). Fit (reproduce): iteratively reweighted
@@ -141,11 +150,40 @@ def exp_nonpositive(x: jnp.ndarray) -> jnp.ndarray:
     """exp(x) for x <= 0 (softmax after its max subtraction), relative error <= 1.1e-5 on
     [-16, 0]; see the comment above for the cost. Positive x is not supported: the
     caller guarantees x <= 0."""
+    # p(y) from the powers y..y^5 (3 secret products: y^2, [y^3, y^4] stacked, y^5) and ONE
+    # public combination: 3 rounds fewer than Horner's chain, the same bytes.
     y = jnp.maximum(x, -EXP_CLIP) * (1.0 / 2**EXP_SQUARINGS)
-    r = jnp.polyval(jnp.asarray(EXP_POLY[::-1], x.dtype), y)
+    y2 = y * y
+    y3, y4 = jnp.stack([y2, y2]) * jnp.stack([y, y2])
+    powers = jnp.stack([y, y2, y3, y4, y4 * y], axis=-1)
+    r = powers @ jnp.asarray(EXP_POLY[1:], x.dtype) + EXP_POLY[0]
     for _ in range(EXP_SQUARINGS):
         r = r * r
     return r
+
+
+#: e^r on [0, 1], degree 6, fitted like EXP_POLY (relative error 2.4e-8).
+EXP_UNIT_POLY = (1.00000002406, 0.999997361721, 0.500045783119, 0.166375980609,
+                 0.042525874185, 0.00706467462027, 0.00227206476018)  # fmt: skip
+
+
+def exp_bucketed(x: jnp.ndarray) -> jnp.ndarray:
+    """exp(x) for x <= 0 without squarings, for few elements (the loss): x's integer
+    bucket k (x in [-k, -k + 1), one comparison op against -16..-1) selects e^-k, and
+    e^(x + k) on [0, 1] is a degree-6 polynomial. Below -16 the value is e^-16. Under MPC
+    no squaring multiplies the truncations' noise (ABY3: 27 rounds; 16 comparisons per
+    element, which is why softmax's n^2 exps use `exp_nonpositive`)."""
+    k = np.arange(EXP_CLIP, 0, -1)  # buckets [-16, -15) .. [-1, ...)
+    gate = np.concatenate([[0.0], np.ones_like(k)])  # below -16: r = 0, the value e^-16
+    shift = np.concatenate([[0.0], k])
+    scale = np.exp(-np.concatenate([[EXP_CLIP], k]))
+    g, shifted, s = bucket_constants(x, -k, np.stack([gate, shift, scale]))
+    r = x * g + shifted
+    r2 = r * r
+    r3, r4 = jnp.stack([r2, r2]) * jnp.stack([r, r2])
+    r5, r6 = jnp.stack([r4, r4]) * jnp.stack([r, r2])
+    powers = jnp.stack([r, r2, r3, r4, r5, r6], axis=-1)
+    return (powers @ jnp.asarray(EXP_UNIT_POLY[1:], x.dtype) + EXP_UNIT_POLY[0]) * s
 
 
 # ------------------------------------------------------------------- batched matmuls
@@ -227,3 +265,221 @@ def heads_matmul(a: jnp.ndarray, b: jnp.ndarray, spec: str) -> jnp.ndarray:
     prod = packed_matmul(a3.reshape(bsz * h, *a3.shape[2:]), b3.reshape(bsz * h, *b3.shape[2:]))
     prod = prod.reshape(bsz, h, *prod.shape[1:])
     return jnp.einsum(f"bh{free_l}{free_r}->{out}", prod)
+
+
+# ---------------------------------------------------- reciprocal, rsqrt and log
+#
+# SPU 0.9.3's reciprocal and rsqrt normalise x by locating its most significant bit (a
+# bit decomposition and a prefix-OR) before a polynomial and Newton steps: 53 and 51
+# rounds under ABY3, and the project's Newton step adds 6-9. Here the normalisation is
+# ONE comparison op: x against every public power of two 2^j, j = lo..hi, side by side
+# (8 rounds under ABY3, whatever the count). Neighbouring bits XOR to a one-hot bucket
+# (local), and each per-bucket public constant (the normaliser 2^-j, the output's 2^-j
+# or 2^(-j/2), the log's j ln 2) is one select over the one-hot: exactly one term is
+# non-zero, so the constant is exact. Then u = x 2^-j lies in [1, 2), where a quadratic
+# starts and a short series finishes; independent products are stacked into one
+# multiply op, which costs one op's rounds. Below 2^lo (zero and negative x included)
+# and from 2^hi up, u = 1 and the result is that of 2^lo or 2^hi: the functions saturate
+# instead of extrapolating a polynomial into fixed-point overflow. Costs and errors:
+# docs/cost.md, section 8.
+
+#: Relative-minimax quadratics on [1, 2] (increasing powers), fitted like EXP_POLY:
+#: 1/u (max relative error 1.0e-2) and 1/sqrt(u) (3.2e-3).
+RECIPROCAL_POLY = (2.12121134, -1.45454437, 0.32323197)
+RSQRT_POLY = (1.57963884, -0.73051397, 0.14768747)
+#: log(1 + t) = t q(t) on [0, 1], q of degree 5 (increasing powers), fitted for absolute
+#: error like EXP_POLY: max 1.4e-6, exactly 0 at t = 0 (so the saturated ends are exact).
+LOG1P_OVER_T = (0.999901645068, -0.497875084088, 0.317649104078, -0.193761046337,
+                0.0855700262362, -0.0183388983345)  # fmt: skip
+#: Largest j for which 2^-j is a fixed-point constant (FM64, 18 fraction bits).
+SINGLE_STEP_MAX = 18
+
+
+def power_of_two_bucket(
+    x: jnp.ndarray, lo: int, hi: int, tables: np.ndarray, *, odd: Sequence[bool] | None = None
+) -> jnp.ndarray:
+    """Per-bucket public constants selected by x's power-of-two bucket: [T, *x.shape].
+
+    tables: [T, hi - lo + 2] public values, columns: x < 2^lo, then x in [2^j, 2^(j+1))
+    for j = lo .. hi - 1, then x >= 2^hi. With ``odd`` (one flag per table), -x is
+    compared in the same op too: x <= -2^lo gets its |x| bucket's constants, negated in
+    the tables flagged odd, and the first column covers |x| < 2^lo only.
+    """
+    return bucket_constants(x, 2.0 ** np.arange(lo, hi + 1), tables, odd=odd)
+
+
+def bucket_constants(
+    x: jnp.ndarray, thresholds, tables: np.ndarray, *, odd: Sequence[bool] | None = None
+) -> jnp.ndarray:
+    """Per-bucket public constants: [T, *x.shape]. thresholds t_0 < ... < t_K (positive
+    when ``odd`` is given, see `power_of_two_bucket`); tables [T, K + 2], columns x < t_0,
+    [t_0, t_1), ..., x >= t_K. One comparison op, local XORs, one local product with the
+    public tables (and its truncation)."""
+    signed = odd is not None
+    thresholds = np.asarray(thresholds, np.float32)
+    tab = np.asarray(tables, np.float64)
+    sides = jnp.stack([x, -x], axis=-1) if signed else x[..., None]
+    bits = sides[..., None] >= thresholds  # [..., S, K], bits[k] >= bits[k + 1]
+    ones = jnp.ones(bits.shape[:-1] + (1,), bool)
+    ext = jnp.concatenate([ones, bits, ~ones], axis=-1)
+    onehot = ext[..., :-1] ^ ext[..., 1:]  # [..., S, K + 1] booleans
+    if signed:  # column 0 of each side is "below 2^lo"; below on both is |x| < 2^lo
+        middle = onehot[..., 0, :1] & onehot[..., 1, :1]
+        onehot = jnp.concatenate([middle, onehot[..., 0, 1:], onehot[..., 1, 1:]], axis=-1)
+        flip = np.where(np.asarray(odd, bool), -1.0, 1.0)[:, None]
+        tab = np.concatenate([tab, flip * tab[:, 1:]], axis=1)
+    else:
+        onehot = onehot[..., 0, :]
+    table = jnp.asarray(tab.T.astype(np.float32), x.dtype)
+    return jnp.moveaxis(onehot.astype(x.dtype) @ table, -1, 0)
+
+
+def _normalisers(lo: int, hi: int) -> list[np.ndarray]:
+    """Factors whose product maps bucket j to u = x 2^-j in [1, 2) (0 with u = 1 added at
+    the saturated ends): one factor while 2^-(hi-1) is a fixed-point constant, else two
+    (2^-ceil(j/2) then 2^-floor(j/2)), so that no factor underflows and no intermediate
+    drops below 1."""
+    j = np.arange(lo, hi)
+    if hi - 1 <= SINGLE_STEP_MAX:
+        steps = [2.0**-j]
+    else:
+        first = np.where(j <= 0, 2.0**-j, 2.0 ** -np.ceil(j / 2))
+        steps = [first, np.where(j <= 0, 1.0, 2.0 ** -np.floor(j / 2))]
+    return [np.concatenate([[0.0], s, [0.0]]) for s in steps]
+
+
+def _saturated(lo: int, hi: int) -> np.ndarray:
+    """1 in the two saturated buckets, 0 elsewhere: added to u there."""
+    return np.concatenate([[1.0], np.zeros(hi - lo), [1.0]])
+
+
+def _edges(values_in_range: np.ndarray, below, above) -> np.ndarray:
+    return np.concatenate([[below], values_in_range, [above]])
+
+
+def _check_range(name: str, lo: int, hi: int) -> None:
+    if not lo < hi <= 2 * SINGLE_STEP_MAX:
+        raise ValueError(f"{name}: need lo < hi <= {2 * SINGLE_STEP_MAX}, got lo={lo}, hi={hi}")
+
+
+def _normalise(x, lo, hi, out_tables, signed=False):
+    """u in [1, 2) and the requested output constants (one comparison op for all).
+
+    (Folding a polynomial's leading coefficient c into a normalising factor, x (c 2^-j),
+    would save its truncation op but loses the precision of c 2^-j for large j.)"""
+    norms = _normalisers(lo, hi)
+    tables = np.stack([*norms, _saturated(lo, hi), *out_tables])
+    # signed: u stays positive (the first factor takes x's sign), the outputs are odd
+    odd = [True] + [False] * len(norms) + [True] * len(out_tables) if signed else None
+    consts = power_of_two_bucket(x, lo, hi, tables, odd=odd)
+    u = x
+    for factor in consts[: len(norms)]:
+        u = u * factor
+    return u + consts[len(norms)], consts[len(norms) + 1 :]
+
+
+def _quadratic(coeffs, u):
+    c0, c1, c2 = coeffs
+    return (c2 * u + c1) * u + c0
+
+
+def reciprocal_pow2(
+    x: jnp.ndarray, lo: int = -16, hi: int = 24, scale: float = 1.0, *, signed: bool = False
+):
+    """scale / x for x in [2^lo, 2^hi) (and, with ``signed``, in (-2^hi, -2^lo]: the same
+    rounds, twice the comparisons), saturating outside (see the comment above).
+
+    r0 = quadratic(u) has relative error e0 <= 1e-2; with e = 1 - u r0,
+    1/u = r0 (1 + e)(1 + e^2) + O(e^4): three stacked multiply ops, error ~1e-8.
+    """
+    _check_range("reciprocal_pow2", lo, hi)
+    j = np.arange(lo, hi)
+    out = scale * _edges(2.0**-j, 2.0**-lo, 2.0**-hi)
+    u, (sd,) = _normalise(x, lo, hi, [out], signed)
+    r0 = _quadratic(RECIPROCAL_POLY, u)
+    ur, rs = jnp.stack([u, sd]) * r0[None]
+    e = 1.0 - ur
+    a, e2 = jnp.stack([rs, e]) * jnp.stack([1.0 + e, e])
+    return a * (1.0 + e2)
+
+
+def rsqrt_pow2(x: jnp.ndarray, lo: int = -16, hi: int = 32, scale: float = 1.0, also=None):
+    """scale / sqrt(x) for x in [2^lo, 2^hi), saturating outside (see the comment above).
+
+    y0 = quadratic(u) has relative error <= 3.2e-3; with e = 1 - u y0^2,
+    1/sqrt(u) = y0 (1 + e/2 + 3 e^2 / 8) + O(e^3): four multiply ops (the 1/2 and 3/8 are
+    folded into the public output constants), error ~1e-8. ``also=(a, b)``: the product a * b
+    (any shapes) is computed inside one of those ops and returned as a second result.
+    """
+    _check_range("rsqrt_pow2", lo, hi)
+    j = np.arange(lo, hi)
+    out = scale * _edges(2.0 ** (-j / 2), 2.0 ** (-lo / 2), 2.0 ** (-hi / 2))
+    u, (half, three_eighths) = _normalise(x, lo, hi, [0.5 * out, 0.375 * out])
+    y0 = _quadratic(RSQRT_POLY, u)
+    if also is None:
+        uy, yh, yt = jnp.stack([u, half, three_eighths]) * y0[None]
+    else:
+        (uy, yh, yt), extra = fused_multiply((jnp.stack([u, half, three_eighths]), y0[None]), also)  # fmt: skip
+    e = 1.0 - uy * y0
+    a, b = jnp.stack([yh, yt]) * jnp.stack([2.0 + e, e])
+    return a + b * e if also is None else (a + b * e, extra)
+
+
+def fused_multiply(*pairs):
+    """[a * b for (a, b) in pairs] as ONE elementwise multiply op (operands broadcast,
+    flattened and concatenated): independent products cost one op's rounds under MPC."""
+    shapes = [jnp.broadcast_shapes(a.shape, b.shape) for a, b in pairs]
+    lhs = jnp.concatenate([jnp.broadcast_to(a, sh).ravel() for (a, _), sh in zip(pairs, shapes, strict=True)])  # fmt: skip
+    rhs = jnp.concatenate([jnp.broadcast_to(b, sh).ravel() for (_, b), sh in zip(pairs, shapes, strict=True)])  # fmt: skip
+    out = lhs * rhs
+    sizes = np.cumsum([int(np.prod(sh)) for sh in shapes])[:-1]
+    return [part.reshape(sh) for part, sh in zip(jnp.split(out, sizes), shapes, strict=True)]
+
+
+def log_pow2(x: jnp.ndarray, lo: int = 0, hi: int = 8) -> jnp.ndarray:
+    """log(x) for x in [2^lo, 2^hi), saturating outside: j ln 2 + t q(t) with t = u - 1
+    (max abs error 1.4e-6). One octave (hi = lo + 1) needs no comparison: [2^lo, 2^hi]
+    closed, and values just outside extrapolate smoothly instead of saturating."""
+    _check_range("log_pow2", lo, hi)
+    if hi == lo + 1:  # one octave: no comparison; just outside it t q(t) extrapolates
+        t = (x if lo == 0 else x * 2.0**-lo) - 1.0
+        return lo * np.log(2.0) + t * jnp.polyval(jnp.asarray(LOG1P_OVER_T[::-1], x.dtype), t)
+    j = np.arange(lo, hi)
+    offsets = _edges(j * np.log(2.0), lo * np.log(2.0), hi * np.log(2.0))
+    u, (offset,) = _normalise(x, lo, hi, [offsets])
+    t = u - 1.0
+    return offset + t * jnp.polyval(jnp.asarray(LOG1P_OVER_T[::-1], x.dtype), t)
+
+
+# ----------------------------------------------------------------- max over keys
+#
+# SPU 0.9.3's max-reduce is a binary tournament: one comparison and one select per level,
+# 11 rounds under ABY3, log2(n) levels (44 rounds for 16 keys). A radix-4 tournament
+# compares all 6 pairs of each group of 4 in ONE comparison op, ANDs each member's 3
+# wins (2 levels of local-ish boolean ANDs) and keeps the winner by one select: one level
+# replaces two binary ones. Ties go to the lower index, so exactly one member wins.
+
+
+def _winners(c: jnp.ndarray, r: int) -> jnp.ndarray:
+    """[..., r] one-hot of each group's max from c [..., r(r-1)/2] = [g_i >= g_j], i < j."""
+    pairs = list(zip(*np.triu_indices(r, 1), strict=True))
+    wins = []
+    for i in range(r):
+        row = [c[..., p] if a == i else ~c[..., p] for p, (a, b) in enumerate(pairs) if i in (a, b)]
+        wins.append(jnp.stack(row, axis=-1))
+    return jnp.all(jnp.stack(wins, axis=-2), axis=-1)
+
+
+def max_last_axis(x: jnp.ndarray, radix: int = 4) -> jnp.ndarray:
+    """max over the last axis, kept as a trailing axis of size 1: the same value as
+    `jnp.max(x, -1, keepdims=True)`, in a radix-4 tournament (see the comment above)."""
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        r = min(radix, n)
+        if n % r:  # pad with copies of the first member: the max is unchanged
+            x = jnp.concatenate([x, jnp.broadcast_to(x[..., :1], x.shape[:-1] + (r - n % r,))], -1)  # fmt: skip
+        groups = x.reshape(x.shape[:-1] + (x.shape[-1] // r, r))
+        i, j = np.triu_indices(r, 1)
+        wins = _winners(groups[..., i] >= groups[..., j], r)
+        x = jnp.sum(jnp.where(wins, groups, jnp.zeros((), x.dtype)), axis=-1)
+    return x
