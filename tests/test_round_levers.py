@@ -5,8 +5,7 @@
    MPC equals plaintext, and about half SPU's rounds; the cross-entropy built on them.
    ABY3 FM64 per element over a 40-bucket range: reciprocal 29.3 rounds against SPU's
    58.7 (its reciprocal plus the project's Newton step), rsqrt 32.3 against 60.0.
-2. The radix-4 max (`mpc_ops.max_last_axis`): 16 keys 25.3 rounds against 42.7; the
-   loss's exp without squarings (`mpc_ops.exp_bucketed`).
+2. The radix-4 max (`mpc_ops.max_last_axis`): 16 keys 25.3 rounds against 42.7.
 3. The `packed_batch_dot` rewrite: a vmapped matmul in one matmul's rounds, same values.
 """
 
@@ -21,8 +20,6 @@ from secfwt_jax.compile import profiler, protocols
 from secfwt_jax.compile.simulator import mpc_run
 from secfwt_jax.models.classifier import cross_entropy
 from secfwt_jax.models.mpc_ops import (
-    exp_bucketed,
-    exp_nonpositive,
     log_pow2,
     max_last_axis,
     reciprocal_pow2,
@@ -165,7 +162,7 @@ def test_cross_entropy_matches_log_softmax_in_fewer_rounds():
         aby3,
         name="ce_spu",  # fmt: skip
     )
-    assert cheap.rounds <= 0.5 * spu.rounds  # 60 against 128.7
+    assert cheap.rounds <= 0.85 * spu.rounds  # 104.7 against 128.7: the max and the log
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 33])
@@ -210,19 +207,3 @@ def test_packed_batch_dot_rewrite_same_values_fewer_rounds():
     assert packed.rounds <= loop.rounds - 5  # 2 matmuls, one looped matmul's rounds each
     assert np.abs(packed_out - plain).max() < 2e-3 and np.abs(loop_out - plain).max() < 2e-3
     assert "packed_batch_dot" in protocols.preset("ABY3").rewrites
-
-
-def test_exp_bucketed_is_accurate_and_quieter_under_mpc_than_the_squared_exp():
-    x = np.concatenate([np.linspace(-16, 0, 40001), [-16.5, -100.0, -1e4]]).astype(np.float32)
-    got = np.asarray(jax.jit(exp_bucketed)(x), np.float64)
-    want = np.exp(np.maximum(x, -16).astype(np.float64))
-    assert np.abs(got / want - 1).max() < 5e-7  # 2.4e-8 fitted, the rest float32
-    rng = np.random.default_rng(3)
-    s = -np.abs(rng.normal(0, 3, 2048)).astype(np.float32)
-    aby3 = protocols.preset("ABY3")
-    exact = np.exp(s.astype(np.float64))
-    err_b = mpc_run(exp_bucketed, (s,), preset=aby3).outputs - exact
-    err_p = mpc_run(exp_nonpositive, (s,), preset=aby3).outputs - exact
-    assert np.abs(err_b).max() < 3e-5 and err_b.std() < 0.5 * err_p.std()
-    cost = profiler.profile_function(exp_bucketed, (s,), (), aby3, name="exp_b")
-    assert cost.rounds <= 27

@@ -162,30 +162,6 @@ def exp_nonpositive(x: jnp.ndarray) -> jnp.ndarray:
     return r
 
 
-#: e^r on [0, 1], degree 6, fitted like EXP_POLY (relative error 2.4e-8).
-EXP_UNIT_POLY = (1.00000002406, 0.999997361721, 0.500045783119, 0.166375980609,
-                 0.042525874185, 0.00706467462027, 0.00227206476018)  # fmt: skip
-
-
-def exp_bucketed(x: jnp.ndarray) -> jnp.ndarray:
-    """exp(x) for x <= 0 without squarings, for few elements (the loss): x's integer
-    bucket k (x in [-k, -k + 1), one comparison op against -16..-1) selects e^-k, and
-    e^(x + k) on [0, 1] is a degree-6 polynomial. Below -16 the value is e^-16. Under MPC
-    no squaring multiplies the truncations' noise (ABY3: 27 rounds; 16 comparisons per
-    element, which is why softmax's n^2 exps use `exp_nonpositive`)."""
-    k = np.arange(EXP_CLIP, 0, -1)  # buckets [-16, -15) .. [-1, ...)
-    gate = np.concatenate([[0.0], np.ones_like(k)])  # below -16: r = 0, the value e^-16
-    shift = np.concatenate([[0.0], k])
-    scale = np.exp(-np.concatenate([[EXP_CLIP], k]))
-    g, shifted, s = bucket_constants(x, -k, np.stack([gate, shift, scale]))
-    r = x * g + shifted
-    r2 = r * r
-    r3, r4 = jnp.stack([r2, r2]) * jnp.stack([r, r2])
-    r5, r6 = jnp.stack([r4, r4]) * jnp.stack([r, r2])
-    powers = jnp.stack([r, r2, r3, r4, r5, r6], axis=-1)
-    return (powers @ jnp.asarray(EXP_UNIT_POLY[1:], x.dtype) + EXP_UNIT_POLY[0]) * s
-
-
 # ------------------------------------------------------------------- batched matmuls
 #
 # SPU 0.9.3 runs a dot_general with batch dimensions as a loop over the batch, one matmul
