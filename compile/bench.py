@@ -109,20 +109,20 @@ def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
     return pc.forward_case(clf, params, shape, 0)
 
 
-def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly") -> ModelConfig:  # fmt: skip
-    """``base`` cut to ``layers`` layers with ``row``'s attention (RFA with ``rfa_features``,
-    softmax with ``softmax_exp``)."""
+def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly", rfa_inverse: str = "bucketed") -> ModelConfig:  # fmt: skip
+    """``base`` cut to ``layers`` layers with ``row``'s attention (RFA with ``rfa_features``
+    and ``rfa_inverse``, softmax with ``softmax_exp``)."""
     attention = ROWS[row]
     if attention.kind == "rfa":
-        attention = dataclasses.replace(attention, num_features=rfa_features)
+        attention = dataclasses.replace(attention, num_features=rfa_features, inverse=rfa_inverse)
     else:
         attention = dataclasses.replace(attention, exp=softmax_exp)
     return dataclasses.replace(base, num_layers=layers, attention=attention)
 
 
-def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64, softmax_exp="poly") -> dict:  # fmt: skip
+def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64, softmax_exp="poly", rfa_inverse="bucketed") -> dict:  # fmt: skip
     """One whole-program profile of ``row`` with the model cut to ``layers`` layers."""
-    cfg = row_model(row, base, layers, rfa_features, softmax_exp)
+    cfg = row_model(row, base, layers, rfa_features, softmax_exp, rfa_inverse)
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     fn, args, public = row_case(row, clf, clf.init(0, seq_len=shape.seq_len), shape, population)
     prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
@@ -130,10 +130,10 @@ def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, 
             "compute_s": prof.compute_s, "per_party_bytes": prof.per_party_bytes}  # fmt: skip
 
 
-def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64) -> dict:  # fmt: skip
+def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64, rfa_inverse="bucketed") -> dict:  # fmt: skip
     """Goal (b) for one trainable set: its SPSA step and one forward of the same problem,
     RFA poly attention, the model cut to ``layers`` layers."""
-    cfg = row_model("spsa_rfa_poly", base, layers, rfa_features)
+    cfg = row_model("spsa_rfa_poly", base, layers, rfa_features, rfa_inverse=rfa_inverse)
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     cases = profile_cases.set_cases(clf, clf.init(0, seq_len=shape.seq_len), shape, kind)
     out = {"layers": layers}
@@ -149,7 +149,7 @@ def set_ratios(args, preset) -> list[dict]:
     shape = profile_cases.StepShape(args.batch, args.seqs[0], directions=args.directions)
     rows = []
     for kind in profile_cases.SET_KINDS:
-        pts = [measure_set(kind, base, lay, shape, preset, args.rfa_features) for lay in args.layers_measured]  # fmt: skip
+        pts = [measure_set(kind, base, lay, shape, preset, args.rfa_features, args.rfa_inverse) for lay in args.layers_measured]  # fmt: skip
         step = extrapolate([{"layers": p["layers"], **p["step"]} for p in pts], base.num_layers)
         fwd = extrapolate([{"layers": p["layers"], **p["forward"]} for p in pts], base.num_layers)
         rows.append({"set": kind, "shape": args.shapes[0], "seq": args.seqs[0], "protocol": preset.name,
@@ -324,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rfa-features", type=int, default=64, help="m of the RFA rows")
     parser.add_argument("--softmax-exp", choices=["poly", "exact"], default="poly",
                         help="exp of the softmax rows (AttentionConfig.exp): poly = exp_nonpositive, exact = SPU's PADE exp")  # fmt: skip
+    parser.add_argument("--rfa-inverse", choices=["bucketed", "spu"], default="bucketed",
+                        help="RFA's rsqrt/reciprocal (AttentionConfig.inverse): bucketed = fewer rounds, spu = fewer bytes")  # fmt: skip
     parser.add_argument("--heads", action="store_true", help="also goal (c): one head, n 128/512")
     parser.add_argument("--sets", action="store_true",
                         help="also goal (b) for every trainable set, at the first shape and n")  # fmt: skip
@@ -342,12 +344,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                 shape = profile_cases.StepShape(args.batch, n, directions=args.directions)
                 for row in args.rows:
                     pts = [measure_row(row, base, lay, shape, preset, args.population,
-                                       args.rfa_features, args.softmax_exp)
+                                       args.rfa_features, args.softmax_exp, args.rfa_inverse)
                            for lay in args.layers_measured]  # fmt: skip
                     tot = extrapolate(pts, base.num_layers)
                     res = {"shape": name, "layers": base.num_layers, "seq": n, "batch": args.batch,
                            "protocol": proto, "row": row, "gelu": args.gelu,
                            "rfa_features": args.rfa_features, "softmax_exp": args.softmax_exp,
+                           "rfa_inverse": args.rfa_inverse,
                            **tot, "measured": pts,
                            "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
                     results.append(res)

@@ -207,3 +207,36 @@ def test_packed_batch_dot_rewrite_same_values_fewer_rounds():
     assert packed.rounds <= loop.rounds - 5  # 2 matmuls, one looped matmul's rounds each
     assert np.abs(packed_out - plain).max() < 2e-3 and np.abs(loop_out - plain).max() < 2e-3
     assert "packed_batch_dot" in protocols.preset("ABY3").rewrites
+
+
+def test_rfa_inverse_choice_trades_rounds_for_bytes_with_the_same_values(tmp_path):
+    """`AttentionConfig.inverse`: "bucketed" (fewer rounds) and "spu" (fewer bytes) compute
+    the same attention; an adapted checkpoint is accepted for either."""
+    import dataclasses
+    import json
+
+    from secfwt_jax.models.attention import random_feature_attention
+    from secfwt_jax.models.config import AttentionConfig
+    from secfwt_jax.run.build import ADAPTATION_FILE, check_adapted_attention
+    from secfwt_jax.run.spec import load_spec
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 16, 4, 16)).astype(np.float32) for _ in range(3))
+    mask = np.ones((2, 16), np.float32)
+    mask[1, -5:] = 0
+    cfgs = {impl: AttentionConfig(kind="rfa", trig="poly", num_features=16, inverse=impl) for impl in ("bucketed", "spu")}  # fmt: skip
+    outs, costs = {}, {}
+    for impl, cfg in cfgs.items():
+        fn = lambda q, k, v, c=cfg: random_feature_attention(q, k, v, mask, c, 0)  # noqa: E731
+        outs[impl] = np.asarray(jax.jit(fn)(q, k, v))
+        costs[impl] = profiler.profile_function(fn, (q, k, v), (), protocols.preset("ABY3"), name=f"rfa_{impl}")  # fmt: skip
+    np.testing.assert_allclose(outs["bucketed"], outs["spu"], atol=2e-6)
+    assert costs["bucketed"].rounds <= costs["spu"].rounds - 50
+    assert costs["spu"].total_bytes < costs["bucketed"].total_bytes
+
+    (tmp_path / ADAPTATION_FILE).write_text(json.dumps({"attention": dataclasses.asdict(cfgs["spu"])}))  # fmt: skip
+    check_adapted_attention(tmp_path, cfgs["bucketed"])  # numerics only: accepted
+    with pytest.raises(ValueError, match=r"^attention.inverse: unknown 'fast'$"):
+        AttentionConfig(inverse="fast")
+    tiny = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert load_spec(tiny, ["model.attention.inverse=spu"]).model.attention.inverse == "spu"

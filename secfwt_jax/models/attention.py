@@ -22,7 +22,14 @@ from secfwt_jax.models.feature_maps import (
     random_directions,
     trig_features,
 )
-from secfwt_jax.models.mpc_ops import exp_nonpositive, heads_matmul, max_last_axis, reciprocal_pow2
+from secfwt_jax.models.mpc_ops import (
+    exp_nonpositive,
+    fused_multiply,
+    heads_matmul,
+    max_last_axis,
+    reciprocal_pow2,
+    refined_reciprocal,
+)
 
 
 def causal_mask(seq_len: int) -> np.ndarray:
@@ -31,7 +38,7 @@ def causal_mask(seq_len: int) -> np.ndarray:
 
 
 def softmax_attention(q, k, v, key_mask, *, causal: bool = False, exp: str = "exact"):
-    """Softmax attention with multiplicative masking: [B, N, H, D] -> [B, N, H, D].
+    """Softmax attention, padded keys masked: [B, N, H, D] -> [B, N, H, D].
 
     The row max is taken over all keys; any per-row constant leaves softmax unchanged and
     this one keeps every exp argument <= 0, which SPU's exp and `exp_nonpositive` (``exp=
@@ -42,13 +49,23 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False, exp: str = "ex
     """
     seq, head_dim = q.shape[1], q.shape[-1]
     scale = 1.0 / np.sqrt(head_dim)
+    # With the clipped poly exp, padded keys are masked additively: -MASK_PENALTY on their
+    # scores, computed in the same public product (one truncation op) as the scale, so
+    # no secret product with the mask is needed (3 rounds fewer under ABY3); their
+    # weights come out as e^-16, under half an ulp of 18 fraction bits. SPU's exp is not
+    # trusted that far below 0, so "exact" keeps the multiplicative mask.
+    additive = exp == "poly"
+    penalty_pair = (key_mask - 1.0, MASK_PENALTY)
     if seq > head_dim:
-        q = q * scale
+        q, penalty = fused_multiply((q, scale), penalty_pair) if additive else (q * scale, None)
     scores = heads_matmul(q, k, "bqhd,bkhd->bhqk")
     if seq <= head_dim:
-        scores = scores * scale
+        scores, penalty = fused_multiply((scores, scale), penalty_pair) if additive else (scores * scale, None)  # fmt: skip
+    if additive:
+        scores = scores + penalty[:, None, None, :]
     weights = _exp(exp)(scores - max_last_axis(scores))
-    weights = weights * key_mask[:, None, None, :]
+    if not additive:
+        weights = weights * key_mask[:, None, None, :]
     if causal:
         weights = weights * causal_mask(q.shape[1])
     out = heads_matmul(weights, v, "bhqk,bkhd->bqhd")
@@ -56,6 +73,9 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False, exp: str = "ex
     inv = reciprocal_pow2(denom, DENOMINATOR_LO, sums_bound(k.shape[1]))
     return out * jnp.transpose(inv, (0, 2, 1))[..., None]
 
+
+#: Subtracted from padded keys' scores (poly exp): far below the exp's clip at -16.
+MASK_PENALTY = 1024.0
 
 #: Attention denominators below 2^-16 saturate (`mpc_ops.reciprocal_pow2`): a row whose
 #: every weight is under 2^-16 / N has no usable precision in 18 fraction bits anyway.
@@ -102,9 +122,9 @@ def _unmasked_features(q, k, key_mask, cfg: AttentionConfig, layer: int, also=No
         # sin/cos of w^T (x / |x|), the 1/|x| applied after the projection (m products
         # per row, not D); |w^T x| / |x| <= |w| still bounds the argument.
         if also is None:
-            inv, extra = inverse_norm(qk), None
+            inv, extra = inverse_norm(qk, impl=cfg.inverse), None
         else:
-            inv, extra = inverse_norm(qk, also=also)
+            inv, extra = inverse_norm(qk, also=also, impl=cfg.inverse)
         phi = _trig(qk, w, cfg, guaranteed_bound=True, row_scale=inv)
         return phi[:batch], phi[batch:], extra
     else:
@@ -159,6 +179,8 @@ def random_feature_attention(
         out = heads_matmul(phi_q, kv, "bnhf,bhfd->bnhd")
     # l2 features: |phi(q).phi(k)| <= 1 per key; the exp-based variants are unbounded.
     hi = sums_bound(k.shape[1]) if cfg.variant == "l2" else 24
+    if cfg.inverse == "spu":
+        return out[..., :-1] * refined_reciprocal(out[..., -1:])
     # Unlike softmax's, RFA's normalisers can be negative (trig features): signed.
     return out[..., :-1] * reciprocal_pow2(out[..., -1:], DENOMINATOR_LO, hi, signed=True)
 

@@ -26,6 +26,16 @@ TrigMode = Literal["exact", "poly"]
 #   "poly":  `mpc_ops.exp_nonpositive`, p(y)^16 on the clipped argument, relative error
 #            <= 1.1e-5 on [-16, 0], 1,028 B and 40 rounds per element (ABY3).
 ExpImpl = Literal["exact", "poly"]
+# How RFA's l2 norms (an rsqrt per q/k row) and normalisers (a reciprocal per query) are
+# computed under MPC:
+#   "bucketed": `mpc_ops.rsqrt_pow2` / `reciprocal_pow2`: one comparison op against every
+#               power of two of the range, then a quadratic and a short series. About half
+#               SPU's rounds (32 / 27 against 60 / 59 per op, ABY3), 3-4x its bytes per
+#               element (docs/cost.md, section 8): for WAN, where rounds cost most.
+#   "spu":      SPU's rsqrt / reciprocal plus one Newton step: the fewest bytes, for LAN.
+# Both compute the same values to float32 rounding in plaintext. (LayerNorm, softmax's
+# denominators and the loss always use the bucketed forms: few elements, so few bytes.)
+InverseImpl = Literal["bucketed", "spu"]
 # How the GeLU activations ("gelu", "gelu_new", "gelu_pytorch_tanh") are computed:
 #   "piecewise": two comparisons and one even Chebyshev polynomial (max error 7.5e-4 over
 #                the real line; about a fifth of the exact form's MPC bytes, see
@@ -71,6 +81,7 @@ class AttentionConfig:
         full range is reached by double-angle steps (`feature_maps.poly_sin_cos_unit`).
       seed: public seed of the random directions; fixed per layer and head, never trained.
       exp: see `ExpImpl`; the run spec defaults to "poly", the reference to "exact".
+      inverse: see `InverseImpl` (RFA only).
     """
 
     kind: AttentionKind = "softmax"
@@ -82,6 +93,7 @@ class AttentionConfig:
     poly_degree: int = 6
     seed: int = 0
     exp: ExpImpl = "exact"
+    inverse: InverseImpl = "bucketed"
 
     def __post_init__(self) -> None:
         _require(self.kind in ("softmax", "rfa"), "attention.kind", f"unknown {self.kind!r}")
@@ -94,6 +106,9 @@ class AttentionConfig:
         )
         _require(self.trig in ("exact", "poly"), "attention.trig", f"unknown {self.trig!r}")
         _require(self.exp in ("exact", "poly"), "attention.exp", f"unknown {self.exp!r}")
+        _require(
+            self.inverse in ("bucketed", "spu"), "attention.inverse", f"unknown {self.inverse!r}"
+        )
         _require(self.poly_bound > 0, "attention.poly_bound", "must be positive")
         _require(
             self.poly_degree >= 2 and self.poly_degree % 2 == 0,

@@ -24,7 +24,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from secfwt_jax.models.mpc_ops import rsqrt_pow2, sum_of_squares
+from secfwt_jax.models.mpc_ops import refined_rsqrt, rsqrt_pow2, sum_of_squares
 
 
 def random_directions(
@@ -127,9 +127,13 @@ def poly_sin_cos(t, *, bound: float, degree: int):
     return poly_sin_cos_unit(s, bound=bound, degree=degree)
 
 
-def inverse_norm(x: jnp.ndarray, eps: float = 1e-6, also=None):
-    """1 / |x| over the last axis, kept as a trailing axis of size 1 (one `rsqrt_pow2`).
-    ``also=(a, b)``: a * b rides in one of its multiply ops, returned second."""
+def inverse_norm(x: jnp.ndarray, eps: float = 1e-6, also=None, impl: str = "bucketed"):
+    """1 / |x| over the last axis, kept as a trailing axis of size 1: one `rsqrt_pow2`
+    (impl "bucketed") or SPU's rsqrt refined ("spu"; see `config.InverseImpl`).
+    ``also=(a, b)``: a * b is returned second ("bucketed": inside one of its ops)."""
+    if impl == "spu":
+        inv = refined_rsqrt(sum_of_squares(x) + eps)
+        return inv if also is None else (inv, also[0] * also[1])
     return rsqrt_pow2(sum_of_squares(x) + eps, also=also)
 
 

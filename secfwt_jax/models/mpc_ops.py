@@ -403,8 +403,9 @@ def rsqrt_pow2(x: jnp.ndarray, lo: int = -16, hi: int = 32, scale: float = 1.0, 
 
 def fused_multiply(*pairs):
     """[a * b for (a, b) in pairs] as ONE elementwise multiply op (operands broadcast,
-    flattened and concatenated): independent products cost one op's rounds under MPC."""
-    shapes = [jnp.broadcast_shapes(a.shape, b.shape) for a, b in pairs]
+    flattened and concatenated; scalars allowed): independent products cost one op's
+    rounds under MPC."""
+    shapes = [jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b)) for a, b in pairs]
     lhs = jnp.concatenate([jnp.broadcast_to(a, sh).ravel() for (a, _), sh in zip(pairs, shapes, strict=True)])  # fmt: skip
     rhs = jnp.concatenate([jnp.broadcast_to(b, sh).ravel() for (_, b), sh in zip(pairs, shapes, strict=True)])  # fmt: skip
     out = lhs * rhs

@@ -119,7 +119,8 @@ def check_adapted_attention(directory, attention: AttentionConfig, gelu: str = "
     made_for = record["attention"]
     wanted = dataclasses.asdict(attention)
     uses_exp = attention.kind == "softmax" or attention.variant == "softmax_kernel"
-    diff = sorted(k for k in made_for if made_for[k] != wanted.get(k) and (k != "exp" or uses_exp))
+    numerics_only = {"inverse"} | (set() if uses_exp else {"exp"})  # same function, other MPC cost
+    diff = sorted(k for k in made_for if made_for[k] != wanted.get(k) and k not in numerics_only)
     if diff:
         raise SpecError(f"model.attention: {directory} was adapted for other attention settings ({', '.join(diff)})")  # fmt: skip
     made_gelu = record.get("gelu", "piecewise")
