@@ -20,6 +20,7 @@ from secfwt_jax.compile import profiler, protocols
 from secfwt_jax.compile.simulator import mpc_run
 from secfwt_jax.models.classifier import cross_entropy
 from secfwt_jax.models.mpc_ops import (
+    divide_pow2,
     log_pow2,
     max_last_axis,
     reciprocal_pow2,
@@ -240,3 +241,25 @@ def test_rfa_inverse_choice_trades_rounds_for_bytes_with_the_same_values(tmp_pat
         AttentionConfig(inverse="fast")
     tiny = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     assert load_spec(tiny, ["model.attention.inverse=spu"]).model.attention.inverse == "spu"
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_divide_pow2_is_the_quotient_to_1e6_and_one_op_shorter(signed):
+    rng = np.random.default_rng(4)
+    den = np.exp(rng.uniform(-6, 8, (64, 3, 1))).astype(np.float32)
+    if signed:
+        den[::2] *= -1
+    num = rng.normal(size=(64, 3, 8)).astype(np.float32)
+    fn = lambda n, d: divide_pow2(n, d, -16, 12, signed=signed)  # noqa: E731
+    want = num.astype(np.float64) / den.astype(np.float64)
+    got = np.asarray(jax.jit(fn)(num, den), np.float64)
+    assert np.all(np.abs(got - want) <= 1.2e-6 * np.abs(want) + 1e-7)
+    aby3 = protocols.preset("ABY3")
+    mpc = mpc_run(fn, (num, den), preset=aby3).outputs
+    # fixed point holds den to an ulp: relative ULP / |den| on the quotient, as for SPU's
+    bound = (1e-4 + 4 * ULP / np.abs(den)) * np.abs(want) + 8 * ULP * (1 + np.abs(num) / np.abs(den))  # fmt: skip
+    assert np.all(np.abs(mpc - want) <= bound)
+    two_step = lambda n, d: n * reciprocal_pow2(d, -16, 12, signed=signed)  # noqa: E731
+    fused = profiler.profile_function(fn, (num, den), (), aby3, name="div")
+    plain = profiler.profile_function(two_step, (num, den), (), aby3, name="mul_recip")
+    assert fused.rounds <= plain.rounds - 2

@@ -23,11 +23,11 @@ from secfwt_jax.models.feature_maps import (
     trig_features,
 )
 from secfwt_jax.models.mpc_ops import (
+    divide_pow2,
     exp_nonpositive,
     fused_multiply,
     heads_matmul,
     max_last_axis,
-    reciprocal_pow2,
     refined_reciprocal,
 )
 
@@ -70,8 +70,8 @@ def softmax_attention(q, k, v, key_mask, *, causal: bool = False, exp: str = "ex
         weights = weights * causal_mask(q.shape[1])
     out = heads_matmul(weights, v, "bhqk,bkhd->bqhd")
     denom = jnp.sum(weights, axis=-1)  # [B, H, N], at most N (every weight <= 1)
-    inv = reciprocal_pow2(denom, DENOMINATOR_LO, sums_bound(k.shape[1]))
-    return out * jnp.transpose(inv, (0, 2, 1))[..., None]
+    denom = jnp.transpose(denom, (0, 2, 1))[..., None]  # [B, N, H, 1]
+    return divide_pow2(out, denom, DENOMINATOR_LO, sums_bound(k.shape[1]))
 
 
 #: Subtracted from padded keys' scores (poly exp): far below the exp's clip at -16.
@@ -182,7 +182,7 @@ def random_feature_attention(
     if cfg.inverse == "spu":
         return out[..., :-1] * refined_reciprocal(out[..., -1:])
     # Unlike softmax's, RFA's normalisers can be negative (trig features): signed.
-    return out[..., :-1] * reciprocal_pow2(out[..., -1:], DENOMINATOR_LO, hi, signed=True)
+    return divide_pow2(out[..., :-1], out[..., -1:], DENOMINATOR_LO, hi, signed=True)
 
 
 def attend(q, k, v, key_mask, cfg: AttentionConfig, layer: int, *, causal: bool = False):

@@ -379,6 +379,22 @@ def reciprocal_pow2(
     return a * (1.0 + e2)
 
 
+def divide_pow2(num, den, lo: int = -16, hi: int = 24, *, signed: bool = False):
+    """num / den with den's reciprocal as in `reciprocal_pow2` (den broadcast against num,
+    e.g. attention's [..., 1] normalisers against [..., D] outputs), one op shorter:
+    num r0 (1 + e + e^2) with num's product fused into the e^2 op. Relative error
+    <= e^3 <= 1.0e-6 (the quadratic's 1e-2 cubed) instead of ~1e-8."""
+    _check_range("divide_pow2", lo, hi)
+    j = np.arange(lo, hi)
+    out = _edges(2.0**-j, 2.0**-lo, 2.0**-hi)
+    u, (sd,) = _normalise(den, lo, hi, [out], signed)
+    r0 = _quadratic(RECIPROCAL_POLY, u)
+    ur, rs = jnp.stack([u, sd]) * r0[None]
+    e = 1.0 - ur
+    scaled, e2 = fused_multiply((num, rs), (e, e))
+    return scaled * (1.0 + e + e2)
+
+
 def rsqrt_pow2(x: jnp.ndarray, lo: int = -16, hi: int = 32, scale: float = 1.0, also=None):
     """scale / sqrt(x) for x in [2^lo, 2^hi), saturating outside (see the comment above).
 
@@ -413,19 +429,28 @@ def fused_multiply(*pairs):
     return [part.reshape(sh) for part, sh in zip(jnp.split(out, sizes), shapes, strict=True)]
 
 
-def log_pow2(x: jnp.ndarray, lo: int = 0, hi: int = 8) -> jnp.ndarray:
+def log_pow2(x: jnp.ndarray, lo: int = 0, hi: int = 8, also=None):
     """log(x) for x in [2^lo, 2^hi), saturating outside: j ln 2 + t q(t) with t = u - 1
     (max abs error 1.4e-6). One octave (hi = lo + 1) needs no comparison: [2^lo, 2^hi]
-    closed, and values just outside extrapolate smoothly instead of saturating."""
+    closed, and values just outside extrapolate smoothly instead of saturating.
+    ``also=(a, b)``: a * b is returned second, computed inside its last product op."""
     _check_range("log_pow2", lo, hi)
     if hi == lo + 1:  # one octave: no comparison; just outside it t q(t) extrapolates
         t = (x if lo == 0 else x * 2.0**-lo) - 1.0
-        return lo * np.log(2.0) + t * jnp.polyval(jnp.asarray(LOG1P_OVER_T[::-1], x.dtype), t)
+        return _log_tail(lo * np.log(2.0), t, also)
     j = np.arange(lo, hi)
     offsets = _edges(j * np.log(2.0), lo * np.log(2.0), hi * np.log(2.0))
     u, (offset,) = _normalise(x, lo, hi, [offsets])
-    t = u - 1.0
-    return offset + t * jnp.polyval(jnp.asarray(LOG1P_OVER_T[::-1], x.dtype), t)
+    return _log_tail(offset, u - 1.0, also)
+
+
+def _log_tail(offset, t, also):
+    """offset + t q(t), and ``also``'s product fused into the last op."""
+    q = jnp.polyval(jnp.asarray(LOG1P_OVER_T[::-1], t.dtype), t)
+    if also is None:
+        return offset + t * q
+    tq, extra = fused_multiply((t, q), also)
+    return offset + tq, extra
 
 
 # ----------------------------------------------------------------- max over keys
