@@ -250,9 +250,9 @@ def heads_matmul(a: jnp.ndarray, b: jnp.ndarray, spec: str) -> jnp.ndarray:
 # rounds under ABY3, and the project's Newton step adds 6-9. Here the normalisation is
 # ONE comparison op: x against every public power of two 2^j, j = lo..hi, side by side
 # (8 rounds under ABY3, whatever the count). Neighbouring bits XOR to a one-hot bucket
-# (local), and each per-bucket public constant (the normaliser 2^-j, the output's 2^-j
-# or 2^(-j/2), the log's j ln 2) is one select over the one-hot: exactly one term is
-# non-zero, so the constant is exact. Then u = x 2^-j lies in [1, 2), where a quadratic
+# (local), and the per-bucket public constants (the normaliser 2^-j, the output's 2^-j
+# or 2^(-j/2), the log's j ln 2) come from one product of the one-hot with a public
+# table (one truncation): exactly one term is non-zero, so each constant is exact. Then u = x 2^-j lies in [1, 2), where a quadratic
 # starts and a short series finishes; independent products are stacked into one
 # multiply op, which costs one op's rounds. Below 2^lo (zero and negative x included)
 # and from 2^hi up, u = 1 and the result is that of 2^lo or 2^hi: the functions saturate
