@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,7 +241,7 @@ def test_rfa_inverse_choice_trades_rounds_for_bytes_with_the_same_values(tmp_pat
     check_adapted_attention(tmp_path, cfgs["bucketed"])  # numerics only: accepted
     with pytest.raises(ValueError, match=r"^attention.inverse: unknown 'fast'$"):
         AttentionConfig(inverse="fast")
-    tiny = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     assert load_spec(tiny, ["model.attention.inverse=spu"]).model.attention.inverse == "spu"
 
 

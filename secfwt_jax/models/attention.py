@@ -29,6 +29,7 @@ from secfwt_jax.models.mpc_ops import (
     heads_matmul,
     max_last_axis,
     refined_reciprocal,
+    sums_bound,
 )
 
 
@@ -80,11 +81,6 @@ MASK_PENALTY = 1024.0
 #: Attention denominators below 2^-16 saturate (`mpc_ops.reciprocal_pow2`): a row whose
 #: every weight is under 2^-16 / N has no usable precision in 18 fraction bits anyway.
 DENOMINATOR_LO = -16
-
-
-def sums_bound(num_keys: int) -> int:
-    """hi of `reciprocal_pow2` for a sum of num_keys terms each at most 1 (with slack)."""
-    return int(np.ceil(np.log2(num_keys))) + 1
 
 
 def _exp(impl: str):
@@ -177,10 +173,10 @@ def random_feature_attention(
     else:
         kv = heads_matmul(phi_k, v1, "bnhf,bnhd->bhfd")
         out = heads_matmul(phi_q, kv, "bnhf,bhfd->bnhd")
-    # l2 features: |phi(q).phi(k)| <= 1 per key; the exp-based variants are unbounded.
-    hi = sums_bound(k.shape[1]) if cfg.variant == "l2" else 24
     if cfg.inverse == "spu":
         return out[..., :-1] * refined_reciprocal(out[..., -1:])
+    # l2 features: |phi(q).phi(k)| <= 1 per key; the exp-based variants are unbounded.
+    hi = sums_bound(k.shape[1]) if cfg.variant == "l2" else 24
     # Unlike softmax's, RFA's normalisers can be negative (trig features): signed.
     return divide_pow2(out[..., :-1], out[..., -1:], DENOMINATOR_LO, hi, signed=True)
 

@@ -167,9 +167,9 @@ def cross_entropy(logits, labels_onehot):
     num_classes = logits.shape[-1]
     shifted = logits - max_last_axis(logits)
     # sum_c y_c (shifted_c - log_total) = sum_c y_c shifted_c - log_total (one-hot y): the
-    # label product needs only `shifted`, so it rides in the log's first product op.
+    # label product needs only `shifted`, so it rides in the log's last product op.
     total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
-    # total in [1, C] (up to the poly exp's 1e-5 at the max): for C = 2 one octave, no
+    # total in [1, C] (up to the exp's error at the max): for C = 2 one octave, no
     # comparison; a sum a hair under 1 extrapolates (or saturates at log 1 = 0).
     log_total, picked = log_pow2(
         total, 0, max(1, int(np.ceil(np.log2(num_classes)))), also=(labels_onehot, shifted)

@@ -27,7 +27,7 @@ import numpy as np
 
 from secfwt_jax.models.config import ModelConfig
 from secfwt_jax.models.encoder import activation_fn
-from secfwt_jax.models.mpc_ops import layer_norm, reciprocal_pow2
+from secfwt_jax.models.mpc_ops import layer_norm, reciprocal_pow2, sums_bound
 
 HeadKind = Literal["linear", "mlm", "lm"]
 TRUNK_NAMES = {"bert": "bert", "roberta": "roberta", "gpt2": "transformer"}
@@ -78,7 +78,7 @@ def pool(hidden, mask, how: str):
         return hidden[:, 0]
     total = weighted_sum(hidden, mask)
     count = jnp.sum(mask, axis=1, keepdims=True)  # 1 .. N tokens
-    return total * reciprocal_pow2(count, 0, int(np.ceil(np.log2(mask.shape[1]))) + 1)
+    return total * reciprocal_pow2(count, 0, sums_bound(mask.shape[1]))
 
 
 def select_position(hidden, select):

@@ -95,8 +95,9 @@ def gelu_piecewise(x: jnp.ndarray, approximate: bool = False) -> jnp.ndarray:
     docs/cost.md): about 0.9 KB and 29 rounds, against 4.9 KB and 186 rounds for the
     exact GeLU with the ``erf_exp`` rewrite: one stacked comparison [x > B, -x > B], the
     scale x / B, 4 products (t, T_2, T_3 and T_3 times row B), one public [2, 4] dot,
-    one AND and one stacked select. The selects are exact in the ring, so the polynomial's (possibly
-    wrapped-around) value far outside [-B, B] never leaks into the result.
+    one AND and one stacked select. The selects are exact in the ring, so the
+    polynomial's (possibly wrapped-around) value far outside [-B, B] never leaks into the
+    result.
     """
     w, a0, b0 = gelu_paterson_stockmeyer(GELU_CHEBYSHEV["tanh" if approximate else "erf"])
     s = x * (1.0 / GELU_BOUND)
@@ -252,9 +253,9 @@ def heads_matmul(a: jnp.ndarray, b: jnp.ndarray, spec: str) -> jnp.ndarray:
 # (8 rounds under ABY3, whatever the count). Neighbouring bits XOR to a one-hot bucket
 # (local), and the per-bucket public constants (the normaliser 2^-j, the output's 2^-j
 # or 2^(-j/2), the log's j ln 2) come from one product of the one-hot with a public
-# table (one truncation): exactly one term is non-zero, so each constant is exact. Then u = x 2^-j lies in [1, 2), where a quadratic
-# starts and a short series finishes; independent products are stacked into one
-# multiply op, which costs one op's rounds. Below 2^lo (zero and negative x included)
+# table (one truncation): exactly one term is non-zero, so each constant is exact. Then
+# u = x 2^-j lies in [1, 2), where a quadratic starts and a short series finishes;
+# independent products are stacked into one multiply op, which costs one op's rounds. Below 2^lo (zero and negative x included)
 # and from 2^hi up, u = 1 and the result is that of 2^lo or 2^hi: the functions saturate
 # instead of extrapolating a polynomial into fixed-point overflow. Costs and errors:
 # docs/cost.md, section 8.
@@ -271,6 +272,12 @@ LOG1P_OVER_T = (0.999901645068, -0.497875084088, 0.317649104078, -0.193761046337
 SINGLE_STEP_MAX = 18
 
 
+def sums_bound(count: int) -> int:
+    """hi of `reciprocal_pow2` / `divide_pow2` for a sum of ``count`` terms each at most 1
+    (attention's denominators, token counts), with slack."""
+    return int(np.ceil(np.log2(count))) + 1
+
+
 def power_of_two_bucket(
     x: jnp.ndarray, lo: int, hi: int, tables: np.ndarray, *, odd: Sequence[bool] | None = None
 ) -> jnp.ndarray:
@@ -279,20 +286,11 @@ def power_of_two_bucket(
     tables: [T, hi - lo + 2] public values, columns: x < 2^lo, then x in [2^j, 2^(j+1))
     for j = lo .. hi - 1, then x >= 2^hi. With ``odd`` (one flag per table), -x is
     compared in the same op too: x <= -2^lo gets its |x| bucket's constants, negated in
-    the tables flagged odd, and the first column covers |x| < 2^lo only.
+    the tables flagged odd, and the first column covers |x| < 2^lo only. One comparison
+    op, local XORs, one local product with the public tables (and its truncation).
     """
-    return bucket_constants(x, 2.0 ** np.arange(lo, hi + 1), tables, odd=odd)
-
-
-def bucket_constants(
-    x: jnp.ndarray, thresholds, tables: np.ndarray, *, odd: Sequence[bool] | None = None
-) -> jnp.ndarray:
-    """Per-bucket public constants: [T, *x.shape]. thresholds t_0 < ... < t_K (positive
-    when ``odd`` is given, see `power_of_two_bucket`); tables [T, K + 2], columns x < t_0,
-    [t_0, t_1), ..., x >= t_K. One comparison op, local XORs, one local product with the
-    public tables (and its truncation)."""
     signed = odd is not None
-    thresholds = np.asarray(thresholds, np.float32)
+    thresholds = (2.0 ** np.arange(lo, hi + 1)).astype(np.float32)
     tab = np.asarray(tables, np.float64)
     sides = jnp.stack([x, -x], axis=-1) if signed else x[..., None]
     bits = sides[..., None] >= thresholds  # [..., S, K], bits[k] >= bits[k + 1]
@@ -369,14 +367,19 @@ def reciprocal_pow2(
     1/u = r0 (1 + e)(1 + e^2) + O(e^4): three stacked multiply ops, error ~1e-8.
     """
     _check_range("reciprocal_pow2", lo, hi)
+    rs, e = _reciprocal_start(x, lo, hi, scale, signed)
+    a, e2 = jnp.stack([rs, e]) * jnp.stack([1.0 + e, e])
+    return a * (1.0 + e2)
+
+
+def _reciprocal_start(x, lo, hi, scale, signed):
+    """(rs, e): rs = scale 2^-j r0 (the quadratic's scale / x) and e = 1 - u r0."""
     j = np.arange(lo, hi)
     out = scale * _edges(2.0**-j, 2.0**-lo, 2.0**-hi)
     u, (sd,) = _normalise(x, lo, hi, [out], signed)
     r0 = _quadratic(RECIPROCAL_POLY, u)
     ur, rs = jnp.stack([u, sd]) * r0[None]
-    e = 1.0 - ur
-    a, e2 = jnp.stack([rs, e]) * jnp.stack([1.0 + e, e])
-    return a * (1.0 + e2)
+    return rs, 1.0 - ur
 
 
 def divide_pow2(num, den, lo: int = -16, hi: int = 24, *, signed: bool = False):
@@ -385,12 +388,7 @@ def divide_pow2(num, den, lo: int = -16, hi: int = 24, *, signed: bool = False):
     num r0 (1 + e + e^2) with num's product fused into the e^2 op. Relative error
     <= e^3 <= 1.0e-6 (the quadratic's 1e-2 cubed) instead of ~1e-8."""
     _check_range("divide_pow2", lo, hi)
-    j = np.arange(lo, hi)
-    out = _edges(2.0**-j, 2.0**-lo, 2.0**-hi)
-    u, (sd,) = _normalise(den, lo, hi, [out], signed)
-    r0 = _quadratic(RECIPROCAL_POLY, u)
-    ur, rs = jnp.stack([u, sd]) * r0[None]
-    e = 1.0 - ur
+    rs, e = _reciprocal_start(den, lo, hi, 1.0, signed)
     scaled, e2 = fused_multiply((num, rs), (e, e))
     return scaled * (1.0 + e + e2)
 
