@@ -102,10 +102,12 @@ def agreement(a: list[int], b: list[int]) -> float:
     return float(np.mean(np.asarray(a) == np.asarray(b)))
 
 
-def relative_gap(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over all leaves of two flat {'path': array} dicts."""
+def relative_gap(a: dict, b: dict, origin: dict | None = None) -> float:
+    """||a - b|| / ||b|| over all leaves of two flat {'path': array} dicts; with `origin`,
+    ||a - b|| / ||b - origin||: the gap relative to how far b moved from origin."""
     num = sum(float(np.sum((np.asarray(a[k]) - np.asarray(b[k])) ** 2)) for k in b)
-    den = sum(float(np.sum(np.asarray(b[k]) ** 2)) for k in b)
+    base = {k: np.asarray(b[k]) - (0.0 if origin is None else np.asarray(origin[k])) for k in b}
+    den = sum(float(np.sum(v**2)) for v in base.values())
     return float(np.sqrt(num / max(den, 1e-30)))
 
 
