@@ -52,7 +52,16 @@ def test_stacked_powers_are_the_powers_in_log_depth():
     np.testing.assert_allclose(
         powers, np.stack([np.asarray(x) ** p for p in range(1, 8)]), rtol=1e-6
     )
-    assert num_doublings(1.0) == 0 and num_doublings(10.3) == 4
+
+
+@pytest.mark.parametrize(("bound", "degree", "expected"), [(1.0, 6, 0), (9.79, 6, 3), (9.79, 8, 2), (16.0, 8, 3)])  # fmt: skip
+def test_num_doublings_is_the_fewest_within_tolerance(bound, degree, expected):
+    from secfwt_jax.models.feature_maps import TRIG_TOLERANCE, _doubled_error
+
+    r = num_doublings(bound, degree)
+    assert r == expected
+    assert _doubled_error(bound, degree, r) <= TRIG_TOLERANCE
+    assert r == 0 or _doubled_error(bound, degree, r - 1) > TRIG_TOLERANCE
 
 
 def test_l2_poly_features_need_no_clip_and_match_exact():

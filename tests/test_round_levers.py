@@ -239,6 +239,9 @@ def test_rfa_inverse_choice_trades_rounds_for_bytes_with_the_same_values(tmp_pat
 
     (tmp_path / ADAPTATION_FILE).write_text(json.dumps({"attention": dataclasses.asdict(cfgs["spu"])}))  # fmt: skip
     check_adapted_attention(tmp_path, cfgs["bucketed"])  # numerics only: accepted
+    check_adapted_attention(
+        tmp_path, dataclasses.replace(cfgs["spu"], poly_degree=12)
+    )  # so is the degree
     with pytest.raises(ValueError, match=r"^attention.inverse: unknown 'fast'$"):
         AttentionConfig(inverse="fast")
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

@@ -17,6 +17,7 @@ import numpy as np
 
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.feature_maps import (
+    feature_width,
     inverse_norm,
     positive_features,
     random_directions,
@@ -119,7 +120,7 @@ def _unmasked_features(q, k, key_mask, cfg: AttentionConfig, layer: int, also=No
         # per row, not D); |w^T x| / |x| <= |w| still bounds the argument.
         if also is None:
             inv, extra = inverse_norm(qk, impl=cfg.inverse), None
-        else:
+        else:  # (1 / |x|, a * b)
             inv, extra = inverse_norm(qk, also=also, impl=cfg.inverse)
         phi = _trig(qk, w, cfg, guaranteed_bound=True, row_scale=inv)
         return phi[:batch], phi[batch:], extra
@@ -158,8 +159,7 @@ def random_feature_attention(
     2m > D (m = 64 at d = 64, MiniLM's m = 32 at d = 32) masking v saves F - D per token.
     """
     mask = key_mask[:, :, None, None].astype(v.dtype)
-    num_features = 2 * cfg.num_features if cfg.variant != "positive" else cfg.num_features
-    mask_v = num_features >= v.shape[-1]
+    mask_v = feature_width(cfg.variant, cfg.num_features) >= v.shape[-1]
     phi_q, phi_k, masked_v = _unmasked_features(q, k, key_mask, cfg, layer, also=(v, mask) if mask_v else None)  # fmt: skip
     if mask_v:
         v = masked_v

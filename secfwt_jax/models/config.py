@@ -78,7 +78,9 @@ class AttentionConfig:
         bound (the softmax_kernel variant). The l2 variant never clips: |w^T x| <=
         max_j |w_j| since |x| <= 1, and that bound is used instead.
       poly_degree: degree of the base cosine polynomial (even); sine uses degree + 1. The
-        full range is reached by double-angle steps (`feature_maps.poly_sin_cos_unit`).
+        full range is reached by the fewest double-angle steps that keep the error within
+        `feature_maps.TRIG_TOLERANCE` (`feature_maps.num_doublings`). 8, the default, is
+        the cheapest under MPC at the l2 bounds of d = 32 and 64 (docs/cost.md, section 9).
       seed: public seed of the random directions; fixed per layer and head, never trained.
       exp: see `ExpImpl`; the run spec defaults to "poly", the reference to "exact".
       inverse: see `InverseImpl` (RFA only).
@@ -90,7 +92,7 @@ class AttentionConfig:
     variant: RfaVariant = "l2"
     trig: TrigMode = "exact"
     poly_bound: float = 16.0
-    poly_degree: int = 6
+    poly_degree: int = 8
     seed: int = 0
     exp: ExpImpl = "exact"
     inverse: InverseImpl = "bucketed"

@@ -8,13 +8,13 @@ Trigonometry has two modes (`trig_features(..., trig=...)`):
 
 * "exact": `jnp.sin` / `jnp.cos`. Under SPU these do a floor-based range reduction
   (about 360 B and 22 rounds per element, SEMI2K FM64).
-* "poly": s = (w / B)^T x lies in [-1, 1] (B folded into the public w). A degree-6/7
-  polynomial in s with shared powers s^1..s^7 (3 batched multiplies) gives sin and cos of
-  B s / 2^r on a base range of half-width <= 1.25, then r = ceil(log2(B / 1.25)) double-angle steps
-  (one stacked multiply each) reach the full range. For the l2 variant B = max_j |w_j| is
-  a guaranteed bound (|x| <= 1), so no comparison is needed at all; otherwise arguments
+* "poly": s = (w / B)^T x lies in [-1, 1] (B folded into the public w). A polynomial in s
+  (cos of degree 8 by default, sin 9, evaluated in u = s^2) gives sin and cos of B s / 2^r
+  on a base range, then r double-angle steps (one stacked multiply each) reach the full
+  range, r the fewest that keep the error within `TRIG_TOLERANCE` (`num_doublings`). For
+  the l2 variant B = max_j |w_j| is a guaranteed bound (|x| <= 1), so no comparison is needed at all; otherwise arguments
   are clipped to [-B, B]. `poly_error_bound(B, degree)` gives the max error on [-B, B]
-  (6e-5 at B = 9.8, the l2 bound for d = m = 64; see docs/attention.md).
+  (5.8e-5 at B = 9.8, the l2 bound for d = m = 64, degree 8; see docs/attention.md).
 """
 
 from __future__ import annotations
@@ -40,14 +40,21 @@ def random_directions(
     return (g / sigma).astype(np.float32)
 
 
-#: Half-width of the range the base polynomial is fitted on; wider ranges are reached by
-#: double-angle steps, one stacked multiplication each.
-BASE_RANGE = 1.25
+#: Max abs error of the polynomial sin and cos over the whole range [-B, B] (float64): the
+#: number of double-angle steps is the fewest that meet it (`num_doublings`).
+TRIG_TOLERANCE = 1e-4
 
 
-def num_doublings(bound: float) -> int:
-    """Double-angle steps r so that bound / 2^r <= BASE_RANGE."""
-    return max(0, int(np.ceil(np.log2(bound / BASE_RANGE))))
+@functools.lru_cache(maxsize=64)
+def num_doublings(bound: float, degree: int) -> int:
+    """Fewest double-angle steps r such that the degree-`degree` fit on the base range
+    [-B / 2^r, B / 2^r], doubled r times, is within `TRIG_TOLERANCE` of sin and cos on
+    [-B, B]. Each step costs two products; a higher degree costs products for its powers
+    but reaches a wider base range (at B = 9.79: degree 6 needs r = 3, degree 8 r = 2)."""
+    for r in range(64):
+        if _doubled_error(float(bound), degree, r) <= TRIG_TOLERANCE:
+            return r
+    raise ValueError(f"poly trig: no double-angle count reaches {TRIG_TOLERANCE} at bound {bound}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,23 +85,25 @@ def stacked_powers(x, k: int, xp=jnp):
     return powers
 
 
-def poly_sin_cos_unit(s, *, bound: float, degree: int, scale: float = 1.0, xp=jnp):
+def poly_sin_cos_unit(
+    s, *, bound: float, degree: int, scale: float = 1.0, xp=jnp, doublings: int | None = None
+):
     """scale * sin(B s) and scale * cos(B s) for s in [-1, 1] (B = `bound`), no clipping.
 
-    1. r = `num_doublings(B)`; a polynomial of degree `degree` (cos) / `degree + 1` (sin)
-       in s gives S = l sin(B s / 2^r), C = l cos(B s / 2^r) on the base range
-       [-B / 2^r, B / 2^r] (width <= BASE_RANGE), with l = scale^(1 / 2^r) folded into its
+    1. r = `doublings`, by default `num_doublings(B, degree)`; a polynomial of degree
+       `degree` (cos) / `degree + 1` (sin) in s gives S = l sin(B s / 2^r), C = l cos(B s / 2^r) on the base range
+       [-B / 2^r, B / 2^r], with l = scale^(1 / 2^r) folded into its
        public coefficients. Both are polynomials in u = s^2: C = c(u), S = s a(u). So
        u^1..u^(degree/2) come from one `stacked_powers` of u, both sums from one public
        tensordot, and S from one more product: degree/2 + 1 products per element (4 at
-       degree 6) instead of degree (6) for all the powers of s, in as many rounds.
+       degree 6, 5 at degree 8) instead of degree for all the powers of s.
     2. r double-angle steps, each ONE stacked multiply [S, C] * C:
        S' = 2 S C = l^2 sin(2 theta), C' = 2 C^2 - l^2 = l^2 cos(2 theta). Doubling is an
        addition and l^2 a public constant, so neither costs a truncation; after r steps
        l^(2^r) = scale, i.e. the 1/sqrt(m) feature scale comes for free.
     Errors grow by at most 2x per doubling; `poly_error_bound` measures the total.
     """
-    r = num_doublings(bound)
+    r = num_doublings(bound, degree) if doublings is None else doublings
     lam = scale ** (0.5**r)
     coeffs = poly_coefficients(bound / 2**r, degree, lam)
     half = degree // 2
@@ -110,13 +119,17 @@ def poly_sin_cos_unit(s, *, bound: float, degree: int, scale: float = 1.0, xp=jn
     return sin, cos
 
 
-@functools.lru_cache(maxsize=32)
 def poly_error_bound(bound: float, degree: int) -> float:
     """Max abs error of `poly_sin_cos` vs sin/cos on [-bound, bound], in float64 plaintext
-    (a dense grid of 40001 points). Under MPC add fixed-point noise (about 2^-18 per
-    operation, times up to 2^r from the doublings)."""
+    (a dense grid of 40001 points); at most `TRIG_TOLERANCE`. Under MPC add fixed-point
+    noise (about 2^-18 per operation, times up to 2^r from the doublings)."""
+    return _doubled_error(float(bound), degree, num_doublings(bound, degree))
+
+
+@functools.lru_cache(maxsize=256)
+def _doubled_error(bound: float, degree: int, doublings: int) -> float:
     t = np.linspace(-bound, bound, 40001)
-    sin, cos = poly_sin_cos_unit(t / bound, bound=bound, degree=degree, xp=np)
+    sin, cos = poly_sin_cos_unit(t / bound, bound=bound, degree=degree, xp=np, doublings=doublings)  # fmt: skip
     return float(max(np.max(np.abs(sin - np.sin(t))), np.max(np.abs(cos - np.cos(t)))))
 
 
@@ -127,10 +140,15 @@ def poly_sin_cos(t, *, bound: float, degree: int):
     return poly_sin_cos_unit(s, bound=bound, degree=degree)
 
 
+def feature_width(variant: str, num_features: int) -> int:
+    """Features per head: [sin, cos] of m directions (2m), or m for the positive variant."""
+    return num_features if variant == "positive" else 2 * num_features
+
+
 def inverse_norm(x: jnp.ndarray, eps: float = 1e-6, also=None, impl: str = "bucketed"):
     """1 / |x| over the last axis, kept as a trailing axis of size 1: one `rsqrt_pow2`
     (impl "bucketed") or SPU's rsqrt refined ("spu"; see `config.InverseImpl`).
-    ``also=(a, b)``: a * b is returned second ("bucketed": inside one of its ops)."""
+    ``also=(a, b)``: (1 / |x|, a * b) ("bucketed": a * b inside one of its ops)."""
     if impl == "spu":
         inv = refined_rsqrt(sum_of_squares(x) + eps)
         return inv if also is None else (inv, also[0] * also[1])
