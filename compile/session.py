@@ -104,7 +104,7 @@ class SimulatorSession:
                 for j, chunk in enumerate(share.share_chunks):
                     arrays[f"chunk_{i}_{j}"] = np.frombuffer(chunk, np.uint8)
             arrays["rank"] = np.asarray(rank)
-            write_atomic(path, lambda f, a=arrays: np.savez(f, **a))
+            write_atomic(path, lambda f, a=arrays: np.savez(f, **a), private=True)
 
     def load_shares(self, name: str, paths: Sequence[str | Path], like: Any) -> None:
         """Store under ``name`` the shares ``dump_shares`` wrote (a pytree shaped ``like``)."""

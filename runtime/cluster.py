@@ -357,6 +357,34 @@ def _fix_secretflow_tls_channels() -> None:
     sf_grpc.GrpcProxy._init_channel = _init_channel
 
 
+def _bind_secretflow_to_listen_addr() -> None:
+    """secretflow 1.11.0b1's cross-silo server binds ``[::]:port`` (every interface),
+    whatever host ``listen_addr`` names, so a party configured for loopback would accept
+    connections from the network. Replace `GrpcProxy._start_server` by the same server
+    bound to ``listen_addr`` itself (``listen_host`` "0.0.0.0" still binds every IPv4
+    interface, as asked). Idempotent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from secretflow.distributed.fed.proxy.grpc import grpc as sf_grpc
+
+    if getattr(sf_grpc.GrpcProxy._start_server, "_secfwt_fixed", False):
+        return
+
+    def _start_server(self) -> None:
+        server = grpc.server(ThreadPoolExecutor(max_workers=8), options=self._grpc_options)
+        sf_grpc.fed_pb2_grpc.add_SfFedProxyServicer_to_server(self, server)
+        if self._tls_config:
+            server.add_secure_port(self._listen_addr, sf_grpc._load_cert_config(self._tls_config))
+        else:
+            server.add_insecure_port(self._listen_addr)
+        server.start()
+        self._server = server
+
+    _start_server._secfwt_fixed = True  # type: ignore[attr-defined]
+    sf_grpc.GrpcProxy._start_server = _start_server
+
+
 @contextlib.contextmanager
 def sf_party_session(
     cluster: ClusterConfig,
@@ -395,6 +423,7 @@ def sf_party_session(
     log_options = spu_logging.LogOptions()
     log_options.system_log_path = str(spu_log_path)
 
+    _bind_secretflow_to_listen_addr()
     if tls is not None:
         _fix_secretflow_tls_channels()
     watch = None

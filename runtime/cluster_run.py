@@ -87,7 +87,7 @@ class ClusterBackend:
 
         from secfwt_jax.files import atomic_file
 
-        self.spu.dump(secret, [functools.partial(atomic_file, str(paths[p])) for p in sorted(paths)])  # fmt: skip
+        self.spu.dump(secret, [functools.partial(atomic_file, str(paths[p]), private=True) for p in sorted(paths)])  # fmt: skip
 
     def load_shares(self, paths: dict[str, Path], like: Any):
         """The shares `save_shares` wrote, back into the SPU device (``like`` is implied by

@@ -74,7 +74,7 @@ def _accuracy(data: build.DataOwnerInputs, *predictions) -> dict[str, Any]:
 def _save_params(theta: dict, path: str) -> str:
     from secfwt_jax.files import write_atomic
 
-    write_atomic(path, lambda f: np.savez(f, **build.flatten(theta)))
+    write_atomic(path, lambda f: np.savez(f, **build.flatten(theta)), private=True)
     return path
 
 

@@ -2,6 +2,10 @@
 
 A reader (a launcher polling for a party's result, a user opening a benchmark table) never
 sees a half-written file, and a failed write leaves the previous file untouched.
+
+Permissions: a public file (report, table, plot) gets what `open` would give it, 0666
+less the umask. A private one (``private=True``: a party's shares, the tuned parameters
+at their receiver) is readable by its owner only, 0600, from the moment it exists.
 """
 
 from __future__ import annotations
@@ -15,17 +19,30 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of a public file: what `open` gives a new file under this process's umask (read
+#: once at import; os.umask has no read-only form).
+PUBLIC_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+def atomic_file(path: str | os.PathLike, private: bool = False) -> Iterator[IO[bytes]]:
     """`with atomic_file(p) as f: ...`: the same temp-fsync-rename as `write_atomic`, for a
     writer that wants a file object (SecretFlow's share dump takes such a callable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # mkstemp: 0600
             yield f
             f.flush()
+            if not private:
+                os.fchmod(f.fileno(), PUBLIC_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -33,9 +50,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         raise
 
 
-def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:
-    """Call `writer(f)` on a temporary binary file beside `path`, then rename it to `path`."""
-    with atomic_file(path) as f:
+def write_atomic(
+    path: str | os.PathLike, writer: Callable[[IO[bytes]], None], private: bool = False
+) -> Path:
+    """Call `writer(f)` on a temporary binary file beside `path`, then rename it to `path`
+    (``private``: mode 0600, see the module doc)."""
+    with atomic_file(path, private) as f:
         writer(f)
     return Path(path)
 

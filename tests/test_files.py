@@ -1,6 +1,8 @@
 """Atomic writes: readers never see half a file, a failed write keeps the old one."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -26,3 +28,20 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         write_atomic(target, broken)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_public_files_follow_the_umask_and_private_ones_are_owner_only(tmp_path):
+    old = os.umask(0o027)
+    try:
+        import importlib
+
+        import secfwt_jax.files as files
+
+        files = importlib.reload(files)  # PUBLIC_MODE is read at import
+        public = files.write_json_atomic(tmp_path / "report.json", {"v": 1})
+        private = files.write_atomic(tmp_path / "theta.npz", lambda f: f.write(b"x"), private=True)
+    finally:
+        os.umask(old)
+        importlib.reload(files)
+    assert stat.S_IMODE(public.stat().st_mode) == 0o640
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600

@@ -103,6 +103,28 @@ def test_listen_host_applies_to_self_only():
     assert nodes["bob"]["listen_address"] == ""
 
 
+def test_the_cross_silo_server_binds_the_configured_host_only():
+    # secretflow's own server binds [::] (every interface) whatever listen_addr says.
+    import ipaddress
+
+    import psutil
+    from secretflow.distributed.fed.proxy.grpc.grpc import GrpcProxy
+
+    from secfwt_jax.runtime.cluster import _bind_secretflow_to_listen_addr
+
+    _bind_secretflow_to_listen_addr()
+    (port,) = free_ports(1)
+    proxy = GrpcProxy({"alice": f"127.0.0.1:{port}"}, "alice", "job", None, {})
+    proxy._start_server()
+    try:
+        bound = {c.laddr.ip for c in psutil.Process().net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+    finally:
+        proxy._server.stop(None)
+    ips = [ipaddress.ip_address(ip) for ip in bound]
+    assert ips and all((getattr(ip, "ipv4_mapped", None) or ip).is_loopback for ip in ips), bound
+
+
 def test_free_ports_and_loopback_cluster():
     ports = free_ports(6)
     assert len(set(ports)) == 6 and all(0 < p < 65536 for p in ports)
