@@ -12,8 +12,8 @@ Trigonometry has two modes (`trig_features(..., trig=...)`):
   (cos of degree 8 by default, sin 9, evaluated in u = s^2) gives sin and cos of B s / 2^r
   on a base range, then r double-angle steps (one stacked multiply each) reach the full
   range, r the fewest that keep the error within `TRIG_TOLERANCE` (`num_doublings`). For
-  the l2 variant B = max_j |w_j| is a guaranteed bound (|x| <= 1), so no comparison is needed at all; otherwise arguments
-  are clipped to [-B, B]. `poly_error_bound(B, degree)` gives the max error on [-B, B]
+  the l2 variant B = max_j |w_j| is a guaranteed bound (|x| <= 1), so no comparison is
+  needed at all; otherwise arguments are clipped to [-B, B]. `poly_error_bound(B, degree)` gives the max error on [-B, B]
   (5.8e-5 at B = 9.8, the l2 bound for d = m = 64, degree 8; see docs/attention.md).
 """
 
@@ -91,9 +91,9 @@ def poly_sin_cos_unit(
     """scale * sin(B s) and scale * cos(B s) for s in [-1, 1] (B = `bound`), no clipping.
 
     1. r = `doublings`, by default `num_doublings(B, degree)`; a polynomial of degree
-       `degree` (cos) / `degree + 1` (sin) in s gives S = l sin(B s / 2^r), C = l cos(B s / 2^r) on the base range
-       [-B / 2^r, B / 2^r], with l = scale^(1 / 2^r) folded into its
-       public coefficients. Both are polynomials in u = s^2: C = c(u), S = s a(u). So
+       `degree` (cos) / `degree + 1` (sin) in s gives S = l sin(B s / 2^r) and
+       C = l cos(B s / 2^r) on the base range [-B / 2^r, B / 2^r], with
+       l = scale^(1 / 2^r) folded into its public coefficients. Both are polynomials in u = s^2: C = c(u), S = s a(u). So
        u^1..u^(degree/2) come from one `stacked_powers` of u, both sums from one public
        tensordot, and S from one more product: degree/2 + 1 products per element (4 at
        degree 6, 5 at degree 8) instead of degree for all the powers of s.
