@@ -93,8 +93,8 @@ def poly_sin_cos_unit(
     1. r = `doublings`, by default `num_doublings(B, degree)`; a polynomial of degree
        `degree` (cos) / `degree + 1` (sin) in s gives S = l sin(B s / 2^r) and
        C = l cos(B s / 2^r) on the base range [-B / 2^r, B / 2^r], with
-       l = scale^(1 / 2^r) folded into its public coefficients. Both are polynomials in u = s^2: C = c(u), S = s a(u). So
-       u^1..u^(degree/2) come from one `stacked_powers` of u, both sums from one public
+       l = scale^(1 / 2^r) folded into its public coefficients. Both are polynomials
+       in u = s^2: C = c(u), S = s a(u). So u^1..u^(degree/2) come from one `stacked_powers` of u, both sums from one public
        tensordot, and S from one more product: degree/2 + 1 products per element (4 at
        degree 6, 5 at degree 8) instead of degree for all the powers of s.
     2. r double-angle steps, each ONE stacked multiply [S, C] * C:
