@@ -162,6 +162,11 @@ def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeC
     )
     if p.name == "SEMI2K":
         cfg.beaver_type = getattr(spu_pb2.RuntimeConfig.BeaverType, p.beaver_type)
+        # trunc_allow_msb_error stays False (SPU's default): True makes a SEMI2K truncated
+        # product 32 B / 1 round instead of 48 B / 2 (measured), but each truncation then
+        # fails with probability about |x| 2^f / 2^63, a silent error of order 2^(64 - f)
+        # in one value; over a tuning run's 1e9+ truncations that is a real risk
+        # (docs/cost.md, section 9).
     if profile:
         cfg.enable_pphlo_profile = True
         cfg.enable_hal_profile = True
