@@ -28,7 +28,7 @@ import numpy as np
 from secfwt_jax.compile import protocols, simulator
 from secfwt_jax.models.attention import random_feature_attention, softmax_attention
 from secfwt_jax.models.config import AttentionConfig
-from secfwt_jax.models.feature_maps import poly_error_bound, random_directions
+from secfwt_jax.models.feature_maps import cheapest_degree, direction_bound, poly_error_bound
 
 RESULTS = Path(__file__).parent / "results" / "attention_cost.json"
 HEAD_DIM = 64
@@ -71,11 +71,12 @@ def measure(name: str, cfg: AttentionConfig | None, seq: int) -> dict:
     cost = res.cost
     extra = {}
     if cfg is not None and cfg.trig == "poly":
-        w = random_directions(cfg.seed, 0, 1, HEAD_DIM, cfg.num_features, cfg.sigma)
-        bound = float(np.linalg.norm(w, axis=1).max())
+        bound = direction_bound(cfg.seed, 1, HEAD_DIM, cfg.num_features, cfg.sigma)
+        degree = cfg.poly_degree or cheapest_degree(bound)
         extra = {
             "poly_bound_l2": bound,
-            "poly_error_bound": poly_error_bound(bound, cfg.poly_degree),
+            "poly_degree": degree,
+            "poly_error_bound": poly_error_bound(bound, degree),
         }
     return {
         "case": name,

@@ -17,6 +17,7 @@ import numpy as np
 
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.feature_maps import (
+    direction_bound,
     feature_width,
     inverse_norm,
     positive_features,
@@ -90,11 +91,16 @@ def _exp(impl: str):
 
 
 def _trig(x, w, cfg: AttentionConfig, *, guaranteed_bound: bool, row_scale=None):
-    """Trig features; the poly path clips only when |w^T x| has no guaranteed bound."""
-    bound = None if guaranteed_bound else cfg.poly_bound
+    """Trig features; the poly path clips only when |w^T x| has no guaranteed bound, and a
+    guaranteed bound is the one every layer shares (`feature_maps.direction_bound`)."""
+    bound, at_least = cfg.poly_bound, 0.0
+    if guaranteed_bound:
+        num_heads, head_dim, _ = w.shape
+        bound, at_least = None, direction_bound(cfg.seed, num_heads, head_dim, cfg.num_features, cfg.sigma)  # fmt: skip
     return trig_features(
-        x, w, trig=cfg.trig, bound=bound, degree=cfg.poly_degree, row_scale=row_scale
-    )
+        x, w, trig=cfg.trig, bound=bound, degree=cfg.poly_degree, row_scale=row_scale,
+        bound_at_least=at_least,
+    )  # fmt: skip
 
 
 def rfa_features(q, k, key_mask, cfg: AttentionConfig, layer: int):

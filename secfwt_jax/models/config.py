@@ -79,8 +79,9 @@ class AttentionConfig:
         max_j |w_j| since |x| <= 1, and that bound is used instead.
       poly_degree: degree of the base cosine polynomial (even); sine uses degree + 1. The
         full range is reached by the fewest double-angle steps that keep the error within
-        `feature_maps.TRIG_TOLERANCE` (`feature_maps.num_doublings`). 8, the default, is
-        the cheapest under MPC at the l2 bounds of d = 32 and 64 (docs/cost.md, section 9).
+        `feature_maps.TRIG_TOLERANCE` (`feature_maps.num_doublings`). None, the default,
+        picks the degree with the fewest MPC products at the bound
+        (`feature_maps.cheapest_degree`: 8 at d = 32, 10 at d = 64; docs/cost.md section 9).
       seed: public seed of the random directions; fixed per layer and head, never trained.
       exp: see `ExpImpl`; the run spec defaults to "poly", the reference to "exact".
       inverse: see `InverseImpl` (RFA only).
@@ -92,7 +93,7 @@ class AttentionConfig:
     variant: RfaVariant = "l2"
     trig: TrigMode = "exact"
     poly_bound: float = 16.0
-    poly_degree: int = 8
+    poly_degree: int | None = None
     seed: int = 0
     exp: ExpImpl = "exact"
     inverse: InverseImpl = "bucketed"
@@ -113,9 +114,9 @@ class AttentionConfig:
         )
         _require(self.poly_bound > 0, "attention.poly_bound", "must be positive")
         _require(
-            self.poly_degree >= 2 and self.poly_degree % 2 == 0,
+            self.poly_degree is None or (self.poly_degree >= 2 and self.poly_degree % 2 == 0),
             "attention.poly_degree",
-            "must be an even integer >= 2",
+            "must be null (automatic) or an even integer >= 2",
         )
 
 

@@ -57,6 +57,50 @@ def num_doublings(bound: float, degree: int) -> int:
     raise ValueError(f"poly trig: no double-angle count reaches {TRIG_TOLERANCE} at bound {bound}")
 
 
+#: Degrees the automatic choice (`cheapest_degree`) picks from. Higher degrees can need
+#: fewer products but their coefficients grow (tens at degree 12 on the wide base ranges
+#: they reach), multiplying the fixed-point noise under MPC.
+AUTO_DEGREES = (6, 8, 10)
+
+
+def trig_products(bound: float, degree: int) -> tuple[int, int]:
+    """(secret products, multiply ops) per projected element of the poly sin/cos at
+    `bound`: s^2, the powers of u, s a(u), and two products per doubling."""
+    r = num_doublings(bound, degree)
+    half = degree // 2
+    ops = 1 + int(np.ceil(np.log2(half))) + 1 + 1 + r  # s^2, powers, tensordot, s a(u), doublings
+    return 1 + (half - 1) + 1 + 2 * r, ops
+
+
+@functools.lru_cache(maxsize=64)
+def cheapest_degree(bound: float) -> int:
+    """The degree in `AUTO_DEGREES` with the fewest products at `bound` (then the fewest
+    ops, then the lowest degree): 8 at the l2 bounds of d = 32 (about 8.6), 10 at d = 64
+    (about 10.8)."""
+    return min(AUTO_DEGREES, key=lambda p: (*trig_products(bound, p), p))
+
+
+#: Layers whose directions `direction_bound` covers (GPT-2 XL has 48).
+BOUND_LAYERS = 48
+
+
+@functools.lru_cache(maxsize=32)
+def direction_bound(seed: int, num_heads: int, head_dim: int, num_features: int, sigma: float) -> float:  # fmt: skip
+    """max_j |w_j| over the directions of layers 0 .. BOUND_LAYERS - 1. The l2 variant uses
+    it (or a deeper layer's own bound, if larger) as every layer's bound, so every layer
+    runs the same doublings: the same cost per layer, which the bench's layer
+    extrapolation relies on. Each layer's own bound varies by about 10% (9.97 to 10.96
+    over BERT-base's shapes), across the thresholds where one more doubling is needed."""
+    return max(
+        float(
+            np.linalg.norm(
+                random_directions(seed, layer, num_heads, head_dim, num_features, sigma), axis=1
+            ).max()
+        )  # fmt: skip
+        for layer in range(BOUND_LAYERS)
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def poly_coefficients(base: float, degree: int, scale: float = 1.0) -> np.ndarray:
     """Fit scale*sin(base s) (odd, up to s^(degree+1)) and scale*cos(base s) (even, up to
@@ -167,7 +211,14 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
 
 
 def trig_features(
-    x, w, *, trig: str = "exact", bound: float | None = None, degree: int = 6, row_scale=None
+    x,
+    w,
+    *,
+    trig: str = "exact",
+    bound: float | None = None,
+    degree: int | None = None,
+    row_scale=None,
+    bound_at_least: float = 0.0,
 ):
     """[sin(w^T x), cos(w^T x)] / sqrt(m): x [B, N, H, D], w [H, D, m] -> [B, N, H, 2m].
 
@@ -178,7 +229,9 @@ def trig_features(
 
     trig "exact": jnp.sin / jnp.cos. trig "poly": `bound` None means |w^T x| <= max_j |w_j|
     is guaranteed (|x| <= 1, the l2 variant; Cauchy-Schwarz), so that bound is used and
-    nothing is clipped; otherwise arguments are clipped to [-bound, bound]. 1/B is folded
+    nothing is clipped (raised to `bound_at_least`, a larger guaranteed bound shared by
+    every layer: `direction_bound`); otherwise arguments are clipped to [-bound, bound].
+    `degree` None: `cheapest_degree(B)`. 1/B is folded
     into the public w and 1/sqrt(m) into the polynomial, so neither costs an MPC op.
     """
     scale = 1.0 / np.sqrt(w.shape[-1])
@@ -188,7 +241,8 @@ def trig_features(
             t = t * row_scale
         return jnp.concatenate([jnp.sin(t), jnp.cos(t)], axis=-1) * scale
     clip = bound is not None
-    bound = float(bound) if clip else float(np.linalg.norm(w, axis=1).max())
+    bound = float(bound) if clip else max(float(np.linalg.norm(w, axis=1).max()), bound_at_least)
+    degree = cheapest_degree(bound) if degree is None else degree
     s = project(x, (np.asarray(w) / bound).astype(np.float32))
     if row_scale is not None:
         s = s * row_scale
