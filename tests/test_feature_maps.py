@@ -148,3 +148,25 @@ def test_rfa_poly_matches_exact_trig_attention():
         exact = random_feature_attention(q, k, v, mask, cfg, 0)
         poly = random_feature_attention(q, k, v, mask, dataclasses.replace(cfg, trig="poly"), 0)
         np.testing.assert_allclose(np.asarray(poly), np.asarray(exact), atol=1e-3)
+
+
+def test_every_layer_runs_the_same_trig_program():
+    # Each layer's own bound max_j |w_j| varies by ~10%, across the thresholds of one
+    # more doubling; the shared bound gives every layer the same ops (and cost), which
+    # the bench's layer extrapolation assumes.
+    from secfwt_jax.compile import simulator
+    from secfwt_jax.models.feature_maps import cheapest_degree, direction_bound
+
+    cfg = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=64)
+    own = [float(np.linalg.norm(random_directions(0, layer, 1, 64, 64, 1.0), axis=1).max()) for layer in range(48)]  # fmt: skip
+    lo, hi = int(np.argmin(own)), int(np.argmax(own))
+    assert cheapest_degree(own[lo]) != cheapest_degree(own[hi]) or num_doublings(own[lo], 8) != num_doublings(own[hi], 8)  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(1, 4, 1, 64)).astype(np.float32)
+    mask = np.ones((1, 4), np.float32)
+    texts = [simulator.compile_to_pphlo(lambda q, k, layer=layer: rfa_features(q, k, mask, cfg, layer), (x, x)).pphlo_text for layer in (lo, hi)]  # fmt: skip
+    assert texts[0].count("pphlo.multiply") == texts[1].count("pphlo.multiply")
+    assert direction_bound(0, 1, 64, 64, 1.0) == max(own)
+    assert (
+        cheapest_degree(max(own)) == 10
+        and cheapest_degree(direction_bound(0, 12, 32, 32, 1.0)) == 8
+    )
