@@ -160,7 +160,11 @@ def set_ratios(args, preset) -> list[dict]:
 
 def extrapolate(points: list[dict], layers: int) -> dict:
     """Linear in the layer count through the two largest measured points (one point: that
-    point, if it has ``layers`` layers). Returns bytes/rounds/compute and the flag."""
+    point, if it has ``layers`` layers). Returns bytes/rounds/compute and the flag.
+
+    Bytes and rounds are exact, so their slopes are too. Compute is measured wall time:
+    on a loaded machine the deeper point can take less, and a negative slope would
+    extrapolate to a negative time; compute's slope is taken as at least 0."""
     pts = sorted(points, key=lambda p: p["layers"])
     exact = [p for p in pts if p["layers"] == layers]
     if exact:
@@ -169,6 +173,7 @@ def extrapolate(points: list[dict], layers: int) -> dict:
         raise ValueError("layers_measured: need two layer counts to extrapolate")
     a, b = pts[-2], pts[-1]
     slope = {k: (b[k] - a[k]) / (b["layers"] - a["layers"]) for k in KEYS}
+    slope["compute_s"] = max(slope["compute_s"], 0.0)
     return {**{k: b[k] + (layers - b["layers"]) * slope[k] for k in KEYS}, "extrapolated": True}
 
 

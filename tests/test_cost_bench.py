@@ -25,6 +25,9 @@ def test_extrapolate_is_linear_through_the_two_deepest_points_and_flags_it():
     }
     with pytest.raises(ValueError, match="^layers_measured"):
         bench.extrapolate(pts[:1], 3)
+    # Measured compute on a loaded machine: the deeper point took less; never negative.
+    noisy = [{**pts[0], "compute_s": 9.0}, {**pts[1], "compute_s": 2.0}]
+    assert bench.extrapolate(noisy, 24)["compute_s"] == 2.0
 
 
 @pytest.mark.parametrize("row", ["forward_softmax", "spsa_rfa_poly", "sft_adam"])
