@@ -155,10 +155,10 @@ def test_every_layer_runs_the_same_trig_program():
     # more doubling; the shared bound gives every layer the same ops (and cost), which
     # the bench's layer extrapolation assumes.
     from secfwt_jax.compile import simulator
-    from secfwt_jax.models.feature_maps import cheapest_degree, direction_bound
+    from secfwt_jax.models.feature_maps import cheapest_degree, direction_bound, max_norm
 
     cfg = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=64)
-    own = [float(np.linalg.norm(random_directions(0, layer, 1, 64, 64, 1.0), axis=1).max()) for layer in range(48)]  # fmt: skip
+    own = [max_norm(random_directions(0, layer, 1, 64, 64, 1.0)) for layer in range(48)]
     lo, hi = int(np.argmin(own)), int(np.argmax(own))
     assert cheapest_degree(own[lo]) != cheapest_degree(own[hi]) or num_doublings(own[lo], 8) != num_doublings(own[hi], 8)  # fmt: skip
     x = np.random.default_rng(0).normal(size=(1, 4, 1, 64)).astype(np.float32)

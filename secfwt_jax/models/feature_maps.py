@@ -9,12 +9,14 @@ Trigonometry has two modes (`trig_features(..., trig=...)`):
 * "exact": `jnp.sin` / `jnp.cos`. Under SPU these do a floor-based range reduction
   (about 360 B and 22 rounds per element, SEMI2K FM64).
 * "poly": s = (w / B)^T x lies in [-1, 1] (B folded into the public w). A polynomial in s
-  (cos of degree 8 by default, sin 9, evaluated in u = s^2) gives sin and cos of B s / 2^r
-  on a base range, then r double-angle steps (one stacked multiply each) reach the full
-  range, r the fewest that keep the error within `TRIG_TOLERANCE` (`num_doublings`). For
-  the l2 variant B = max_j |w_j| is a guaranteed bound (|x| <= 1), so no comparison is
-  needed at all; otherwise arguments are clipped to [-B, B]. `poly_error_bound(B, degree)` gives the max error on [-B, B]
-  (5.8e-5 at B = 9.8, the l2 bound for d = m = 64, degree 8; see docs/attention.md).
+  (cos of even degree p, sin p + 1, evaluated in u = s^2; by default p is
+  `cheapest_degree(B)`) gives sin and cos of B s / 2^r on a base range, then r
+  double-angle steps (one stacked multiply each) reach the full range, r the fewest that
+  keep the error within `TRIG_TOLERANCE` (`num_doublings`). For the l2 variant B is a
+  guaranteed bound (|x| <= 1): `max_norm(w)`, raised to the bound every layer shares
+  (`direction_bound`), so no comparison is needed at all; otherwise arguments are
+  clipped to [-B, B]. `poly_error_bound(B, degree)` gives the max error on [-B, B]
+  (see docs/attention.md).
 """
 
 from __future__ import annotations
@@ -92,13 +94,14 @@ def direction_bound(seed: int, num_heads: int, head_dim: int, num_features: int,
     extrapolation relies on. Each layer's own bound varies by about 10% (9.97 to 10.96
     over BERT-base's shapes), across the thresholds where one more doubling is needed."""
     return max(
-        float(
-            np.linalg.norm(
-                random_directions(seed, layer, num_heads, head_dim, num_features, sigma), axis=1
-            ).max()
-        )  # fmt: skip
+        max_norm(random_directions(seed, layer, num_heads, head_dim, num_features, sigma))
         for layer in range(BOUND_LAYERS)
     )
+
+
+def max_norm(w) -> float:
+    """max_j |w_j| over the directions of w [H, D, m]: a bound on |w_j^T x| for |x| <= 1."""
+    return float(np.linalg.norm(np.asarray(w), axis=1).max())
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,8 +141,8 @@ def poly_sin_cos_unit(
        `degree` (cos) / `degree + 1` (sin) in s gives S = l sin(B s / 2^r) and
        C = l cos(B s / 2^r) on the base range [-B / 2^r, B / 2^r], with
        l = scale^(1 / 2^r) folded into its public coefficients. Both are polynomials
-       in u = s^2: C = c(u), S = s a(u). So u^1..u^(degree/2) come from one `stacked_powers` of u, both sums from one public
-       tensordot, and S from one more product: degree/2 + 1 products per element (4 at
+       in u = s^2: C = c(u), S = s a(u). So u^1..u^(degree/2) come from one
+       `stacked_powers` of u, both sums from one public tensordot, and S from one more product: degree/2 + 1 products per element (4 at
        degree 6, 5 at degree 8) instead of degree for all the powers of s.
     2. r double-angle steps, each ONE stacked multiply [S, C] * C:
        S' = 2 S C = l^2 sin(2 theta), C' = 2 C^2 - l^2 = l^2 cos(2 theta). Doubling is an
@@ -241,7 +244,7 @@ def trig_features(
             t = t * row_scale
         return jnp.concatenate([jnp.sin(t), jnp.cos(t)], axis=-1) * scale
     clip = bound is not None
-    bound = float(bound) if clip else max(float(np.linalg.norm(w, axis=1).max()), bound_at_least)
+    bound = float(bound) if clip else max(max_norm(w), bound_at_least)
     degree = cheapest_degree(bound) if degree is None else degree
     s = project(x, (np.asarray(w) / bound).astype(np.float32))
     if row_scale is not None:
