@@ -24,21 +24,34 @@ from secfwt_jax.files import check_writable_dir
 def _finetune(args: argparse.Namespace) -> int:
     """Fine-tune as the run spec says: simulator (embedded default) or SecretFlow parties."""
     from secfwt_jax.run.spec import load_spec
-    from secfwt_jax.runtime.sim_run import private_seeds, run_sim, summary_lines
+    from secfwt_jax.runtime.finetune import PrivateSeeds
+    from secfwt_jax.runtime.sim_run import run_sim, summary_lines
 
     spec = load_spec(args.spec, args.set)
     if args.backend:
         spec = spec.replace(backend={**spec.backend.model_dump(), "kind": args.backend})
-    seeds = private_seeds(args.private_seed)
+    given = _given_seed(args)
     if spec.backend.kind == "cluster":
-        return _launch(spec, args, seeds.model_owner)
+        return _launch(spec, args, given)
+    seeds = None if given is None else PrivateSeeds(given)  # None: drawn from the OS
     cache = check_writable_dir(args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir(), "--cache-dir")  # fmt: skip
     report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
     print("\n".join(summary_lines(report)))
     return 0
 
 
-def _launch(spec, args: argparse.Namespace, private_seed: int) -> int:
+def _given_seed(args: argparse.Namespace) -> int | None:
+    """--private-seed, checked, with the warning that a chosen seed is guessable."""
+    if getattr(args, "private_seed", None) is None:
+        return None
+    from secfwt_jax.seeds import check_private_seed
+
+    seed = check_private_seed(args.private_seed)
+    print("note: --private-seed makes the model owner's draws as guessable as the seed you chose (for tests and reproducing figures only)", file=sys.stderr)  # fmt: skip
+    return seed
+
+
+def _launch(spec, args: argparse.Namespace, private_seed: int | None) -> int:
     from secfwt_jax.runtime.cluster_run import launch_local, summary_json
 
     results = launch_local(spec, args.spec, args.set, private_seed, Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
@@ -49,10 +62,9 @@ def _launch(spec, args: argparse.Namespace, private_seed: int) -> int:
 def _cluster_launch(args: argparse.Namespace) -> int:
     """All of the spec's parties as SecretFlow processes on this host."""
     from secfwt_jax.run.spec import load_spec
-    from secfwt_jax.runtime.sim_run import private_seeds
 
     spec = load_spec(args.spec, args.set)
-    return _launch(spec, args, private_seeds(args.private_seed).model_owner)
+    return _launch(spec, args, _given_seed(args))
 
 
 def _party(args: argparse.Namespace) -> int:
@@ -67,7 +79,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError("--cluster: a party needs the cluster file (or backend.cluster in the spec)")  # fmt: skip
     cluster = load_cluster_config(cluster_file)
     out = Path(args.out) if args.out else spec.output_dir
-    report = run_party(spec, args.party, cluster, args.private_seed, out, progress=True, resume=args.resume)  # fmt: skip
+    report = run_party(spec, args.party, cluster, _given_seed(args), out, progress=True, resume=args.resume)  # fmt: skip
     print(json.dumps({k: report[k] for k in ("party", "spec_hash", "programs", "files")}))
     return 0
 
@@ -91,6 +103,25 @@ def _adapt(args: argparse.Namespace) -> int:
                             gelu_impl=spec.model.gelu, normaliser_margin=args.normaliser_margin,
                             normaliser_weight=args.normaliser_weight)  # fmt: skip
     print(json.dumps({"out": str(out), **info}, indent=2))
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    """A GGUF file (llama.cpp) as an ordinary Hugging Face directory."""
+    from secfwt_jax.models.gguf_checkpoint import read_gguf, write_hf_dir
+
+    source = Path(args.file)
+    if str(args.file) == "bundled:smollm2":
+        from secfwt_jax.models.gguf_checkpoint import bundled_smollm2_file
+
+        source = bundled_smollm2_file()
+    out = check_writable_dir(args.out, "--out")
+    checkpoint = read_gguf(source)
+    write_hf_dir(checkpoint, out)
+    config = checkpoint.config
+    print(json.dumps({"out": str(out), "source": str(source), "model_type": config.model_type,
+                      "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                      "tied": config.tie_word_embeddings}))  # fmt: skip
     return 0
 
 
@@ -156,14 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     cache.add_argument("--no-cache", action="store_true", help="always compile; no cache")
     comp.set_defaults(run=_compile)
+    imp = sub.add_parser("import-gguf", help="write a GGUF file (Llama) as a Hugging Face checkpoint directory")  # fmt: skip
+    imp.add_argument("file", help="the .gguf file (bundled:smollm2 for the shipped SmolLM2-135M-Instruct)")  # fmt: skip
+    imp.add_argument("--out", required=True, help="directory to write (new or empty)")
+    imp.set_defaults(run=_import_gguf)
     fine = sub.add_parser("finetune", help="fine-tune a checkpoint on a data owner's file under MPC (run spec)")  # fmt: skip
     fine.add_argument("spec", help="run spec (YAML), see configs/")
     fine.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. tuning.steps=5")  # fmt: skip
     fine.add_argument("--backend", choices=["sim", "cluster"], help="override backend.kind")
     fine.add_argument("--out", help="output directory (default: the spec's output.dir)")
     fine.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
-    fine.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
-    fine.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
+    fine.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests and reproducing figures only (default: 128 bits from the OS, kept 0600 in <out>/<model owner>/private_seed)")  # fmt: skip
+    fine.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
     fine.set_defaults(run=_finetune)
     adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint to RFA (and model.gelu) on public text (plaintext)")  # fmt: skip
     adapt.add_argument("spec", help="run spec (its model section: checkpoint, attention, adapted_checkpoint)")  # fmt: skip
@@ -190,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("spec", help="run spec (YAML)")
     launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     launch.add_argument("--out", help="output directory (default: the spec's output.dir)")
-    launch.add_argument("--private-seed", type=int, help="the model owner's private seed (default: fresh entropy)")  # fmt: skip
-    launch.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
+    launch.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests and reproducing figures only (default: 128 bits from the OS, kept 0600 in <out>/<model owner>/private_seed)")  # fmt: skip
+    launch.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
     launch.set_defaults(run=_cluster_launch)
     party = sub.add_parser("party", help="run one party of a SecretFlow cluster (real deployment)")
     party.add_argument("spec", help="run spec (YAML), the same file at every party")
@@ -199,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--cluster", help="cluster file (default: the spec's backend.cluster)")
     party.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     party.add_argument("--out", help="output directory (default: the spec's output.dir)")
-    party.add_argument("--private-seed", type=int, help="the model owner's private seed (model owner only)")  # fmt: skip
-    party.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec and --private-seed)")  # fmt: skip
+    party.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests only (default: 128 bits from the OS)")  # fmt: skip
+    party.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
     party.set_defaults(run=_party)
     return parser
 

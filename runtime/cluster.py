@@ -182,18 +182,24 @@ class ClusterConfig:
         """SPU ``runtime_config`` in JSON form (enum names), as ``json_format.Parse`` wants."""
         return {"protocol": self.protocol, "field": self.field, **self.spu_runtime_extra}
 
-    def spu_cluster_def(self, self_party: str | None = None) -> dict[str, Any]:
+    def spu_cluster_def(
+        self, self_party: str | None = None, spu_listen: tuple[str, int] | None = None
+    ) -> dict[str, Any]:
         """The ``cluster_def`` for ``sf.SPU``; a fresh dict each call (``sf.SPU`` mutates it).
 
-        ``self_party`` only matters with ``listen_host``: that node gets a
-        ``listen_address`` so it binds there while peers dial ``host``.
+        ``self_party`` only matters with ``listen_host`` or ``spu_listen``: that node gets
+        a ``listen_address`` so it binds there while peers dial ``host``. With TLS,
+        ``spu_listen`` is the loopback address behind this party's `tls_front` (SPU's own
+        server does not enforce TLS; the front on the public port does).
         """
         if self_party is not None:
             self._check_party(self_party)
         nodes = []
         for p in self.parties:
             listen = ""
-            if self.listen_host and p == self_party:
+            if spu_listen is not None and p == self_party:
+                listen = f"{spu_listen[0]}:{spu_listen[1]}"
+            elif self.listen_host and p == self_party:
                 listen = f"{self.listen_host}:{self.spu_ports[p]}"
             node = {"party": p, "address": f"{self.host}:{self.spu_ports[p]}", "listen_address": listen}  # fmt: skip
             if self.tls is not None and p == self_party:  # SPU's brpc link reads its own node's
@@ -446,10 +452,18 @@ def sf_party_session(
         if watch is not None:
             watch.stop()
         raise
+    fronts = contextlib.ExitStack()
     try:
-        spu = sf.SPU(cluster.spu_cluster_def(self_party), log_options=log_options)
+        spu_listen = None
+        if tls is not None:  # SPU's port speaks mutual TLS only through our front
+            from secfwt_jax.runtime.tls_front import spu_front
+
+            public = (cluster.listen_host or cluster.host, cluster.spu_ports[self_party])
+            spu_listen = fronts.enter_context(spu_front(public, tls))
+        spu = sf.SPU(cluster.spu_cluster_def(self_party, spu_listen), log_options=log_options)
         yield spu
     except BaseException:
+        fronts.close()
         if watch is not None:
             watch.stop()
         # sf.shutdown(on_error=True) ends in os._exit(1) (secretflow/distributed/fed/api.py)
@@ -467,4 +481,7 @@ def sf_party_session(
         raise
     if watch is not None:
         watch.stop()  # peers that finished may now leave
-    sf.shutdown()
+    try:
+        sf.shutdown()
+    finally:
+        fronts.close()

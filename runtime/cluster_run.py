@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from secfwt_jax.files import write_text_atomic
 from secfwt_jax.run import checkpoints
 from secfwt_jax.run.spec import RunSpec, load_spec
 from secfwt_jax.runtime.cluster import PARTY_WORK_DIR_ENV, ClusterConfig, load_cluster_config
@@ -215,16 +216,16 @@ def run_party(
     """One party's side of the run; writes `<out_dir>/<party>/report.json`. With `resume`
     the parties agree in the handshake on the newest checkpoint all of them hold."""
     from secfwt_jax.runtime.cluster import sf_party_session
-    from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
+    from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
     from secfwt_jax.runtime.report import check_output_dir, write_report
     from secfwt_jax.runtime.sim_run import preset_of
 
     if party not in spec.parties.compute:
         raise ValueError(f"--party: {party!r} is not a compute party {list(spec.parties.compute)}")
-    if party == spec.parties.model_owner and private_seed is None:
-        raise ValueError("--private-seed: the model owner needs its private seed")
     check_output_dir(out_dir)
     cluster = _cluster_for(spec, cluster)
+    if party == spec.parties.model_owner and private_seed is None:
+        private_seed = model_owner_seed(out_dir, party, resume)  # drawn here, by its owner
     seeds = PrivateSeeds(model_owner=private_seed if party == spec.parties.model_owner else -1)
     with sf_party_session(cluster, party, job_name="secfwt-finetune") as spu:
         log = lambda m: print(f"[{party}] {m}", flush=True)  # noqa: E731
@@ -274,7 +275,7 @@ def launch_local(
     spec: RunSpec,
     spec_path: str,
     overrides: list[str],
-    private_seed: int,
+    private_seed: int | None,
     out_dir: Path | None = None,
     timeout_s: float | None = None,
     work_dir: Path | None = None,
@@ -297,8 +298,8 @@ def launch_local(
     wd = Path(work_dir or tempfile.mkdtemp(prefix="secfwt-cluster-"))
     wd.mkdir(parents=True, exist_ok=True)
     seed_file = wd / f"{spec.parties.model_owner}.private_seed"
-    seed_file.write_text(str(private_seed))
-    seed_file.chmod(0o600)
+    if private_seed is not None:  # given (tests, reproducing a figure); else drawn at the party
+        write_text_atomic(seed_file, str(private_seed), private=True)
     args = {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "out_dir": str(out_dir.resolve()), "resume": resume}  # fmt: skip
     try:
         return launch_parties(cluster, JOB, args, timeout_s=timeout_s or spec.backend.timeout_s,

@@ -48,9 +48,32 @@ from secfwt_jax.tuning.schedules import make_schedule
 @dataclasses.dataclass(frozen=True)
 class PrivateSeeds:
     """Each owner's own seed (fresh head, LoRA factors, inline weights). Never in the spec,
-    never sent: the operator gives it to the owner's process only."""
+    never sent: drawn in the owner's process (`model_owner_seed`) or, for tests and
+    reproducing a figure, given to that process alone."""
 
     model_owner: int
+
+
+#: The model owner's drawn seed, kept owner-only in its own output folder for --resume.
+PRIVATE_SEED_FILE = "private_seed"
+
+
+def model_owner_seed(out_dir: str | Path, party: str, resume: bool = False) -> int:
+    """At the model owner: a fresh `PRIVATE_SEED_BITS`-bit seed from the OS, written 0600 to
+    ``<out>/<party>/private_seed``, or with `resume` the one written there before (so a
+    resumed run draws the same weights)."""
+    from secfwt_jax.files import write_text_atomic
+    from secfwt_jax.seeds import check_private_seed, fresh_private_seed
+
+    path = Path(out_dir) / party / PRIVATE_SEED_FILE
+    if resume and path.is_file():
+        try:
+            return check_private_seed(int(path.read_text().strip()), str(path))
+        except ValueError:
+            raise ValueError(f"{path}: not a private seed (an integer)") from None
+    seed = fresh_private_seed()
+    write_text_atomic(path, str(seed), private=True)
+    return seed
 
 
 # ---------------------------------------------------------------------- owner-side functions
@@ -349,4 +372,4 @@ def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
     return backend.share(best_h), losses_held
 
 
-__all__ = ["PrivateSeeds", "run_finetune"]
+__all__ = ["PRIVATE_SEED_FILE", "PrivateSeeds", "model_owner_seed", "run_finetune"]

@@ -188,7 +188,9 @@ def launch_parties(
                 "--result",
                 str(result_path),
             ]
-            with open(log_path, "wb") as log:
+            # owner-only: a party's log holds what it may know (the data owner's losses)
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as log:
                 proc = subprocess.Popen(
                     cmd,
                     stdin=subprocess.DEVNULL,

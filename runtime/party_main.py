@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(
         ns.result,
         {"party": ns.party, "result": result, "seconds": time.monotonic() - t0},
+        private=True,  # the party's summary: its accuracies and, at the data owner, losses
         default=_to_jsonable,
         indent=None,
     )

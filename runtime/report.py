@@ -1,5 +1,9 @@
 """The run report: JSON (spec, hash, costs, losses, accuracies, reference) and a PNG of the
-curves, each written atomically into the run's output directory."""
+curves, each written atomically into the run's output directory.
+
+Both are owner-only (0600): a party's report holds what that party alone may know (the
+data owner's losses, predictions and accuracies; with the plaintext reference, everything
+the operator saw), and the file mode is what keeps other users of the host out."""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path | None:
     ax2.tick_params(axis="x", rotation=30)
     fig.suptitle(f"{report['spec']['name']}: {report['spec']['tuning']['method']} under {report['spec']['protocol']['name']}")  # fmt: skip
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), private=True)
     plt.close(fig)
     return path
 
@@ -68,5 +72,5 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if png is not None:
         paths["curves"] = str(png)
     public["files"] = paths
-    write_json_atomic(out_dir / REPORT_JSON, public)
+    write_json_atomic(out_dir / REPORT_JSON, public, private=True)
     return paths

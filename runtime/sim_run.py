@@ -7,7 +7,6 @@ gap and the parameter gap between the MPC run and plaintext with the same seeds.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,14 @@ from secfwt_jax.compile.sim_backend import SimBackend
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
 from secfwt_jax.run.spec import RunSpec
-from secfwt_jax.runtime.finetune import PrivateSeeds, run_finetune
+from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
 from secfwt_jax.runtime.report import check_output_dir, write_report
-
-
-def private_seeds(model_owner: int | None) -> PrivateSeeds:
-    """The given seed (tests, reproducible runs) or fresh OS entropy."""
-    return PrivateSeeds(model_owner=secrets.randbits(31) if model_owner is None else model_owner)
 
 
 def run_sim(
     spec: RunSpec,
     *,
-    seeds: PrivateSeeds,
+    seeds: PrivateSeeds | None = None,
     cache_dir: str | Path | None = None,
     out_dir: Path | None = None,
     log: Callable[[str], None] = print,
@@ -39,9 +33,12 @@ def run_sim(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run `spec` on the simulator; write report.json, curves.png and the tuned params.
-    `resume` restarts from the newest checkpoint every party holds (afresh if none)."""
+    `resume` restarts from the newest checkpoint every party holds (afresh if none).
+    Without `seeds` the model owner draws its seed from the OS (`model_owner_seed`)."""
     out_dir = Path(out_dir or spec.output_dir)
     check_output_dir(out_dir)
+    if seeds is None:
+        seeds = PrivateSeeds(model_owner_seed(out_dir, spec.parties.model_owner, resume))
     preset = preset_of(spec)
     log(f"run {spec.name} ({spec.spec_hash[:12]}): {spec.tuning.method} on {preset.name} {preset.field}, simulator with {preset.world_size} parties")  # fmt: skip
     step = resume_step(spec, out_dir, "sim", spec.parties.compute, log) if resume else 0

@@ -3,9 +3,11 @@
 A reader (a launcher polling for a party's result, a user opening a benchmark table) never
 sees a half-written file, and a failed write leaves the previous file untouched.
 
-Permissions: a public file (report, table, plot) gets what `open` would give it, 0666
-less the umask. A private one (``private=True``: a party's shares, the tuned parameters
-at their receiver) is readable by its owner only, 0600, from the moment it exists.
+Permissions: a public file (a benchmark table or plot, a compiled artifact) gets what
+`open` would give it, 0666 less the umask. A private one (``private=True``: anything that
+holds a party's private values: its shares, the tuned parameters at their receiver, its
+report, curves and checkpoint records, the model owner's seed) is readable by its owner
+only, 0600, from the moment it exists.
 """
 
 from __future__ import annotations
@@ -77,11 +79,13 @@ def check_writable_dir(path: str | os.PathLike, field: str) -> Path:
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_atomic(path, lambda f: f.write(text.encode()))
+def write_text_atomic(path: str | os.PathLike, text: str, private: bool = False) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode()), private)
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any, **json_kwargs) -> Path:
+def write_json_atomic(
+    path: str | os.PathLike, payload: Any, private: bool = False, **json_kwargs
+) -> Path:
     """`json.dumps(payload, **json_kwargs)` written atomically (indent=2 unless given)."""
     json_kwargs.setdefault("indent", 2)
-    return write_text_atomic(path, json.dumps(payload, **json_kwargs))
+    return write_text_atomic(path, json.dumps(payload, **json_kwargs), private)

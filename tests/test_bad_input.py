@@ -107,8 +107,8 @@ CASES = {
         ["party", TINY, "--party", "mallory", "--cluster", "{p}/cluster.json"],
         "--party",
     ),  # fmt: skip
-    "party-model-owner-no-seed": (
-        ["party", TINY, "--party", "alice", "--cluster", "{p}/cluster.json"],
+    "party-negative-seed": (
+        ["party", TINY, "--party", "alice", "--cluster", "{p}/cluster.json", "--private-seed=-1"],
         "--private-seed",
     ),  # fmt: skip
     "party-no-cluster-file": (["party", TINY, "--party", "bob"], "--cluster"),

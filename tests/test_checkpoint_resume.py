@@ -2,6 +2,7 @@
 resumed from a checkpoint ends where the uninterrupted run ends."""
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from secfwt_jax.run import checkpoints
 from secfwt_jax.run.reference import relative_gap
 from secfwt_jax.run.spec import SpecError, load_spec
 from secfwt_jax.runtime.cluster_run import load_theta
-from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.finetune import PRIVATE_SEED_FILE, PrivateSeeds
 from secfwt_jax.runtime.sim_run import run_sim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,24 @@ def test_cma_runs_refuse_checkpoints():
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     spec = load_spec(TINY, OVERRIDES)
-    report = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=out, progress=False)
+    report = run_sim(spec, out_dir=out, progress=False)  # the model owner draws its seed
     return spec, report, out
+
+
+def test_the_model_owner_draws_128_bits_and_keeps_them_owner_only(uninterrupted):
+    spec, _, out = uninterrupted
+    seed_file = out / spec.parties.model_owner / PRIVATE_SEED_FILE
+    assert stat.S_IMODE(seed_file.stat().st_mode) == 0o600
+    # 128 bits from the OS: below 2^100 with probability 2^-28 (a 31-bit seed fails here)
+    assert int(seed_file.read_text()).bit_length() > 100
+
+
+def test_every_file_of_the_run_is_owner_only(uninterrupted):
+    _, _, out = uninterrupted
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"report.json", "curves.png", "step-000001.json", "step-000001.shares"} <= names
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o600} == {}  # fmt: skip
 
 
 def test_each_party_writes_only_its_own_shares_every_step(uninterrupted):
@@ -78,7 +95,8 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(uninterrupted, tmp_
     # lose the newest checkpoints at one party: the common step is then 2
     for step in (3, 4):
         checkpoints.meta_path(out, "carol", step).unlink()
-    resumed = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=out, progress=False, resume=True)
+    # no seed given: the model owner reads the one it saved, so the inline weights match
+    resumed = run_sim(spec, out_dir=out, progress=False, resume=True)
     assert resumed["resumed_from_step"] == 2
     assert relative_gap(load_theta(resumed["tuned_params"]["path"]), final) < 1e-3
     np.testing.assert_allclose(resumed["mpc"]["losses"], report["mpc"]["losses"], atol=1e-2)

@@ -142,14 +142,47 @@ def test_a_peer_without_tls_is_refused(tmp_path, reply):
     assert why, "a peer that speaks no TLS was accepted"
 
 
+PUSH = (
+    b"POST /org.interconnection.link.ReceiverService/Push HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+)
+
+
+def _probe_spu_ports(ports: list[int], stop: threading.Event, seen: dict[str, list]) -> None:
+    """The red team's probe, every 0.3 s while the job runs: a plain-text POST to each
+    party's SPU port. Records which ports accepted a TCP connection and what they answered."""
+    while not stop.is_set():
+        for port in ports:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                    seen["connected"].append(port)
+                    conn.settimeout(3)
+                    conn.sendall(PUSH)
+                    seen["answers"].append(conn.recv(4096))
+            except OSError:
+                pass
+        stop.wait(0.3)
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(600)
 def test_a_job_over_mutual_tls_gives_the_simulators_result(tmp_path):
     path = cluster_file(tmp_path, pki(tmp_path / "pki"))
     overrides = [f"backend.cluster={path}"]
     spec = load_spec(TINY, overrides)
-    results = launch_local(spec, str(TINY), overrides, SEED, out_dir=tmp_path / "out", timeout_s=500,
-                           work_dir=tmp_path / "work")  # fmt: skip
+    ports = list(json.loads(path.read_text())["spu_ports"].values())
+    stop, seen = threading.Event(), {"connected": [], "answers": []}
+    probe = threading.Thread(target=_probe_spu_ports, args=(ports, stop, seen), daemon=True)
+    probe.start()
+    try:
+        results = launch_local(spec, str(TINY), overrides, SEED, out_dir=tmp_path / "out", timeout_s=500,
+                               work_dir=tmp_path / "work")  # fmt: skip
+    finally:
+        stop.set()
+        probe.join(10)
+    # the SPU ports were up while the job ran, and none served a message without TLS
+    assert set(seen["connected"]) == set(ports)
+    assert not [a for a in seen["answers"] if a.startswith(b"HTTP")], seen["answers"][:3]
     sim = run_sim(load_spec(TINY), seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)  # fmt: skip
     tuned = load_theta(results["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(sim["tuned_params"]["path"])) < 1e-3

@@ -1,6 +1,7 @@
 """The same run spec on three SecretFlow parties (loopback processes) equals the simulator,
 and no party's files or logs hold another party's secrets."""
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,17 @@ def test_only_the_data_owner_learns_losses_and_accuracy(runs):
     for party in ("alice", "carol"):
         assert results[party]["losses"] is None and results[party]["accuracy_after"] is None
     assert results["alice"]["tuned_params"] and not results["bob"]["tuned_params"]
+
+
+def test_every_file_a_party_writes_is_owner_only(runs):
+    _, _, _, base = runs
+    for party in ("alice", "bob", "carol"):
+        files = [
+            p for p in _party_files(base, party) if p.is_file() and not p.name.endswith(".log")
+        ]
+        assert any(p.name == "report.json" for p in files), party
+        loose = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o600}  # fmt: skip
+        assert loose == {}, party
 
 
 def _party_files(base: Path, party: str) -> list[Path]:

@@ -12,6 +12,9 @@ Accepted weight files, in Hugging Face's order of preference:
     torch) or Flax layout (`format: flax`);
   * `pytorch_model.bin`, only when torch is installed.
 
+A `.gguf` file (llama.cpp's format), or a directory holding one and no config.json, loads
+the same way through `gguf_checkpoint` (Llama only; dequantized with the `gguf` library).
+
 Every failure (missing directory, config or weights, a corrupt file, an unsupported
 architecture) raises `CheckpointError` with one line that names the problem and the path.
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from secfwt_jax.models.classifier import Classifier
-from secfwt_jax.models.config import AttentionConfig, GeluImpl, ModelConfig
+from secfwt_jax.models.config import AttentionConfig, GeluImpl, ModelConfig, SiluImpl
 from secfwt_jax.models.heads import HeadConfig
 
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -124,7 +127,7 @@ def _safetensors_format(weights: Path) -> str | None:
 def _check_head_weights(names: set[str], config: ModelConfig, head: HeadConfig, weights, hf):
     """The head must come from the checkpoint, never from transformers' random init."""
     tied = getattr(hf, "tie_word_embeddings", True)
-    if head.kind in ("mlm", "lm") and not tied:
+    if head.kind in ("mlm", "lm") and not tied and config.family != "llama":
         raise CheckpointError(f"untied output embeddings are not supported: {weights}")
     if head.kind != "mlm" or not names:
         return
@@ -148,9 +151,11 @@ def _to_numpy(tree):
 
 
 def _load_hf_params(directory: Path, weights: Path, hf, mlm: bool) -> dict:
-    from transformers import FlaxAutoModel, FlaxAutoModelForMaskedLM
+    from transformers import FlaxAutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForMaskedLM
 
     model_class = FlaxAutoModelForMaskedLM if mlm else FlaxAutoModel
+    if getattr(hf, "model_type", None) == "llama":  # {"model": trunk, "lm_head": ...}
+        model_class = FlaxAutoModelForCausalLM
     # A PyTorch-layout file goes through transformers' PT->Flax renaming (no torch needed
     # for safetensors); a Flax-layout safetensors or msgpack file loads as is.
     from_pt = weights.name == TORCH_WEIGHTS or (
@@ -173,6 +178,7 @@ def load_pretrained(
     *,
     seed: int = 0,
     gelu_impl: GeluImpl = "piecewise",
+    silu_impl: SiluImpl = "exact",
 ) -> tuple[Classifier, dict]:
     """A local HF checkpoint directory -> (`Classifier`, params as numpy arrays).
 
@@ -181,20 +187,28 @@ def load_pretrained(
     checkpoint's MLM head (`cls` for BERT, `lm_head` for RoBERTa), or nothing for GPT-2's
     tied LM head. The trunk's `pooler` is dropped: no head here reads it. `gelu_impl`
     "exact" reproduces transformers' activations; the default "piecewise" is the MPC-cheap
-    GeLU (max error 7.5e-4, see `ModelConfig.gelu_impl`).
+    GeLU (max error 7.5e-4, see `ModelConfig.gelu_impl`). A Llama (`model`, plus `lm_head`
+    when untied) takes `silu_impl`, "exact" by default. `path` may be a .gguf file.
     """
+    head = head or HeadConfig()
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        return _load_gguf(gguf, attention, head, seed, silu_impl)
     directory = _checkpoint_dir(path)
     hf = read_hf_config(directory)
     try:
-        config = ModelConfig.from_hf(hf, attention, gelu_impl)
+        config = ModelConfig.from_hf(hf, attention, gelu_impl, silu_impl)
     except ValueError as error:
         raise CheckpointError(f"{_one_line(error)} (in {directory / 'config.json'})") from None
-    head = head or HeadConfig()
     classifier = Classifier(config, head)
     weights = _weights_file(directory)
     _check_head_weights(_weight_names(weights), config, head, weights, hf)
     state = _load_hf_params(directory, weights, hf, mlm=head.kind == "mlm")
-    if head.kind == "mlm":
+    if config.family == "llama":
+        params = {"model": state["model"]}
+        if not config.tie_embeddings:
+            params["lm_head"] = state["lm_head"]
+    elif head.kind == "mlm":
         params = {classifier.trunk_name: state[classifier.trunk_name]}
         params[classifier.head_name] = state[classifier.head_name]
     else:
@@ -207,8 +221,35 @@ def load_pretrained(
     return classifier, params
 
 
+def _gguf_file(path) -> Path | None:
+    from secfwt_jax.models.gguf_checkpoint import gguf_file
+
+    return gguf_file(path)
+
+
+def _load_gguf(path: Path, attention, head: HeadConfig, seed: int, silu_impl) -> tuple[Classifier, dict]:  # fmt: skip
+    from secfwt_jax.models.gguf_checkpoint import flax_params, read_gguf
+
+    checkpoint = read_gguf(path)
+    try:
+        config = ModelConfig.from_hf(checkpoint.config, attention, "exact", silu_impl)
+    except ValueError as error:
+        raise CheckpointError(f"{_one_line(error)} (in {path})") from None
+    classifier = Classifier(config, head)
+    params = flax_params(checkpoint)
+    if head.kind == "linear":
+        params[classifier.head_name] = classifier.init_head(seed)
+    return classifier, params
+
+
 def load_tokenizer(path):
-    """The directory's tokenizer via `AutoTokenizer` (local files only)."""
+    """The directory's tokenizer via `AutoTokenizer` (local files only), or a GGUF file's
+    own (built from its metadata)."""
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        from secfwt_jax.models.gguf_checkpoint import read_gguf_tokenizer
+
+        return read_gguf_tokenizer(gguf)
     directory = _checkpoint_dir(path)
     from transformers import AutoTokenizer
 

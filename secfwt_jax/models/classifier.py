@@ -31,6 +31,7 @@ from secfwt_jax.models.heads import (
     select_position,
 )
 from secfwt_jax.models.mpc_ops import log_pow2, max_last_axis
+from secfwt_jax.seeds import private_key
 
 
 def trunk_module(config: ModelConfig):
@@ -38,6 +39,10 @@ def trunk_module(config: ModelConfig):
         from secfwt_jax.models.gpt2 import Decoder
 
         return Decoder(config)
+    if config.family == "llama":
+        from secfwt_jax.models.llama import LlamaDecoder
+
+        return LlamaDecoder(config)
     return Encoder(config)
 
 
@@ -46,7 +51,7 @@ def head_name(config: ModelConfig, head: HeadConfig) -> str:
         return "classifier"
     if head.kind == "mlm":
         return {"bert": "cls", "roberta": "lm_head"}[config.family]
-    return "lm_head"  # GPT-2's head is tied to wte and owns no parameters
+    return "lm_head"  # tied heads (GPT-2, most small Llamas) own no parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +60,11 @@ class Classifier:
     head: HeadConfig
 
     def __post_init__(self) -> None:
-        gpt2 = self.config.family == "gpt2"
-        if gpt2 and self.head.kind == "mlm":
-            raise ValueError("head.kind: 'mlm' needs an encoder (bert/roberta), not gpt2")
-        if not gpt2 and self.head.kind == "lm":
-            raise ValueError("head.kind: 'lm' is for gpt2; use 'mlm' or 'linear' for encoders")
+        decoder = self.config.causal
+        if decoder and self.head.kind == "mlm":
+            raise ValueError(f"head.kind: 'mlm' needs an encoder (bert/roberta), not {self.config.family}")  # fmt: skip
+        if not decoder and self.head.kind == "lm":
+            raise ValueError("head.kind: 'lm' is for decoders (gpt2, llama); use 'mlm' or 'linear' for encoders")  # fmt: skip
 
     @property
     def trunk_name(self) -> str:
@@ -71,8 +76,8 @@ class Classifier:
 
     @property
     def prompt_position(self) -> int:
-        """Where a soft prompt is inserted: after [CLS]/<s> for encoders, at 0 for GPT-2."""
-        return 0 if self.config.family == "gpt2" else 1
+        """Where a soft prompt is inserted: after [CLS]/<s> for encoders, at 0 for decoders."""
+        return 0 if self.config.causal else 1
 
     def init_head(self, seed: int) -> dict:
         """A fresh linear head (normal(0.02) kernel, zero bias); the other heads own none."""
@@ -89,10 +94,15 @@ class Classifier:
         """Randomly initialised parameters (trunk from Flax init, head from `init_head`)."""
         ids = jnp.zeros((1, seq_len), jnp.int32)
         mask = jnp.ones((1, seq_len), jnp.float32)
-        trunk = trunk_module(self.config).init(jax.random.PRNGKey(seed), ids, mask)["params"]
+        key = private_key(seed, stream=13)  # 128 bits: the seed is the model owner's secret
+        trunk = trunk_module(self.config).init(key, ids, mask)["params"]
         params = {self.trunk_name: jax.tree_util.tree_map(np.asarray, trunk)}
         if self.head.kind == "linear":
             params[self.head_name] = self.init_head(seed)
+        if self.config.family == "llama" and not self.config.tie_embeddings:
+            rng = np.random.default_rng([seed, 17])
+            kernel = rng.normal(0.0, 0.02, (self.config.hidden_size, self.config.vocab_size))
+            params["lm_head"] = {"kernel": kernel.astype(np.float32)}
         return params
 
     def hidden(self, params, batch, prompt=None):
@@ -132,18 +142,36 @@ class Classifier:
         if prompt_len:
             select = extend_select(select, prompt_len, self.prompt_position)
         h = select_position(hidden, select)
-        table = self.word_table(params)
         if self.head.kind == "mlm":
             return mlm_scores(
-                params[self.head_name], table, h, self.config, self.head.verbalizer_ids
-            )
-        return lm_scores(table, h, self.head.verbalizer_ids)
+                params[self.head_name], self.word_table(params), h, self.config,
+                self.head.verbalizer_ids,
+            )  # fmt: skip
+        return lm_scores(self.output_table(params), h, self.head.verbalizer_ids)
 
     def word_table(self, params):
+        """The input embeddings [vocab, hidden]."""
         trunk = params[self.trunk_name]
         if self.config.family == "gpt2":
             return trunk["wte"]["embedding"]
+        if self.config.family == "llama":
+            return trunk["embed_tokens"]["embedding"]
         return trunk["embeddings"]["word_embeddings"]["embedding"]
+
+    def output_table(self, params):
+        """The next-token scores' table [vocab, hidden]: tied to the input embeddings, or an
+        untied Llama's `lm_head/kernel` transposed."""
+        if self.config.family == "llama":
+            from secfwt_jax.models.llama import output_table
+
+            return output_table(params, self.config)
+        return self.word_table(params)
+
+    def next_token_logits(self, params, batch):
+        """Logits over the whole vocabulary at every position [B, N, V] (generation and
+        perplexity; tuning scores only the verbalizer words)."""
+        hidden, _ = self.hidden(params, batch)
+        return hidden @ self.output_table(params).T
 
     def logits(self, params, batch, prompt=None):
         """[B, C] class scores for `batch` (optionally with a soft prompt [1|B, P, H])."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-Family = Literal["bert", "roberta", "gpt2"]
+Family = Literal["bert", "roberta", "gpt2", "llama"]
 AttentionKind = Literal["softmax", "rfa"]
 # How RFA turns q and k into features:
 #   "softmax_kernel": Gaussian random features times the exp(|k|^2 / 2 sigma^2) magnitude
@@ -50,9 +50,19 @@ InverseImpl = Literal["bucketed", "spu"]
 #                GeLU on [-2, 2]; it too needs an adapted checkpoint.
 GeluImpl = Literal["piecewise", "exact", "relu", "quad"]
 GELU_IMPLS: tuple[str, ...] = ("piecewise", "exact", "relu", "quad")
+# How SiLU (x sigmoid(x), Llama's SwiGLU gate) is computed; the same treatment as GeLU
+# (`mpc_ops.silu_piecewise`, docs/cost.md for the measured bytes):
+#   "exact":          jax.nn.silu (under SPU its sigmoid: an exp and a reciprocal); the
+#                     library default, for parity with Hugging Face;
+#   "piecewise":      relu outside [-10, 10], an even Chebyshev polynomial of degree 12 in
+#                     x / 10 inside: max error 5.5e-4 over the real line;
+#   "piecewise_lite": the same at degree 6 on [-8, 8]: max error 8.7e-3, fewer products;
+#   "relu":           max(x, 0), a different function (needs an adapted checkpoint).
+SiluImpl = Literal["exact", "piecewise", "piecewise_lite", "relu"]
+SILU_IMPLS: tuple[str, ...] = ("exact", "piecewise", "piecewise_lite", "relu")
 
-SUPPORTED_FAMILIES: tuple[str, ...] = ("bert", "roberta", "gpt2")
-SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
+SUPPORTED_FAMILIES: tuple[str, ...] = ("bert", "roberta", "gpt2", "llama")
+SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "silu")  # fmt: skip
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -122,7 +132,12 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture hyperparameters shared by the BERT, RoBERTa and GPT-2 modules."""
+    """Architecture hyperparameters shared by the BERT, RoBERTa, GPT-2 and Llama modules.
+
+    Llama only: `num_kv_heads` (grouped-query attention; None: one per query head),
+    `rope_theta` (rotary base), `tie_embeddings` (the LM head is the embedding table),
+    `attention_bias`; `layer_norm_eps` is its RMSNorm epsilon, `silu_impl` its SiLU.
+    """
 
     family: Family
     vocab_size: int
@@ -137,6 +152,11 @@ class ModelConfig:
     pad_token_id: int = 0
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     gelu_impl: GeluImpl = "piecewise"
+    num_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    silu_impl: SiluImpl = "exact"
 
     def __post_init__(self) -> None:
         _require(
@@ -166,24 +186,46 @@ class ModelConfig:
             "gelu_impl",
             f"unknown {self.gelu_impl!r}; expected one of {', '.join(GELU_IMPLS)}",
         )
+        _require(
+            self.silu_impl in SILU_IMPLS,
+            "silu_impl",
+            f"unknown {self.silu_impl!r}; expected one of {', '.join(SILU_IMPLS)}",
+        )
+        kv = self.kv_heads
+        _require(
+            kv > 0 and self.num_heads % kv == 0,
+            "num_key_value_heads",
+            f"{kv} does not divide num_attention_heads={self.num_heads}",
+        )
+        _require(self.rope_theta > 0, "rope_theta", "must be positive")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention when fewer than `num_heads`)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
     def causal(self) -> bool:
-        return self.family == "gpt2"
+        return self.family in ("gpt2", "llama")
 
     def with_attention(self, attention: AttentionConfig) -> ModelConfig:
         return dataclasses.replace(self, attention=attention)
 
     @classmethod
     def from_hf(
-        cls, hf_config, attention: AttentionConfig | None = None, gelu_impl: GeluImpl = "piecewise"
+        cls,
+        hf_config,
+        attention: AttentionConfig | None = None,
+        gelu_impl: GeluImpl = "piecewise",
+        silu_impl: SiluImpl = "exact",
     ) -> ModelConfig:
         """Map a `transformers.PretrainedConfig` onto our config."""
-        return dataclasses.replace(cls._from_hf(hf_config, attention), gelu_impl=gelu_impl)
+        config = cls._from_hf(hf_config, attention)
+        return dataclasses.replace(config, gelu_impl=gelu_impl, silu_impl=silu_impl)
 
     @classmethod
     def _from_hf(cls, hf_config, attention: AttentionConfig | None) -> ModelConfig:
@@ -203,6 +245,29 @@ class ModelConfig:
                 pad_token_id=_gpt2_pad_id(hf_config),
                 attention=attention,
             )
+        if family == "llama":
+            if getattr(hf_config, "rope_scaling", None):
+                raise ValueError(f"rope_scaling: {hf_config.rope_scaling!r} is not supported (plain rotary positions only)")  # fmt: skip
+            head_dim = getattr(hf_config, "head_dim", None)
+            if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
+                raise ValueError(f"head_dim: {head_dim} is not hidden_size / num_attention_heads (not supported)")  # fmt: skip
+            return cls(
+                family="llama",
+                vocab_size=hf_config.vocab_size,
+                hidden_size=hf_config.hidden_size,
+                num_layers=hf_config.num_hidden_layers,
+                num_heads=hf_config.num_attention_heads,
+                intermediate_size=hf_config.intermediate_size,
+                max_positions=hf_config.max_position_embeddings,
+                layer_norm_eps=hf_config.rms_norm_eps,
+                activation=hf_config.hidden_act,
+                pad_token_id=_llama_pad_id(hf_config),
+                attention=attention,
+                num_kv_heads=getattr(hf_config, "num_key_value_heads", None),
+                rope_theta=float(getattr(hf_config, "rope_theta", 10000.0)),
+                tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+            )
         if family in ("bert", "roberta"):
             return cls(
                 family=family,
@@ -221,6 +286,17 @@ class ModelConfig:
         raise ValueError(
             f"model_type: unsupported {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
+
+
+def _llama_pad_id(hf_config) -> int:
+    """Llama pads with `pad_token_id`, else `eos_token_id` (a list: its first), else 0."""
+    for field in ("pad_token_id", "eos_token_id"):
+        value = getattr(hf_config, field, None)
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < hf_config.vocab_size:
+            return value
+    return 0
 
 
 def _gpt2_pad_id(hf_config) -> int:

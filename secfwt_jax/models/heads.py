@@ -30,7 +30,7 @@ from secfwt_jax.models.encoder import activation_fn
 from secfwt_jax.models.mpc_ops import layer_norm, reciprocal_pow2, sums_bound
 
 HeadKind = Literal["linear", "mlm", "lm"]
-TRUNK_NAMES = {"bert": "bert", "roberta": "roberta", "gpt2": "transformer"}
+TRUNK_NAMES = {"bert": "bert", "roberta": "roberta", "gpt2": "transformer", "llama": "model"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,5 +119,6 @@ def mlm_scores(head_params, word_table, h, cfg: ModelConfig, verbalizer_ids):
 
 
 def lm_scores(word_table, h, verbalizer_ids):
-    """GPT-2 next-token scores of the verbalizer words (tied `wte`): [B, H] -> [B, C]."""
+    """Next-token scores of the verbalizer words (GPT-2's tied `wte`, a Llama's output
+    table): [B, H] -> [B, C]."""
     return h @ word_table[np.asarray(verbalizer_ids)].T

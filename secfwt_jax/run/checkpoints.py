@@ -40,7 +40,8 @@ def meta_path(out_dir: str | Path, party: str, step: int) -> Path:
 
 def write_meta(out_dir: str | Path, party: str, step: int, facts: Mapping[str, Any]) -> str:
     """The step's record at `party` (after its shares are on disk)."""
-    return str(write_json_atomic(meta_path(out_dir, party, step), {"step": step, "party": party, **facts}))  # fmt: skip
+    record = {"step": step, "party": party, **facts}  # the data owner's holds its losses: 0600
+    return str(write_json_atomic(meta_path(out_dir, party, step), record, private=True))
 
 
 def read_meta(out_dir: str | Path, party: str, step: int) -> dict[str, Any]:
