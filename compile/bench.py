@@ -72,6 +72,34 @@ SHAPES: dict[str, ModelConfig] = {
     "minilm": ModelConfig(
         **_BERT, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
     ),  # fmt: skip
+    # Llama family (SwiGLU with the piecewise SiLU, rotary positions, grouped-query heads)
+    "smollm2-135m": ModelConfig(
+        family="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        max_positions=8192,
+        activation="silu",
+        layer_norm_eps=1e-5,
+        rope_theta=1e5,
+        silu_impl="piecewise",
+    ),  # fmt: skip
+    "llama-7b": ModelConfig(
+        family="llama",
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        intermediate_size=11008,
+        max_positions=4096,
+        activation="silu",
+        layer_norm_eps=1e-6,
+        tie_embeddings=False,
+        silu_impl="piecewise",
+    ),  # fmt: skip
     "tiny": ModelConfig(
         **{**_BERT, "vocab_size": 64},
         hidden_size=32,

@@ -87,7 +87,9 @@ def test_llama_matches_transformers_flax_llama(tmp_path, kv_heads, tied):
 
 def test_the_verbalizer_head_scores_the_next_token_logits_of_its_words(tmp_path):
     write_checkpoint(tmp_path, llama_config(2, True))
-    classifier, params = load_pretrained(tmp_path, head=HeadConfig(kind="lm", verbalizer_ids=(11, 42)))
+    classifier, params = load_pretrained(
+        tmp_path, head=HeadConfig(kind="lm", verbalizer_ids=(11, 42))
+    )
     ids, mask = batch()
     select = np.zeros(mask.shape, np.float32)
     select[0, 7], select[1, 3] = 1, 1  # the last real token
@@ -115,7 +117,9 @@ def test_causal_rfa_runs_on_the_rotated_queries_and_keys(tmp_path):
     """RFA replaces softmax in every layer; real tokens never see later tokens."""
     write_checkpoint(tmp_path, llama_config(2, True))
     rfa = AttentionConfig(kind="rfa", num_features=16, variant="l2")
-    classifier, params = load_pretrained(tmp_path, rfa, HeadConfig(kind="lm", verbalizer_ids=(1, 2)))
+    classifier, params = load_pretrained(
+        tmp_path, rfa, HeadConfig(kind="lm", verbalizer_ids=(1, 2))
+    )
     ids, mask = batch()
     logits = np.asarray(classifier.next_token_logits(params, {"input_ids": ids, "attention_mask": mask}))  # fmt: skip
     changed = ids.copy()

@@ -18,6 +18,8 @@ here). Measured max abs errors: 1e-3 to 5e-3 on logits up to 13, and 4e-2 on log
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -35,6 +37,7 @@ SOFTMAX = AttentionConfig(kind="softmax")
 
 
 def tiny_classifier(family: str, attention: AttentionConfig) -> Classifier:
+    llama = {"num_kv_heads": 1, "silu_impl": "piecewise", "activation": "silu", "layer_norm_eps": 1e-5}  # fmt: skip
     config = ModelConfig(
         family=family,
         vocab_size=VOCAB,
@@ -49,7 +52,9 @@ def tiny_classifier(family: str, attention: AttentionConfig) -> Classifier:
         pad_token_id=1 if family == "roberta" else 0,
         attention=attention,
     )
-    if family == "gpt2":
+    if family == "llama":  # grouped-query attention (2 query heads, 1 kv head), MPC SiLU
+        config = dataclasses.replace(config, type_vocab_size=0, **llama)
+    if config.causal:
         return Classifier(config, HeadConfig(kind="lm", num_labels=2, verbalizer_ids=(5, 9)))
     pooling = "cls" if family == "bert" else "mean"
     return Classifier(config, HeadConfig(kind="linear", num_labels=3, pooling=pooling))
@@ -59,9 +64,10 @@ def scaled_params(clf: Classifier, seed: int) -> dict:
     """Flax init, with the output side scaled up so logits are O(1): the normal(0.02)
     head (and GPT-2's tied `wte`) would make every logit, and so every error, tiny."""
     params = clf.init(seed, SEQ)
-    if clf.config.family == "gpt2":
-        wte = params["transformer"]["wte"]
-        wte["embedding"] = wte["embedding"] * 50.0
+    if clf.config.family in ("gpt2", "llama"):
+        trunk = params[clf.trunk_name]
+        emb = trunk["wte"] if clf.config.family == "gpt2" else trunk["embed_tokens"]
+        emb["embedding"] = emb["embedding"] * 50.0
     else:
         params["classifier"]["kernel"] = params["classifier"]["kernel"] * 50.0
     return params
@@ -87,6 +93,9 @@ CASES = [
     ("roberta", "softmax", "SEMI2K"),
     ("gpt2", "rfa", "ABY3"),
     ("gpt2", "softmax", "SEMI2K"),
+    ("llama", "rfa", "ABY3"),
+    ("llama", "softmax", "SEMI2K"),
+    ("llama", "softmax", "CHEETAH"),
 ]
 
 

@@ -51,7 +51,10 @@ def head_name(config: ModelConfig, head: HeadConfig) -> str:
         return "classifier"
     if head.kind == "mlm":
         return {"bert": "cls", "roberta": "lm_head"}[config.family]
-    return "lm_head"  # tied heads (GPT-2, most small Llamas) own no parameters
+    # The next-token verbalizer owns no parameters of its own: it reads the output table
+    # (GPT-2's tied wte; a Llama's embeddings or, untied, its `lm_head`, which stays with
+    # the frozen model weights, never a "head" a trainable set would move).
+    return "verbalizer"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,11 +163,31 @@ def load_model(
         return classifier, classifier.init(private_seed)
     path = model_checkpoint_dir(spec, log)
     try:
-        return checkpoint.load_pretrained(
-            path, attention, head, seed=private_seed, gelu_impl=spec.model.gelu
-        )
+        classifier, params = checkpoint.load_pretrained(
+            path, attention, head, seed=private_seed, gelu_impl=spec.model.gelu,
+            silu_impl=spec.model.silu,
+        )  # fmt: skip
     except checkpoint.CheckpointError as error:
         raise SpecError(f"model.checkpoint: {error}") from None
+    if spec.model.num_layers is not None:
+        classifier, params = keep_first_layers(classifier, params, spec.model.num_layers)
+    return classifier, params
+
+
+def keep_first_layers(classifier: Classifier, params: dict, count: int) -> tuple[Classifier, dict]:  # fmt: skip
+    """The checkpoint cut to its first `count` transformer layers (`model.num_layers`)."""
+    config = classifier.config
+    if count > config.num_layers:
+        raise SpecError(f"model.num_layers: {count} is more than the checkpoint's {config.num_layers}")  # fmt: skip
+    trunk = dict(params[classifier.trunk_name])
+    stack = {"bert": ("encoder", "layer"), "roberta": ("encoder", "layer"), "gpt2": ("h",), "llama": ("layers",)}[config.family]  # fmt: skip
+    holder = trunk
+    for key in stack[:-1]:
+        holder[key] = dict(holder[key])
+        holder = holder[key]
+    holder[stack[-1]] = {k: v for k, v in holder[stack[-1]].items() if int(k) < count}
+    cut = Classifier(dataclasses.replace(config, num_layers=count), classifier.head)
+    return cut, {**params, classifier.trunk_name: trunk}
 
 
 def model_owner_inputs(
@@ -345,8 +365,8 @@ def _batch_role(path: str) -> str:
     return "data"
 
 
-_EMBEDDINGS = ("embeddings", "wte", "wpe")
-_WORD_TABLES = ("embeddings/word_embeddings/", "/wte/")
+_EMBEDDINGS = ("embeddings", "wte", "wpe", "embed_tokens")
+_WORD_TABLES = ("embeddings/word_embeddings/", "/wte/", "/embed_tokens/")
 
 
 def split_frozen(frozen: Any, first: int, verbalizer_head: bool) -> tuple[Any, Any]:

