@@ -12,7 +12,6 @@ the whole real line.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax

@@ -19,7 +19,11 @@ import pytest  # noqa: E402
 from test_llama import batch, llama_config, write_checkpoint  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
-from secfwt_jax.models.checkpoint import CheckpointError, load_pretrained, load_tokenizer  # noqa: E402
+from secfwt_jax.models.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_pretrained,
+    load_tokenizer,
+)
 from secfwt_jax.models.gguf_checkpoint import permute  # noqa: E402
 from secfwt_jax.models.heads import HeadConfig  # noqa: E402
 from secfwt_jax.runtime import cli  # noqa: E402
