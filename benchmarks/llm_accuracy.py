@@ -169,21 +169,32 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(SPEC, ["evaluation.plaintext_reference=false", *args.set])
     log = lambda m: print(m, flush=True)  # noqa: E731
-    rows = [study(spec, k, seed, args, log) for k in args.ks for seed in args.seeds]
-    summary = {}
-    for k in args.ks:
-        mine = [r for r in rows if r["k"] == k]
-        summary[str(k)] = {
-            m: {"mean": float(np.mean([r[m] if m == "zero_shot" else r[m]["final"] for r in mine])),
-                "std": float(np.std([r[m] if m == "zero_shot" else r[m]["final"] for r in mine]))}
-            for m in ("zero_shot", "spsa_lora", "adam_lora")
-        }  # fmt: skip
-        log(f"k={k}: " + ", ".join(f"{m} {100 * v['mean']:.1f} ± {100 * v['std']:.1f}" for m, v in summary[str(k)].items()))  # fmt: skip
-    payload = {"command": "benchmarks/llm_accuracy.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),  # fmt: skip
-               "spec": str(SPEC), "rows": rows, "summary": summary,
-               "not_run": "CMA-ES and SPSA over a subspace prompt: every candidate re-runs all 30 layers (about 10 s per 32-example forward on this 2-core host)"}  # fmt: skip
-    write_json_atomic(args.out, payload, indent=1)
+    command = "benchmarks/llm_accuracy.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")  # fmt: skip
+    rows: list[dict] = []
+    for seed in args.seeds:  # seed-major: every k gets a first seed before any gets a second
+        for k in args.ks:
+            rows.append(study(spec, k, seed, args, log))
+            write_json_atomic(args.out, summarise(rows, args.ks, command, log=None), indent=1)
+    summarise(rows, args.ks, command, log)
 
+
+def summarise(rows: list[dict], ks, command: str, log) -> dict:
+    """Mean and std over seeds of each row's final test accuracy, per k (the file written
+    after every configuration, so an interrupted study keeps what it finished)."""
+    methods = ("zero_shot", "spsa_lora", "adam_lora")
+    final = lambda r, m: r[m] if m == "zero_shot" else r[m]["final"]  # noqa: E731
+    summary = {}
+    for k in ks:
+        mine = [r for r in rows if r["k"] == k]
+        if not mine:
+            continue
+        summary[str(k)] = {m: {"mean": float(np.mean([final(r, m) for r in mine])),
+                               "std": float(np.std([final(r, m) for r in mine])),
+                               "seeds": len(mine)} for m in methods}  # fmt: skip
+        if log:
+            log(f"k={k}: " + ", ".join(f"{m} {100 * v['mean']:.1f} ± {100 * v['std']:.1f}" for m, v in summary[str(k)].items()))  # fmt: skip
+    return {"command": command, "spec": str(SPEC), "rows": rows, "summary": summary,
+            "not_run": "CMA-ES and SPSA over a subspace prompt: every candidate re-runs all 30 layers (about 10 s per 32-example forward on this 2-core host)"}  # fmt: skip
 
 if __name__ == "__main__":
     main()

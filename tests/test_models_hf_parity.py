@@ -345,7 +345,7 @@ def test_garbage_weights_file_is_a_one_line_error(base_checkpoints, tmp_path):
     _assert_one_line(error, "weights", str(tmp_path))
 
 
-@pytest.mark.parametrize("model_type", ["t5", "llama", "not_a_model"])
+@pytest.mark.parametrize("model_type", ["t5", "mistral", "not_a_model"])
 def test_unsupported_model_type_is_a_one_line_error(model_type, tmp_path):
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
     with pytest.raises(CheckpointError) as error:
