@@ -196,5 +196,6 @@ def summarise(rows: list[dict], ks, command: str, log) -> dict:
     return {"command": command, "spec": str(SPEC), "rows": rows, "summary": summary,
             "not_run": "CMA-ES and SPSA over a subspace prompt: every candidate re-runs all 30 layers (about 10 s per 32-example forward on this 2-core host)"}  # fmt: skip
 
+
 if __name__ == "__main__":
     main()
