@@ -178,3 +178,23 @@ def test_sum_of_squares_matches_plaintext_and_the_gram_path_sends_less(rows):
         assert ours < elementwise / 5
     else:
         assert ours == elementwise
+
+
+def test_rms_norm_survives_massive_activations_under_spu():
+    """An LLM's residual stream carries values of 16,000 (SmolLM2 from layer 6): squared they
+    pass FM64's product range (2^27) and the plain sum of squares wraps; the wide sum does not."""
+    from secfwt_jax.models.llama import rms_norm
+    from secfwt_jax.models.mpc_ops import sum_of_squares
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.5, (3, 64)).astype(np.float32)
+    x[2] *= 0.01  # row 0 ordinary, row 1 gets a massive activation, row 2 is small
+    boost = np.ones_like(x)
+    boost[1, 5] = 16400.0 / x[1, 5]  # made inside the program: inputs are bounded by 8192
+    weight = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    plain = np.asarray(rms_norm(x * boost, weight, 1e-5))
+    mpc = np.asarray(simulator.mpc_run(lambda a, w: rms_norm(a * boost, w, 1e-5), (x, weight)).outputs)  # fmt: skip
+    np.testing.assert_allclose(mpc, plain, atol=3e-3, rtol=3e-3)  # row 2: fixed point's precision
+    naive = np.asarray(simulator.mpc_run(lambda a: sum_of_squares(a * boost), (x,)).outputs)
+    exact = np.sum((x[1] * boost[1]).astype(np.float64) ** 2)
+    assert abs(naive[1, 0] - exact) > 0.01 * exact  # the hazard is real: the plain sum wraps

@@ -39,15 +39,33 @@ from secfwt_jax.models.gpt2 import prepend_prompt
 from secfwt_jax.models.mpc_ops import rsqrt_pow2, silu_piecewise, sum_of_squares
 
 
+#: Under FM64 with 18 fraction bits a secret product must stay below 2^(63 - 36) = 2^27 in
+#: value, and LLMs carry massive activations: SmolLM2's residual stream reaches |x| = 16,400
+#: from its 6th layer (x^2 = 2.7e8 > 2^27), which wrapped the plain sum of squares around the
+#: ring and turned the MPC loss into 1.6e7. `rms_norm` squares x / 2^SHIFT as well.
+SQUARE_SHIFT = 7
+
+
 def rms_norm(x: jnp.ndarray, weight, eps: float) -> jnp.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis.
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, safe for massive activations.
 
     As `mpc_ops.layer_norm`: the mean square is never formed (rsqrt(sum + n eps) with
     sqrt(n) in the public output constants), and weight's product rides in the rsqrt's op.
+    Under MPC no product may reach 2^27 (`SQUARE_SHIFT`), so both sum(x^2) and, with
+    s = x / 2^SHIFT, sum(s^2) are formed; a token whose sum(s^2) exceeds 2^12 (some x^2 may
+    then have wrapped) is normalised as s / sqrt(sum(s^2)), which is the same value, and
+    every other token as before at full precision. One comparison per token and two selects
+    (exact in the ring: a wrapped sum never leaks in); eps is dropped for the large tokens,
+    where n eps / sum(x^2) < 1e-9.
     """
     n = x.shape[-1]
-    inv, scaled = rsqrt_pow2(sum_of_squares(x) + n * eps, scale=float(np.sqrt(n)), also=(x, weight))  # fmt: skip
-    return scaled * inv
+    shrunk = x * 2.0**-SQUARE_SHIFT
+    plain, scaled = sum_of_squares(x), sum_of_squares(shrunk)
+    large = scaled > 2.0**12
+    total = jnp.where(large, scaled, plain + n * eps)
+    source = jnp.where(large, shrunk, x)
+    inv, normed = rsqrt_pow2(total, scale=float(np.sqrt(n)), also=(source, weight))
+    return normed * inv
 
 
 class RMSNorm(nn.Module):
