@@ -38,7 +38,6 @@ from secfwt_jax.models.encoder import LayerStack, TokenEmbedding
 from secfwt_jax.models.gpt2 import prepend_prompt
 from secfwt_jax.models.mpc_ops import rsqrt_pow2, silu_piecewise, sum_of_squares
 
-
 #: Under FM64 with 18 fraction bits a secret product must stay below 2^(63 - 36) = 2^27 in
 #: value, and LLMs carry massive activations: SmolLM2's residual stream reaches |x| = 16,400
 #: from its 6th layer (x^2 = 2.7e8 > 2^27), which wrapped the plain sum of squares around the
