@@ -84,9 +84,10 @@ class MutualTlsFront:
         async def stop() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            relays = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in relays:
+                task.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)  # no "never retrieved"
 
         if self._thread.is_alive():
             with contextlib.suppress(Exception):
