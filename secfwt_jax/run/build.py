@@ -179,15 +179,11 @@ def keep_first_layers(classifier: Classifier, params: dict, count: int) -> tuple
     config = classifier.config
     if count > config.num_layers:
         raise SpecError(f"model.num_layers: {count} is more than the checkpoint's {config.num_layers}")  # fmt: skip
-    trunk = dict(params[classifier.trunk_name])
-    stack = {"bert": ("encoder", "layer"), "roberta": ("encoder", "layer"), "gpt2": ("h",), "llama": ("layers",)}[config.family]  # fmt: skip
-    holder = trunk
-    for key in stack[:-1]:
-        holder[key] = dict(holder[key])
-        holder = holder[key]
-    holder[stack[-1]] = {k: v for k, v in holder[stack[-1]].items() if int(k) < count}
+    flat = traverse_util.flatten_dict(params[classifier.trunk_name], sep="/")
+    # layer_index knows every family's layer-stack path (layer/<i>, h/<i>, layers/<i>)
+    kept = {k: v for k, v in flat.items() if (layer_index(k) is None or layer_index(k) < count)}
     cut = Classifier(dataclasses.replace(config, num_layers=count), classifier.head)
-    return cut, {**params, classifier.trunk_name: trunk}
+    return cut, {**params, classifier.trunk_name: traverse_util.unflatten_dict(kept, sep="/")}
 
 
 def model_owner_inputs(
