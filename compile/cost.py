@@ -47,7 +47,9 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 
-_PREFIX = r"^\[[^\]]*\] \[\w+\] \[[^\]]*\] "
+# spdlog's default pattern brackets the timestamp; SPU's own LogOptions pattern (set by
+# ``spu.logging.setup_logging``, e.g. in a SecretFlow party) does not. Accept both.
+_PREFIX = r"^(?:\[[^\]]*\]|\d{4}-\d\d-\d\d [\d:.]+) \[\w+\] \[[^\]]*\] "
 _START = re.compile(_PREFIX + r"\[Profiling\] SPU execution (?P<name>.*) completed")
 _SECTION = re.compile(_PREFIX + r"(?P<sec>HLO|HAL|MPC) profiling: total time")
 _OP = re.compile(

@@ -95,7 +95,11 @@ def test_the_shipped_llm_spec_runs_under_mpc_reduced(tmp_path):
     report = run_sim(spec, seeds=PrivateSeeds(3), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
     ref = report["plaintext_reference"]
     assert ref["agreement_before"] == 1.0 and ref["agreement_after"] == 1.0
-    assert ref["relative_param_gap"] < 1e-3
+    # The projected gradient is a loss difference over 2 eps = 2e-3: FM64's loss resolution
+    # (2^-18) and its truncation noise, amplified 500x, move the gap run to run with SPU's
+    # random shares (measured 2.1e-3, 1.4e-3 and below 1e-3); a protocol or visibility bug
+    # moves it by orders of magnitude.
+    assert ref["relative_param_gap"] < 1e-2
     theta = load_theta(report["tuned_params"]["path"])
     assert theta and all(k.startswith("lora/model/layers/0/self_attn/") for k in theta), sorted(
         theta

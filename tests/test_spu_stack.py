@@ -139,6 +139,17 @@ def test_parse_rejects_incomplete_log():
         cost.parse_profile_log(line, 2)
 
 
+def test_parse_reads_the_pattern_spu_logging_sets():
+    # ``spu.logging.setup_logging`` (a SecretFlow party's LogOptions) drops the brackets
+    # around the timestamp for the rest of the process: the suite ran into it once.
+    line = (
+        "2026-12-04 23:03:34.591 [info] [api.cc:printProfilingData:233] Link details: total "
+        "send bytes 768, recv bytes 768, send actions 2, recv actions 2"
+    )
+    c = cost.parse_profile_log(line + "\n" + line, 2)
+    assert (c.total_bytes, c.max_rounds) == (1536, 2)
+
+
 def test_bad_preset_raises_naming_field():
     with pytest.raises(ValueError, match="name"):
         protocols.preset("ABY4")
