@@ -13,6 +13,7 @@ read downstream and, causally, never seen by a real token).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +98,35 @@ def test_the_verbalizer_head_scores_the_next_token_logits_of_its_words(tmp_path)
     scores = np.asarray(classifier.logits(params, feed))
     full = np.asarray(classifier.next_token_logits(params, feed))
     np.testing.assert_allclose(scores, full[[0, 1], [7, 3]][:, [11, 42]], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "rfa"])
+def test_the_last_layer_at_the_scored_position_alone_gives_the_full_models_scores(
+    tmp_path, attention
+):
+    """The verbalizer head runs the last layer for the scored token only (its query, its
+    attention row, its MLP): whole model, cached lower layers and a soft prompt agree with
+    the full stack's next-token logits at that position."""
+    write_checkpoint(tmp_path, llama_config(2, True))
+    rfa = AttentionConfig(kind="rfa", num_features=16, variant="l2") if attention == "rfa" else None
+    classifier, params = load_pretrained(tmp_path, rfa, HeadConfig(kind="lm", verbalizer_ids=(11, 42)))  # fmt: skip
+    assert classifier.scores_one_position
+    ids, mask = batch()
+    select = np.zeros(mask.shape, np.float32)
+    select[0, 5], select[1, 3] = 1, 1  # row 0 scores a token with later real tokens after it
+    feed = {"input_ids": ids, "attention_mask": mask, "select": select}
+    full = np.asarray(classifier.next_token_logits(params, feed))[[0, 1], [5, 3]][:, [11, 42]]
+    np.testing.assert_allclose(np.asarray(classifier.logits(params, feed)), full, atol=1e-5)
+    hidden, hmask = classifier.lower_hidden(params, feed, 1)
+    cached = classifier.upper_logits(params, hidden, hmask, feed, 1)
+    np.testing.assert_allclose(np.asarray(cached), full, atol=1e-5)
+    prompt = np.random.default_rng(1).normal(0, 0.02, (1, 3, 48)).astype(np.float32)
+    prompted = np.asarray(classifier.logits(params, feed, prompt=jnp.asarray(prompt)))
+    reference = dataclasses.replace(classifier, head=dataclasses.replace(classifier.head, kind="linear"))  # fmt: skip
+    h_full, _ = reference.hidden(params, feed, jnp.asarray(prompt))
+    table = np.asarray(params["model"]["embed_tokens"]["embedding"])[[11, 42]]
+    want = np.asarray(h_full)[[0, 1], [5 + 3, 3 + 3]] @ table.T
+    np.testing.assert_allclose(prompted, want, atol=1e-5)
 
 
 def test_rotary_positions_use_rope_theta():

@@ -115,12 +115,14 @@ def _unmasked_features(q, k, key_mask, cfg: AttentionConfig, layer: int, also=No
     out of softmax_kernel's max over keys), and ``also``'s product (a, b) -> a * b, which
     the l2 variant computes inside its rsqrt's ops (one op fewer), the others apart.
 
-    q and k are stacked on the batch axis and mapped together: under MPC every op costs
+    q and k are stacked on the token axis and mapped together: under MPC every op costs
     its rounds once instead of twice (the l2 normalisation's rsqrt alone is ~26 rounds).
+    The token axis, not the batch axis, so that q may have fewer tokens than k (a decoder
+    scoring one position, `llama.LlamaAttention`).
     """
-    batch, _, num_heads, head_dim = q.shape
+    _, nq, num_heads, head_dim = q.shape
     w = random_directions(cfg.seed, layer, num_heads, head_dim, cfg.num_features, cfg.sigma)
-    qk = jnp.concatenate([q, k], axis=0)
+    qk = jnp.concatenate([q, k], axis=1)
     if cfg.variant == "l2":
         # sin/cos of w^T (x / |x|), the 1/|x| applied after the projection (m products
         # per row, not D); |w^T x| / |x| <= |w| still bounds the argument.
@@ -129,21 +131,21 @@ def _unmasked_features(q, k, key_mask, cfg: AttentionConfig, layer: int, also=No
         else:  # (1 / |x|, a * b)
             inv, extra = inverse_norm(qk, also=also, impl=cfg.inverse)
         phi = _trig(qk, w, cfg, guaranteed_bound=True, row_scale=inv)
-        return phi[:batch], phi[batch:], extra
+        return phi[:, :nq], phi[:, nq:], extra
     else:
         # exp(q.k / sqrt(d)) = exp(q'.k') with x' = x / d^(1/4).
         qks = qk * (1.0 / head_dim**0.25)
         if cfg.variant == "positive":
             phi = positive_features(qks, w, cfg.sigma)
-            phi_q, phi_k = phi[:batch], phi[batch:]
+            phi_q, phi_k = phi[:, :nq], phi[:, nq:]
         else:  # softmax_kernel
             phi = _trig(qks, w, cfg, guaranteed_bound=False)
-            phi_q, phi_k = phi[:batch], phi[batch:]
+            phi_q, phi_k = phi[:, :nq], phi[:, nq:]
             # Query magnitude factor cancels in the ratio. Key factor exp(|k'|^2 / 2 s^2) is
             # shifted by its max over real keys (a common factor, also cancels) to stay
             # bounded; padded keys count as |k'| = 0, so they neither set the max (which
             # would shrink every normaliser) nor overflow.
-            ks = qks[batch:]
+            ks = qks[:, nq:]
             sq = (0.5 / cfg.sigma**2) * jnp.sum(ks * ks, axis=-1, keepdims=True)
             sq = sq * key_mask[:, :, None, None].astype(sq.dtype)
             phi_k = phi_k * _exp(cfg.exp)(

@@ -108,14 +108,31 @@ class Classifier:
             params["lm_head"] = {"kernel": kernel.astype(np.float32)}
         return params
 
-    def hidden(self, params, batch, prompt=None):
-        """Trunk hidden states [B, N(+P), H] and the (extended) mask [B, N(+P)]."""
+    @property
+    def scores_one_position(self) -> bool:
+        """A Llama scored by its next-token verbalizer runs its last layer at the scored
+        position only (`llama.LlamaDecoder`'s `select`): the same logits, and the top
+        layer's query, attention output and MLP cost one token instead of N."""
+        return self.config.family == "llama" and self.head.kind == "lm"
+
+    def _scored_select(self, batch, prompt_len: int = 0):
+        """The one-hot scored position the trunk's last layer reads, or None."""
+        if not self.scores_one_position:
+            return None
+        select = batch["select"]
+        return extend_select(select, prompt_len, self.prompt_position) if prompt_len else select
+
+    def hidden(self, params, batch, prompt=None, select=None):
+        """Trunk hidden states [B, N(+P), H] and the (extended) mask [B, N(+P)]; with a
+        Llama's `select`, the last layer's row at that position only [B, 1, H]."""
+        extra = {} if select is None else {"select": select}
         return trunk_module(self.config).apply(
             {"params": params[self.trunk_name]},
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("token_type_ids"),
             prompt,
+            **extra,
         )
 
     def lower_hidden(self, params, batch, num_layers: int):
@@ -131,10 +148,14 @@ class Classifier:
     def upper_logits(self, params, hidden, mask, batch, first_layer: int):
         """Layers `first_layer..` on cached hidden states [B, N, H], then the head."""
         # A head-only set caches every layer: no trunk parameters are left to read.
+        select = self._scored_select(batch) if first_layer < self.config.num_layers else None
+        extra = {} if select is None else {"select": select}
         hidden, mask = trunk_module(self.config).apply(
             {"params": params.get(self.trunk_name, {})}, hidden, mask, embed=False,
-            first_layer=first_layer,
+            first_layer=first_layer, **extra,
         )  # fmt: skip
+        if select is not None:
+            return lm_scores(self.output_table(params), hidden[:, 0], self.head.verbalizer_ids)
         return self.scores(params, hidden, mask, batch)
 
     def scores(self, params, hidden, mask, batch, prompt_len: int = 0):
@@ -181,8 +202,11 @@ class Classifier:
         ids = batch["input_ids"]
         if 0 in ids.shape[:2]:
             raise ValueError(f"input_ids: empty input, shape {list(ids.shape)} (need at least one example of one token)")  # fmt: skip
-        hidden, mask = self.hidden(params, batch, prompt)
         prompt_len = 0 if prompt is None else prompt.shape[1]
+        select = self._scored_select(batch, prompt_len)
+        hidden, mask = self.hidden(params, batch, prompt, select)
+        if select is not None:
+            return lm_scores(self.output_table(params), hidden[:, 0], self.head.verbalizer_ids)
         return self.scores(params, hidden, mask, batch, prompt_len)
 
 

@@ -197,10 +197,16 @@ class LayerStack(nn.Module):
     block: type = EncoderLayer
 
     @nn.compact
-    def __call__(self, hidden, mask):
+    def __call__(self, hidden, mask, last_select=None):
+        """`last_select` [B, N] is handed to the last block only (a block that can score
+        one position, `llama.LlamaBlock`)."""
         last = self.config.num_layers if self.count is None else self.first + self.count
         for i in range(self.first, last):
-            hidden = self.block(self.config, i, name=str(i))(hidden, mask)
+            block = self.block(self.config, i, name=str(i))
+            if last_select is not None and i == last - 1:
+                hidden = block(hidden, mask, last_select)
+            else:
+                hidden = block(hidden, mask)
         return hidden
 
 

@@ -36,6 +36,7 @@ from secfwt_jax.models.attention import attend
 from secfwt_jax.models.config import ModelConfig
 from secfwt_jax.models.encoder import LayerStack, TokenEmbedding
 from secfwt_jax.models.gpt2 import prepend_prompt
+from secfwt_jax.models.heads import select_position
 from secfwt_jax.models.mpc_ops import rsqrt_pow2, silu_piecewise, sum_of_squares
 
 #: Under FM64 with 18 fraction bits a secret product must stay below 2^(63 - 36) = 2^27 in
@@ -108,20 +109,32 @@ class LlamaAttention(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, hidden, mask):
+    def __call__(self, hidden, mask, select=None):
+        """[B, N, H] -> [B, N, H]; with a one-hot `select` [B, N], only the selected
+        position's query is formed and attended: -> [B, 1, H] (`scored_position_only`)."""
         cfg = self.config
         d, heads, kv = cfg.head_dim, cfg.num_heads, cfg.kv_heads
         dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, name=name)  # noqa: E731
         batch, seq = hidden.shape[:2]
-        q = dense(heads * d, "q_proj")(hidden).reshape(batch, seq, heads, d)
+        sin, cos = rotary_tables(seq, d, cfg.rope_theta)
+        causal = select is None
+        if select is not None:
+            # The query's rotation at its (secret) position: one-hot times public tables,
+            # local under MPC. Keys up to that position are those the causal mask allows.
+            hidden_q = select_position(hidden, select)[:, None, :]
+            sin_q = (select @ sin[:, 0, :])[:, None, None, :]
+            cos_q = (select @ cos[:, 0, :])[:, None, None, :]
+            mask = mask * jnp.cumsum(select[:, ::-1], axis=1)[:, ::-1]
+        else:
+            hidden_q, sin_q, cos_q = hidden, sin, cos
+        q = dense(heads * d, "q_proj")(hidden_q).reshape(batch, hidden_q.shape[1], heads, d)
         k = dense(kv * d, "k_proj")(hidden).reshape(batch, seq, kv, d)
         v = dense(kv * d, "v_proj")(hidden).reshape(batch, seq, kv, d)
-        sin, cos = rotary_tables(seq, d, cfg.rope_theta)
-        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        q, k = apply_rotary(q, sin_q, cos_q), apply_rotary(k, sin, cos)
         if kv != heads:  # grouped-query attention: each kv head serves heads // kv queries
             k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)
-        out = attend(q, k, v, mask, cfg.attention, self.layer_index, causal=True)
-        return dense(cfg.hidden_size, "o_proj")(out.reshape(batch, seq, heads * d))
+        out = attend(q, k, v, mask, cfg.attention, self.layer_index, causal=causal)
+        return dense(cfg.hidden_size, "o_proj")(out.reshape(batch, q.shape[1], heads * d))
 
 
 class SwiGLU(nn.Module):
@@ -142,10 +155,14 @@ class LlamaBlock(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, hidden, mask):
+    def __call__(self, hidden, mask, select=None):
+        """With `select` [B, N] the block's output at that position only: [B, 1, H]."""
         eps = self.config.layer_norm_eps
         attn = LlamaAttention(self.config, self.layer_index, name="self_attn")
-        hidden = hidden + attn(RMSNorm(eps, name="input_layernorm")(hidden), mask)
+        update = attn(RMSNorm(eps, name="input_layernorm")(hidden), mask, select)
+        if select is not None:
+            hidden = select_position(hidden, select)[:, None, :]
+        hidden = hidden + update
         mlp = SwiGLU(self.config, name="mlp")
         return hidden + mlp(RMSNorm(eps, name="post_attention_layernorm")(hidden))
 
@@ -171,7 +188,11 @@ class LlamaDecoder(nn.Module):
         embed: bool = True,
         first_layer: int = 0,
         num_layers: int | None = None,
+        select=None,
     ):
+        """`select` [B, N(+P)], one-hot, when the slice ends at the last layer: that layer
+        forms its query, attention output and MLP at the selected position only, and the
+        output is [B, 1, H] (the same values as the full stack's row there)."""
         del token_type_ids
         cfg = self.config
         if embed:
@@ -181,8 +202,12 @@ class LlamaDecoder(nn.Module):
                 hidden, mask = prepend_prompt(hidden, mask, prompt)
         else:
             hidden, mask = input_ids, attention_mask
-        hidden = LayerStack(cfg, first_layer, num_layers, LlamaBlock, name="layers")(hidden, mask)
-        if num_layers is None or first_layer + num_layers >= cfg.num_layers:
+        ends_at_top = num_layers is None or first_layer + num_layers >= cfg.num_layers
+        if select is not None and not ends_at_top:
+            raise ValueError("select: only a slice that ends at the last layer scores one position")  # fmt: skip
+        stack = LayerStack(cfg, first_layer, num_layers, LlamaBlock, name="layers")
+        hidden = stack(hidden, mask, last_select=select)
+        if ends_at_top:
             hidden = RMSNorm(cfg.layer_norm_eps, name="norm")(hidden)
         return hidden, mask
 
