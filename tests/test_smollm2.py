@@ -76,7 +76,7 @@ def test_perplexity_of_an_english_paragraph_is_low(smollm2):
 
 REDUCED = ["model.num_layers=1", "data.k=1", "data.max_len=36", "data.test_size=10", "tuning.steps=1",
            "tuning.batch_size=2", "tuning.spsa.num_directions=1", "evaluation.mpc_examples=2",
-           "evaluation.batch_size=2"]  # fmt: skip
+           "evaluation.batch_size=2", "tuning.schedule.peak=1e-3"]  # fmt: skip
 
 
 def test_the_shipped_llm_spec_runs_under_mpc_reduced(tmp_path):
