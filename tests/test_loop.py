@@ -78,12 +78,14 @@ def test_train_backprop_lowers_training_loss_and_evaluates_periodically(model):
     eval_fn = lambda t: loop.evaluate(problem, t, batch)  # noqa: E731
     trainable, history = loop.train_backprop(
         problem, loop.cycle_minibatches(batch, 8, seed=0), "adam",
-        ScheduleConfig(peak=0.01, total_steps=100), steps=100, eval_fn=eval_fn, eval_every=50,
+        ScheduleConfig(peak=0.01, total_steps=200), steps=200, eval_fn=eval_fn, eval_every=100,
     )  # fmt: skip
     # (step size 0.01: at 0.05 this tiny RFA model's loss after 80 steps swung between 0.07x
-    # and 0.6x of the start with float32 rounding changes alone; at 0.01 it is 0.22-0.27x)
-    assert [h["step"] for h in history if "eval" in h] == [0, 50, 99]
-    assert history[-1]["forwards"] == 100 * loop.BACKPROP_FORWARD_EQUIVALENTS
+    # and 0.6x of the start with float32 rounding changes alone. With the 128-bit init key
+    # of 2026-12-04, 100 steps ended at 0.516x on this host, at the bar, and passed or
+    # failed by machine; 200 steps reach 0.05x, 300 steps 0.008x.)
+    assert [h["step"] for h in history if "eval" in h] == [0, 100, 199]
+    assert history[-1]["forwards"] == 200 * loop.BACKPROP_FORWARD_EQUIVALENTS
     assert loop.evaluate(problem, trainable, batch)["loss"] < 0.5 * initial_loss(problem, batch)
 
 

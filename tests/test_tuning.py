@@ -201,7 +201,10 @@ def test_backprop_baseline_reduces_the_training_loss():
     def loss(t, f, b):
         return cross_entropy(problem.logits(t, f, b), b["labels"])
 
-    opt = backprop.make_optimizer("adam", 1e-2)
+    # Adam at 1e-2 oscillates on this tiny RFA model (0.04 at step 15, 0.52 at step 30 of
+    # 0.68 with the 128-bit init key): the endpoint passed or failed by machine. At 3e-3
+    # the loss falls steadily: 0.17 at step 20, 0.11 at step 25, 0.07 at step 30.
+    opt = backprop.make_optimizer("adam", 3e-3)
     step = backprop.make_backprop_step(loss, opt)
     t, state = problem.trainable, opt.init(problem.trainable)
     first = float(loss(t, problem.frozen, batch))
