@@ -111,7 +111,7 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, hidden, mask, select=None):
         """[B, N, H] -> [B, N, H]; with a one-hot `select` [B, N], only the selected
-        position's query is formed and attended: -> [B, 1, H] (`scored_position_only`)."""
+        position's query is formed and attended: -> [B, 1, H] (`Classifier.scores_one_position`)."""
         cfg = self.config
         d, heads, kv = cfg.head_dim, cfg.num_heads, cfg.kv_heads
         dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, name=name)  # noqa: E731
