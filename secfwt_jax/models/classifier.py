@@ -125,14 +125,13 @@ class Classifier:
     def hidden(self, params, batch, prompt=None, select=None):
         """Trunk hidden states [B, N(+P), H] and the (extended) mask [B, N(+P)]; with a
         Llama's `select`, the last layer's row at that position only [B, 1, H]."""
-        extra = {} if select is None else {"select": select}
         return trunk_module(self.config).apply(
             {"params": params[self.trunk_name]},
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("token_type_ids"),
             prompt,
-            **extra,
+            **self._select_kwarg(select),
         )
 
     def lower_hidden(self, params, batch, num_layers: int):
@@ -145,18 +144,43 @@ class Classifier:
             num_layers=num_layers,
         )
 
-    def upper_logits(self, params, hidden, mask, batch, first_layer: int):
-        """Layers `first_layer..` on cached hidden states [B, N, H], then the head."""
+    def insert_prompt(self, hidden, mask, prompt):
+        """A soft prompt [1|B, P, H] put into hidden states [B, N, H] at `prompt_position`
+        (before the tokens of a decoder, after [CLS]/<s> of an encoder); the mask [B, N]
+        gains P ones."""
+        from secfwt_jax.models.encoder import insert_prompt
+        from secfwt_jax.models.gpt2 import prepend_prompt
+
+        return (prepend_prompt if self.config.causal else insert_prompt)(hidden, mask, prompt)
+
+    def upper_logits(self, params, hidden, mask, batch, first_layer: int, prompt=None):
+        """Layers `first_layer..` on cached hidden states [B, N, H], then the head. A `prompt`
+        [1|B, P, H] enters there (a deep prompt at the first uncached layer)."""
+        num_layers = self.config.num_layers
+        prompt_len = 0
+        if prompt is not None:
+            if first_layer >= num_layers:
+                raise ValueError("prompt: a deep prompt needs at least one uncached layer above it")  # fmt: skip
+            hidden, mask = self.insert_prompt(hidden, mask, prompt)
+            prompt_len = prompt.shape[1]
         # A head-only set caches every layer: no trunk parameters are left to read.
-        select = self._scored_select(batch) if first_layer < self.config.num_layers else None
-        extra = {} if select is None else {"select": select}
+        select = self._scored_select(batch, prompt_len) if first_layer < num_layers else None
         hidden, mask = trunk_module(self.config).apply(
             {"params": params.get(self.trunk_name, {})}, hidden, mask, embed=False,
-            first_layer=first_layer, **extra,
+            first_layer=first_layer, **self._select_kwarg(select),
         )  # fmt: skip
+        return self._head_scores(params, hidden, mask, batch, prompt_len, select)
+
+    @staticmethod
+    def _select_kwarg(select) -> dict:
+        return {} if select is None else {"select": select}
+
+    def _head_scores(self, params, hidden, mask, batch, prompt_len: int, select):
+        """The head on the trunk's output: with a scored-position last layer (`select`), its
+        single row [B, 1, H]; else every position's."""
         if select is not None:
             return lm_scores(self.output_table(params), hidden[:, 0], self.head.verbalizer_ids)
-        return self.scores(params, hidden, mask, batch)
+        return self.scores(params, hidden, mask, batch, prompt_len)
 
     def scores(self, params, hidden, mask, batch, prompt_len: int = 0):
         """Head on top of trunk hidden states: -> logits [B, C]."""
@@ -205,9 +229,7 @@ class Classifier:
         prompt_len = 0 if prompt is None else prompt.shape[1]
         select = self._scored_select(batch, prompt_len)
         hidden, mask = self.hidden(params, batch, prompt, select)
-        if select is not None:
-            return lm_scores(self.output_table(params), hidden[:, 0], self.head.verbalizer_ids)
-        return self.scores(params, hidden, mask, batch, prompt_len)
+        return self._head_scores(params, hidden, mask, batch, prompt_len, select)
 
 
 def cross_entropy(logits, labels_onehot):

@@ -16,7 +16,11 @@ Kinds:
           whole trunk stays frozen (and secret under MPC); only factors and head train;
   prompt  a soft prompt in a random subspace, p = A z (BBT, SecFwT): z [d] is trained,
           A [P*H, d] is fixed from a public seed and scaled like BBT by the word embeddings'
-          std; the linear head, if any, stays frozen (fit it first, e.g. a linear probe);
+          std; the linear head, if any, stays frozen (fit it first, e.g. a linear probe).
+          It enters at the input, or with `cache_trunk=True` as a deep prompt at the
+          first of the top `top_layers` layers (BBTv2's per-layer prompts cut to that
+          layer): the lower layers run once per example and a candidate re-runs only the
+          top layers. A decoder's prompt goes before the tokens, an encoder's after [CLS];
   top     the top `top_layers` trunk layers plus the head. With `cache_trunk=True` the
           frozen lower layers run ONCE per example (`problem.prepare(batch)`) and every step
           re-runs only the top layers and head. Under MPC the cached activations stay
@@ -73,8 +77,10 @@ class TrainableSpec:
             raise ValueError("trainable.intrinsic_dim: must be >= 1")
         if self.top_layers < 0:
             raise ValueError("trainable.top_layers: must be >= 0")
-        if self.cache_trunk and self.kind not in ("head", "top", "lora"):
-            raise ValueError("trainable.cache_trunk: only for kind 'head', 'top' or 'lora'")
+        if self.cache_trunk and self.kind not in ("head", "top", "lora", "prompt"):
+            raise ValueError("trainable.cache_trunk: only for kind 'head', 'top', 'lora' or 'prompt'")  # fmt: skip
+        if self.cache_trunk and self.kind == "prompt" and self.top_layers < 1:
+            raise ValueError("trainable.top_layers: a cached-trunk prompt enters below the top layers, so at least 1")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +167,17 @@ def _split_problem(spec, classifier, params, predicate) -> TuningProblem:
     )
 
 
+def _cached_trunk(classifier: Classifier, params: dict, first: int) -> Callable:
+    """`prepare`: the frozen layers below `first`, run once per batch (their output is
+    what every step reads as `batch["hidden"]`)."""
+
+    def prepare(batch):
+        hidden, mask = classifier.lower_hidden(params, batch, first)
+        return {**batch, "hidden": hidden, "attention_mask": mask}
+
+    return prepare
+
+
 def layer_index(path: str) -> int | None:
     """Trunk layer of a parameter path (`.../layer/<i>/...`, `.../h/<i>/...` or a Llama's
     `.../layers/<i>/...`), else None."""
@@ -183,10 +200,7 @@ def _top_problem(spec: TrainableSpec, classifier: Classifier, params: dict) -> T
     if not spec.cache_trunk:
         return _split_problem(spec, classifier, params, is_trainable)
     trainable, frozen = tr.partition(params, is_trainable)
-
-    def prepare(batch):
-        hidden, mask = classifier.lower_hidden(params, batch, first)
-        return {**batch, "hidden": hidden, "attention_mask": mask}
+    prepare = _cached_trunk(classifier, params, first)
 
     def cached_logits(t, f, b):
         merged = tr.merge(t, f)
@@ -213,10 +227,7 @@ def _lora_problem(
             spec, trainable, frozen, lambda t, f, b: classifier.logits(adapted(t, f), b)
         )
     first = lora_first_layer(spec, classifier)
-
-    def prepare(batch):
-        hidden, mask = classifier.lower_hidden(params, batch, first)
-        return {**batch, "hidden": hidden, "attention_mask": mask}
+    prepare = _cached_trunk(classifier, params, first)
 
     def cached_logits(t, f, b):
         return classifier.upper_logits(adapted(t, f), b["hidden"], b["attention_mask"], b, first)
@@ -258,4 +269,16 @@ def build_problem(
         prompt = subspace_prompt(t["z"], projection, spec.prompt_length)
         return classifier.logits(f, b, prompt=prompt)
 
-    return TuningProblem(spec, trainable, params, prompt_logits)
+    if not spec.cache_trunk:
+        return TuningProblem(spec, trainable, params, prompt_logits)
+    # A deep prompt: p = A z enters at the first uncached layer (BBTv2's per-layer prompts,
+    # cut to that one layer), so a candidate re-runs the top layers, not the whole model.
+    first = classifier.config.num_layers - min(spec.top_layers, classifier.config.num_layers)
+
+    def deep_prompt_logits(t, f, b):
+        prompt = subspace_prompt(t["z"], projection, spec.prompt_length)
+        return classifier.upper_logits(f, b["hidden"], b["attention_mask"], b, first, prompt)
+
+    return TuningProblem(
+        spec, trainable, params, deep_prompt_logits, _cached_trunk(classifier, params, first)
+    )
