@@ -12,7 +12,11 @@ the predict program. Rows:
 - zero-shot: the chat prompt and verbalizer, LoRA B = 0 (the model itself);
 - SPSA/MeZO on the LoRA set: the spec's SPSA step (its eps and directions; K from
   `--directions`, 16 by default: the MPC spec uses fewer to stay cheap on two cores);
-- backprop (Adam) on the same LoRA set: the plaintext fine-tuning ceiling.
+- backprop (Adam) on the same LoRA set: the plaintext fine-tuning ceiling;
+- the paper's prompt methods on a deep subspace prompt (p = A z, P = 10 slots, d = 500, at
+  the top layer's input over the same cached trunk; `sets.TrainableSpec("prompt",
+  cache_trunk=True)`): CMA-ES (BBT; population 20, the spec's `population_loss` program)
+  and SPSA on z (the spec's SPSA step program).
 
 Step sizes: each candidate runs once, evaluated on a validation split drawn from the
 training pool (k/2 per class, never the test rows) and on the test rows at every
@@ -23,15 +27,16 @@ coarse to choose by). Every candidate's curves are kept in the JSON.
 Curves are test accuracy against example-forwards (an SPSA step costs 2K forwards of a
 minibatch, an Adam step one forward and one backward, counted as 3 forwards' compute).
 A curve "flattens" at the first checkpoint after which it never gains another point.
-Prompt methods (CMA-ES over a subspace prompt, SPSA on it) prepend the prompt at the
-input, so every candidate re-runs all 30 layers: about 10 s per 32-example forward on the
-2-core host, and they are not run here (stated in the output).
+A CMA-ES generation costs `population` forwards of a minibatch. CMA-ES has no step size to
+search: the prompt enters through the top layer's RMSNorm, so the loss depends on the
+direction of z only and the search from z = 0 is the same at any sigma0.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -45,8 +50,12 @@ from secfwt_jax.models.checkpoint import load_tokenizer
 from secfwt_jax.models.classifier import cross_entropy_loss
 from secfwt_jax.run import build
 from secfwt_jax.run.spec import load_spec
+from secfwt_jax.tuning.sets import TrainableSpec
 
 SPEC = Path(__file__).resolve().parents[1] / "configs" / "smollm2_sentiment.yaml"
+METHODS = ("spsa_lora", "adam_lora", "cma_prompt", "spsa_prompt")
+# The deep subspace prompt: BBT's intrinsic dimension, 10 slots at the top layer's input.
+PROMPT = TrainableSpec("prompt", prompt_length=10, intrinsic_dim=500, top_layers=1, cache_trunk=True)  # fmt: skip
 
 
 def encode_rows(spec, data, rows, tokenizer, batch: int) -> list[dict]:
@@ -105,6 +114,30 @@ def run_adam(programs, theta, frozen, train, lr: float, steps: int, every: int, 
     return theta, curve
 
 
+def run_cma(programs, frozen, train, population: int, generations: int, every: int, evaluate):
+    """BBT's CMA-ES on z: each generation scores its candidates on one minibatch (cycled
+    in order, as `secfwt finetune` does) with the population program; the answer is the
+    distribution mean (`cmaes.solution`)."""
+    from secfwt_jax.tuning import cmaes
+
+    population_loss = jax.jit(programs.population_loss.fn)
+    dim = programs.problem.trainable["z"].shape[0]
+    es = cmaes.start_strategy(dim, cmaes.CmaConfig(population, 1.0, generations, 0))
+    batch = train[0]["labels"].shape[0]
+    theta = cmaes.solution(es)
+    curve = [(0, evaluate(theta))]
+    for g in range(generations):
+        candidates = cmaes.ask(es)
+        c = train[g % len(train)]
+        x = {k_: v for k_, v in c.items() if k_ != "labels"}
+        losses = population_loss({"z": candidates}, frozen, x, c["labels"])
+        cmaes.tell(es, candidates, np.asarray(losses))
+        if (g + 1) % every == 0 or g + 1 == generations:
+            theta = cmaes.solution(es)
+            curve.append(((g + 1) * population * batch, evaluate(theta)))
+    return theta, curve
+
+
 def flattening_budget(curve, gain: float = 0.01) -> int:
     """The first checkpoint's forwards after which test accuracy never rises `gain` more."""
     for i, (forwards, acc) in enumerate(curve):
@@ -157,9 +190,36 @@ def study(spec, k: int, seed: int, args, log) -> dict:
     def adam_run(lr, e):
         return run_adam(programs, theta0, frozen, feats["train"], lr, args.adam_steps, args.every, e)  # fmt: skip
 
-    for method, grid, runner in (("spsa_lora", args.spsa_lrs, spsa_run), ("adam_lora", args.adam_lrs, adam_run)):  # fmt: skip
+    # The prompt methods: the same cached trunk (the prompt enters at the same layer the
+    # LoRA factors sit in), their own step and population programs.
+    pspec = spec.replace(tuning=spec.tuning.model_copy(update={"trainable": PROMPT, "cma": dataclasses.replace(spec.tuning.cma, population=args.population)}))  # fmt: skip
+    z0 = {"z": np.zeros(PROMPT.intrinsic_dim, np.float32)}  # BBT starts at the origin
+    ppublic = dataclasses.replace(public, trainable_shapes=build.shapes_of(z0))
+    pprograms = build.build_programs(pspec, ppublic, head, data_public)
+    assert pprograms.first_layer == programs.first_layer
+    p_loss = jax.jit(cross_entropy_loss(pprograms.problem.logits))
+    p_predict = jax.jit(pprograms.predict.fn)
+    p_ev = {name: (lambda t, name=name: accuracy(p_predict, t, frozen, feats[name], n[name])) for name in feats}  # fmt: skip
+    p_evaluate = lambda t: {"dev_loss": float(np.mean([p_loss(t, frozen, c) for c in feats["dev"]])), "dev": p_ev["dev"](t), "test": p_ev["test"](t)}  # noqa: E731, E501
+    row["prompt_at_init"] = p_ev["test"](z0)
+
+    def spsa_prompt_run(lr, e):
+        return run_spsa(pspec, pprograms, z0, frozen, feats["train"], lr, args.spsa_steps, args.every, e)  # fmt: skip
+
+    def cma_run(_lr, e):
+        return run_cma(pprograms, frozen, feats["train"], args.population, args.generations, args.every, e)  # fmt: skip
+
+    searches = (
+        ("spsa_lora", args.spsa_lrs, spsa_run, evaluate),
+        ("adam_lora", args.adam_lrs, adam_run, evaluate),
+        ("cma_prompt", [None], cma_run, p_evaluate),
+        ("spsa_prompt", args.spsa_prompt_lrs, spsa_prompt_run, p_evaluate),
+    )
+    for method, grid, runner, ev_fn in searches:
+        if method not in args.methods:
+            continue
         t1 = time.time()
-        row[method] = search(runner, grid, evaluate)
+        row[method] = search(runner, grid, ev_fn)
         r = row[method]
         log(f"  {method}: lr {r['lr']}, test {r['curve'][0][1]:.3f} -> {r['final']:.3f} at {r['curve'][-1][0]} forwards, flat from {r['flattens_at_forwards']} ({time.time() - t1:.0f} s)")  # fmt: skip
     return row
@@ -178,29 +238,45 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--spsa-lrs", type=float, nargs="+", default=[1e-2, 3e-2])
     ap.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    ap.add_argument("--spsa-prompt-lrs", type=float, nargs="+", default=[1.0, 10.0])
+    ap.add_argument("--population", type=int, default=20, help="CMA-ES population (BBT: 20)")
+    ap.add_argument("--generations", type=int, default=320, help="CMA-ES generations")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_accuracy.json"))
     args = ap.parse_args()
     spec = load_spec(SPEC, ["evaluation.plaintext_reference=false", *args.set])
     log = lambda m: print(m, flush=True)  # noqa: E731
     command = "benchmarks/llm_accuracy.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")  # fmt: skip
-    rows: list[dict] = []
+    # Rows of the same k and seed already in --out keep the methods this run does not run
+    # (so the prompt rows can be added to a finished LoRA study); a method run again is
+    # replaced.
+    before = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows: list[dict] = before.get("rows", [])
+    earlier = before.get("commands") or ([before["command"]] if "command" in before else [])
+    commands = [*earlier, command]
+    ks = sorted({*args.ks, *(r["k"] for r in rows)})
     for seed in args.seeds:  # seed-major: every k gets a first seed before any gets a second
         for k in args.ks:
-            rows.append(study(spec, k, seed, args, log))
-            write_json_atomic(args.out, summarise(rows, args.ks, command, log=None), indent=1)
-    summarise(rows, args.ks, command, log)
+            new = study(spec, k, seed, args, log)
+            old = next((r for r in rows if (r["k"], r["seed"]) == (k, seed)), None)
+            if old is None:
+                rows.append(new)
+            else:
+                old.update(new)
+            write_json_atomic(args.out, summarise(rows, ks, commands, log=None), indent=1)
+    summarise(rows, ks, commands, log)
 
 
-def summarise(rows: list[dict], ks, command: str, log) -> dict:
+def summarise(rows: list[dict], ks, commands: list[str], log) -> dict:
     """Mean and std over seeds of each row's final test accuracy, per k (the file written
     after every configuration, so an interrupted study keeps what it finished)."""
-    methods = ("zero_shot", "spsa_lora", "adam_lora")
     final = lambda r, m: r[m] if m == "zero_shot" else r[m]["final"]  # noqa: E731
     summary = {}
     for k in ks:
         mine = [r for r in rows if r["k"] == k]
         if not mine:
             continue
+        methods = ("zero_shot", *(m for m in METHODS if all(m in r for r in mine)))
         summary[str(k)] = {m: {"mean": float(np.mean([final(r, m) for r in mine])),
                                "std": float(np.std([final(r, m) for r in mine])),
                                "seeds": len(mine)} for m in methods}  # fmt: skip
@@ -209,8 +285,7 @@ def summarise(rows: list[dict], ks, command: str, log) -> dict:
             summary[str(k)][m]["flattens_at_forwards"] = flat
         if log:
             log(f"k={k}: " + ", ".join(f"{m} {100 * v['mean']:.1f} ± {100 * v['std']:.1f}" for m, v in summary[str(k)].items()))  # fmt: skip
-    return {"command": command, "spec": str(SPEC), "rows": rows, "summary": summary,
-            "not_run": "CMA-ES and SPSA over a subspace prompt: every candidate re-runs all 30 layers (about 10 s per 32-example forward on this 2-core host)"}  # fmt: skip
+    return {"commands": commands, "spec": str(SPEC), "prompt": dataclasses.asdict(PROMPT), "rows": rows, "summary": summary}  # fmt: skip
 
 
 if __name__ == "__main__":

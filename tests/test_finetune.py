@@ -214,14 +214,19 @@ def test_adapt_writes_a_checkpoint_that_the_spec_uses_and_checks(tmp_path):
         load_model(other, head, 0, log=lambda m: None)
 
 
-def test_cma_es_prompt_tuning_runs_through_the_same_command(tmp_path):
+@pytest.mark.parametrize("where", ["input", "deep"])
+def test_cma_es_prompt_tuning_runs_through_the_same_command(tmp_path, where):
+    """At the input (every candidate runs the whole model), or as a deep prompt at the top
+    layer's input over the cached trunk (the trunk program runs once per chunk)."""
+    deep = ", cache_trunk: true, top_layers: 1" if where == "deep" else ""
     spec = load_spec(TINY, [
-        "tuning.method=cma", "tuning.trainable={kind: prompt, prompt_length: 2, intrinsic_dim: 6}",
+        "tuning.method=cma", f"tuning.trainable={{kind: prompt, prompt_length: 2, intrinsic_dim: 6{deep}}}",
         "tuning.cma={population: 3, sigma0: 1.0}", "tuning.steps=2", "parties.result_to=data_owner",
         "evaluation.mpc_examples=4", "evaluation.batch_size=4",
     ])  # fmt: skip
     report = run_sim(spec, seeds=PrivateSeeds(2), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
-    assert set(report["programs"]) == {"predict", "population_loss"}
+    trunk = {"trunk", "trunk_eval"} if where == "deep" else set()
+    assert set(report["programs"]) == {"predict", "population_loss"} | trunk
     assert len(report["mpc"]["losses"]) == 2  # the best candidate's loss per generation, to bob
     assert report["tuned_params"]["party"] == "bob"
     with np.load(report["tuned_params"]["path"]) as f:

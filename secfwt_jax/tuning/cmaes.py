@@ -103,7 +103,13 @@ def ask(es: cma.CMAEvolutionStrategy) -> np.ndarray:
 
 
 def tell(es: cma.CMAEvolutionStrategy, candidates, losses) -> cma.CMAEvolutionStrategy:
-    es.tell(list(np.asarray(candidates, np.float64)), list(np.asarray(losses, np.float64)))
+    with warnings.catch_warnings():
+        # At population >= 20 cma adapts sigma by TPA, which checks that the first two
+        # candidates mirror each other to float64 precision; `ask` rounded them to float32
+        # (public MPC inputs), so the check warns every generation. The ranking, and so
+        # the update, is unaffected.
+        warnings.filterwarnings("ignore", message="TPA: apparent inconsistency")
+        es.tell(list(np.asarray(candidates, np.float64)), list(np.asarray(losses, np.float64)))
     return es
 
 
