@@ -233,7 +233,13 @@ class Classifier:
 
 
 def cross_entropy(logits, labels_onehot):
-    """Mean softmax cross-entropy; labels are one-hot [B, C] so no secret gather is needed.
+    """Mean softmax cross-entropy over the batch (`cross_entropy_per_example`'s mean)."""
+    return jnp.mean(cross_entropy_per_example(logits, labels_onehot))
+
+
+def cross_entropy_per_example(logits, labels_onehot):
+    """Softmax cross-entropy of each row [B]; labels are one-hot [B, C] so no secret
+    gather is needed.
 
     log_softmax(z) = z - max(z) - log(sum exp(z - max(z))), with the MPC-cheap max
     (`mpc_ops.max_last_axis`) and log (`mpc_ops.log_pow2` on the sum, which lies in
@@ -251,7 +257,7 @@ def cross_entropy(logits, labels_onehot):
     log_total, picked = log_pow2(
         total, 0, max(1, int(np.ceil(np.log2(num_classes)))), also=(labels_onehot, shifted)
     )
-    return jnp.mean(log_total[..., 0] - jnp.sum(picked, axis=-1))
+    return log_total[..., 0] - jnp.sum(picked, axis=-1)
 
 
 def cross_entropy_loss(logits_fn):
@@ -259,6 +265,12 @@ def cross_entropy_loss(logits_fn):
     `logits_fn(trainable, frozen, batch)` against `batch["labels"]`. Every step (SPSA,
     CMA-ES, backprop, plaintext or under SPU) and the cost cases use it."""
     return lambda t, f, b: cross_entropy(logits_fn(t, f, b), b["labels"])
+
+
+def per_example_loss(logits_fn):
+    """(trainable, frozen, batch) -> each row's cross-entropy [B]: what a differentially
+    private step clips before it sums (`tuning.privacy`)."""
+    return lambda t, f, b: cross_entropy_per_example(logits_fn(t, f, b), b["labels"])
 
 
 def accuracy(logits, labels_onehot):

@@ -126,8 +126,16 @@ def spsa_update(
     per parameter, so the update costs one (the dot product with z) instead of four, and
     the decay is skipped entirely at weight_decay 0.
     """
-    k = loss_plus.shape[0]
     grad = (loss_plus - loss_minus) * (1.0 / (2.0 * config.eps))  # [K], secret under MPC
+    return apply_projected_gradient(trainable, z, grad, step_size, config), grad
+
+
+def apply_projected_gradient(
+    trainable: PyTree, z: PyTree, grad, step_size, config: SpsaConfig = DEFAULT_SPSA
+) -> PyTree:
+    """theta (1 - eta wd) - eta / K sum_k g_k z_k for projected gradients g [K] (SPSA's,
+    or a private step's clipped and noised ones)."""
+    k = grad.shape[0]
     coefficients = grad * (step_size * (1.0 / k))  # [K]
 
     def update(t, zk):
@@ -137,7 +145,7 @@ def spsa_update(
             return t - jnp.sum(_signed(zk, coefficients, -coefficients), axis=0)
         return t - jnp.tensordot(coefficients, zk, axes=1)
 
-    return jax.tree_util.tree_map(update, trainable, z), grad
+    return jax.tree_util.tree_map(update, trainable, z)
 
 
 def perturbed_pair(
