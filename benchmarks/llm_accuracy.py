@@ -138,6 +138,20 @@ def run_cma(programs, frozen, train, population: int, generations: int, every: i
     return theta, curve
 
 
+def evaluator(programs, frozen, feats: dict, n: dict):
+    """theta -> {dev_loss, dev, test}: the validation loss that picks a step size, and
+    the validation and test accuracy (padding rows dropped)."""
+    predict = jax.jit(programs.predict.fn)
+    loss_fn = jax.jit(cross_entropy_loss(programs.problem.logits))
+
+    def evaluate(theta) -> dict:
+        dev_loss = float(np.mean([loss_fn(theta, frozen, c) for c in feats["dev"]]))
+        acc = {name: accuracy(predict, theta, frozen, feats[name], n[name]) for name in ("dev", "test")}  # fmt: skip
+        return {"dev_loss": dev_loss, **acc}
+
+    return evaluate
+
+
 def flattening_budget(curve, gain: float = 0.01) -> int:
     """The first checkpoint's forwards after which test accuracy never rises `gain` more."""
     for i, (forwards, acc) in enumerate(curve):
@@ -172,16 +186,13 @@ def study(spec, k: int, seed: int, args, log) -> dict:
     data_public = {"train_shapes": shapes, "eval_shapes": shapes, "label_shape": (b, len(spec.data.labels))}  # fmt: skip
     programs = build.build_programs(spec, public, head, data_public)
     lower, frozen = programs.frozen_parts(frozen_all)
-    trunk, predict = jax.jit(programs.trunk.fn), jax.jit(programs.predict.fn)
+    trunk = jax.jit(programs.trunk.fn)
     t0 = time.time()
     feats = {name: features(trunk, lower, c) for name, c in chunks.items()}
     log(f"k={k} seed={seed}: trunk features of {sum(len(c) for c in chunks.values()) * b} examples in {time.time() - t0:.0f} s")  # fmt: skip
     n = {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)}
-    ev = {name: (lambda t, name=name: accuracy(predict, t, frozen, feats[name], n[name])) for name in feats}  # fmt: skip
-    loss_fn = jax.jit(cross_entropy_loss(programs.problem.logits))
-    dev_loss = lambda t: float(np.mean([loss_fn(t, frozen, c) for c in feats["dev"]]))  # noqa: E731
-    evaluate = lambda t: {"dev_loss": dev_loss(t), "dev": ev["dev"](t), "test": ev["test"](t)}  # noqa: E731
-    row = {"k": k, "seed": seed, "n": n, "zero_shot": ev["test"](theta0)}
+    evaluate = evaluator(programs, frozen, feats, n)
+    row = {"k": k, "seed": seed, "n": n, "zero_shot": evaluate(theta0)["test"]}
     log(f"  zero-shot test {row['zero_shot']:.3f}")
 
     def spsa_run(lr, e):
@@ -197,11 +208,8 @@ def study(spec, k: int, seed: int, args, log) -> dict:
     ppublic = dataclasses.replace(public, trainable_shapes=build.shapes_of(z0))
     pprograms = build.build_programs(pspec, ppublic, head, data_public)
     assert pprograms.first_layer == programs.first_layer
-    p_loss = jax.jit(cross_entropy_loss(pprograms.problem.logits))
-    p_predict = jax.jit(pprograms.predict.fn)
-    p_ev = {name: (lambda t, name=name: accuracy(p_predict, t, frozen, feats[name], n[name])) for name in feats}  # fmt: skip
-    p_evaluate = lambda t: {"dev_loss": float(np.mean([p_loss(t, frozen, c) for c in feats["dev"]])), "dev": p_ev["dev"](t), "test": p_ev["test"](t)}  # noqa: E731, E501
-    row["prompt_at_init"] = p_ev["test"](z0)
+    p_evaluate = evaluator(pprograms, frozen, feats, n)
+    row["prompt_at_init"] = p_evaluate(z0)["test"]
 
     def spsa_prompt_run(lr, e):
         return run_spsa(pspec, pprograms, z0, frozen, feats["train"], lr, args.spsa_steps, args.every, e)  # fmt: skip
