@@ -68,6 +68,7 @@ def run_calls(spec: RunSpec, programs: list[build.ProgramDef]) -> dict[str, int]
         "trunk_eval": eval_chunks,
         "predict": 2 * eval_chunks,
         "spsa_step": spec.tuning.steps,
+        "dp_spsa_step": spec.tuning.steps,
         "population_loss": spec.tuning.steps,
     }
     return {name: calls[name] for name in names}

@@ -267,6 +267,7 @@ def finetune_job(
         "losses": mpc["losses"],
         "tuned_params": report.get("tuned_params"),
         "resumed_from_step": report["resumed_from_step"],
+        "privacy": report.get("privacy"),
         "report": report["files"]["report"],
     }
 

@@ -47,11 +47,14 @@ from secfwt_jax.tuning.schedules import make_schedule
 
 @dataclasses.dataclass(frozen=True)
 class PrivateSeeds:
-    """Each owner's own seed (fresh head, LoRA factors, inline weights). Never in the spec,
-    never sent: drawn in the owner's process (`model_owner_seed`) or, for tests and
-    reproducing a figure, given to that process alone."""
+    """Each owner's own seed. The model owner's draws a fresh head, LoRA factors or inline
+    weights; the data owner's draws a private run's samples and noise (`tuning.privacy`).
+    Never in the spec, never sent: drawn in the owner's process (`model_owner_seed`,
+    `owner_seed`) or, for tests and reproducing a figure, given to that process alone
+    (None: the data owner draws its own from the OS when a private run needs one)."""
 
     model_owner: int
+    data_owner: int | None = None
 
 
 #: The model owner's drawn seed, kept owner-only in its own output folder for --resume.
@@ -59,9 +62,10 @@ PRIVATE_SEED_FILE = "private_seed"
 
 
 def model_owner_seed(out_dir: str | Path, party: str, resume: bool = False) -> int:
-    """At the model owner: a fresh `PRIVATE_SEED_BITS`-bit seed from the OS, written 0600 to
+    """At an owner (the model owner's weights, or the data owner's private samples and
+    noise): a fresh `PRIVATE_SEED_BITS`-bit seed from the OS, written 0600 to
     ``<out>/<party>/private_seed``, or with `resume` the one written there before (so a
-    resumed run draws the same weights)."""
+    resumed run draws the same weights, samples and noise)."""
     from secfwt_jax.files import write_text_atomic
     from secfwt_jax.seeds import check_private_seed, fresh_private_seed
 
@@ -77,6 +81,14 @@ def model_owner_seed(out_dir: str | Path, party: str, resume: bool = False) -> i
 
 
 # ---------------------------------------------------------------------- owner-side functions
+def _data_owner_seed(given: int | None, out_dir: str, party: str, resume: bool) -> int:
+    """At the data owner: the given seed (tests, reproducing a figure) or its own from
+    the OS, kept 0600 in its own folder for --resume."""
+    if given is not None:
+        return given
+    return model_owner_seed(out_dir, party, resume)
+
+
 def _owner_head(spec: RunSpec):
     from secfwt_jax.models.checkpoint import load_tokenizer
 
@@ -110,13 +122,15 @@ class Progress:
 
         self.bar = tqdm(total=total, desc=label, unit="step", disable=not enabled, dynamic_ncols=True)  # fmt: skip
 
-    def update(self, cost, loss: float | None) -> None:
+    def update(self, cost, loss: float | None, epsilon: float | None = None) -> None:
         post = {}
         if cost is not None:
             post["MB"] = f"{cost.total_bytes / 1e6:,.0f}"
             post["rounds"] = f"{cost.max_rounds:,}"
         if loss is not None:
             post["loss"] = f"{loss:.4f}"
+        if epsilon is not None:
+            post["eps"] = f"{epsilon:.3g}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
@@ -219,7 +233,13 @@ def run_finetune(
     # 8: tuning.
     if resume_step:
         log(f"resuming from the checkpoint of step {resume_step} that every party holds")
-    run = _Loop(spec, backend, compiled, programs, out_dir, resume_step)
+    plan = programs.privacy
+    dp_seed_h = None
+    if plan is not None:
+        log(f"private run: (epsilon {plan.epsilon:.3g}, delta {plan.delta + plan.overflow_delta:.3g}) after {plan.steps} steps; noise multiplier {plan.noise_multiplier:.3g}, clip {plan.clip}, Poisson rate {plan.rate:.3g} ({plan.expected_batch:.3g} of {plan.num_rows} rows expected, padded to {plan.max_rows})")  # fmt: skip
+        dp_seed_h = backend.at(do, _data_owner_seed, seeds.data_owner, str(out_dir), do, bool(resume_step))  # fmt: skip
+        report["privacy"] = plan.summary()
+    run = _Loop(spec, backend, compiled, programs, out_dir, resume_step, dp_seed_h)
     losses_h, theta_s = run.tune(theta_s, frozen_s, train_x, train_y, data_h, progress)
     t = mark("tuning", t)
 
@@ -255,7 +275,7 @@ def run_finetune(
         resumed_from_step=resume_step,
         result_to=spec.parties.result_to,
     )  # fmt: skip
-    report["_private"] = {"theta": theta_h, "frozen": frozen_h, "data": data_h, "head": head_h}
+    report["_private"] = {"theta": theta_h, "frozen": frozen_h, "data": data_h, "head": head_h, "dp_seed": dp_seed_h}  # fmt: skip
     report["_programs"] = programs
     return report
 
@@ -263,9 +283,9 @@ def run_finetune(
 class _Loop:
     """The tuning loop: SPSA steps (checkpointed, resumable) or CMA-ES generations."""
 
-    def __init__(self, spec, backend, compiled, programs, out_dir: Path, resume_step: int):
+    def __init__(self, spec, backend, compiled, programs, out_dir: Path, resume_step: int, dp_seed_h=None):  # fmt: skip
         self.spec, self.backend, self.compiled, self.programs = spec, backend, compiled, programs
-        self.out_dir, self.resume_step = Path(out_dir), resume_step
+        self.out_dir, self.resume_step, self.dp_seed_h = Path(out_dir), resume_step, dp_seed_h
 
     def tune(self, theta_s, frozen_s, train_x, train_y, data_h, progress):
         """Returns (the losses, held by the data owner, or None; theta as shares)."""
@@ -297,18 +317,27 @@ class _Loop:
                 prior = backend.at(do, _checkpoint_losses, str(self.out_dir), do, self.resume_step)
             bar.skip(self.resume_step)
         losses_held = []
+        plan = self.programs.privacy
+        step_program = self.compiled[self.programs.step.name]
         for i in range(self.resume_step, spec.tuning.steps):
             z = build.step_directions(spec, i, theta_like)  # public
             lr = np.float32(schedule(i))  # public
-            c = i % len(train_x)
-            theta_s, loss_s = backend.run(self.compiled["spsa_step"], theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
+            if plan is None:
+                c = i % len(train_x)
+                theta_s, loss_s = backend.run(step_program, theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
+            else:  # the data owner's private sample and noise enter as its secrets
+                from secfwt_jax.run.privacy import data_owner_draws
+
+                draws_h = backend.at(do, data_owner_draws, self.dp_seed_h, i, plan, num_returns=3)
+                pick_s, included_s, noise_s = (backend.share(h) for h in draws_h)
+                theta_s, loss_s = backend.run(step_program, theta_s, frozen_s, *train_x, *train_y, pick_s, included_s, z, noise_s, lr)  # fmt: skip
             loss = None
             if spec.parties.reveal_loss:
                 held = backend.reveal_to(do, loss_s)
                 losses_held.append(held)
                 value = backend.local(held)
                 loss = None if value is None else float(np.asarray(value))
-            bar.update(backend.cost, loss)
+            bar.update(backend.cost, loss, _epsilon_so_far(plan, i + 1))
             if every and (i + 1) % every == 0:
                 self._save(i + 1, theta_s, prior, losses_held)
         return prior, theta_s, losses_held
@@ -329,6 +358,17 @@ class _Loop:
 
     def _load(self, theta_like):
         return self.backend.load_shares(self._paths(self.resume_step), theta_like)
+
+
+def _epsilon_so_far(plan, steps: int) -> float | None:
+    """A private run's epsilon after `steps` steps, for the progress bar: computed at
+    about 20 points of the run (the accountant takes a fraction of a second)."""
+    if plan is None:
+        return None
+    every = max(1, plan.steps // 20)
+    if steps % every and steps != plan.steps:
+        return None
+    return plan.epsilon_after(steps)
 
 
 def _all_losses(prior, *losses) -> list:

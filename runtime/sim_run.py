@@ -49,7 +49,7 @@ def run_sim(
     if spec.evaluation.plaintext_reference:
         log("operator: plaintext reference (reads both owners' secrets; simulator only)")
         head, tokenizer = private["head"].value
-        ref = plaintext_reference(spec, programs, private["theta"].value, private["frozen"].value, private["data"].value, tokenizer)  # fmt: skip
+        ref = plaintext_reference(spec, programs, private["theta"].value, private["frozen"].value, private["data"].value, tokenizer, private["dp_seed"] and private["dp_seed"].value)  # fmt: skip
         mpc = report["mpc"]
         summary = {k: ref[k] for k in ("before", "after", "losses", "relative_param_change")}
         summary["agreement_before"] = agreement(mpc["predictions_before"], ref["before"]["predictions"])  # fmt: skip

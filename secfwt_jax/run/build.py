@@ -339,6 +339,7 @@ def public_data_shapes(spec: RunSpec, tokenizer, vocab_size: int) -> dict[str, A
         "train_shapes": shapes_of(train[0]),
         "label_shape": tuple(train[1].shape),
         "eval_shapes": shapes_of(evals[0]),
+        "train_chunks": spec.data.k * len(spec.data.labels) // spec.tuning.batch_size,
     }
 
 
@@ -427,6 +428,7 @@ class RunPrograms:
     first_layer: int
 
     verbalizer_head: bool = False
+    privacy: Any = None  # the public `run.privacy.PrivacyPlan` of a private run
 
     def frozen_parts(self, frozen: Any) -> tuple[Any, Any]:
         """(what the trunk programs read, what the other programs read) of `frozen`; without
@@ -547,15 +549,18 @@ def build_programs(
         trunk = trunk_program("trunk", "train_shapes")
         if data_public["eval_shapes"] != data_public["train_shapes"]:
             trunk_eval = trunk_program("trunk_eval", "eval_shapes")
+    plan, step_program = None, make(
+        "spsa_step",
+        step,
+        (theta, frozen, feats, labels, z, lr),
+        ("trainable", "frozen", "features", "labels", "z", "step_size"),
+        ("trainable", "weights", _batch_role, "labels", "directions", "step_size"),
+    )  # fmt: skip
+    if spec.tuning.privacy is not None:
+        plan, step_program = _private_step(spec, problem, make, (theta, frozen, feats, labels, z, lr), data_public)  # fmt: skip
     return RunPrograms(
         problem=problem,
-        step=make(
-            "spsa_step",
-            step,
-            (theta, frozen, feats, labels, z, lr),
-            ("trainable", "frozen", "features", "labels", "z", "step_size"),
-            ("trainable", "weights", _batch_role, "labels", "directions", "step_size"),
-        ),  # fmt: skip
+        step=step_program,
         predict=make(
             "predict",
             predict,
@@ -574,7 +579,29 @@ def build_programs(
         trunk_eval=trunk_eval,
         first_layer=first,
         verbalizer_head=verbalizer,
+        privacy=plan,
     )
+
+
+def _private_step(spec, problem, make, example, data_public):
+    """The private run's plan and its step program (`run.privacy`): every training chunk's
+    features and labels go in, and the data owner's sample, inclusion marks and noise."""
+    from secfwt_jax.run import privacy as private_run
+
+    theta, frozen, feats, labels, z, lr = example
+    chunks = data_public["train_chunks"]
+    plan = private_run.privacy_plan(spec, chunks * labels.shape[0])
+    r = plan.max_rows
+    program = make(
+        "dp_spsa_step",
+        private_run.private_step_fn(problem, spec.tuning.spsa, plan, chunks),
+        (theta, frozen, *(feats,) * chunks, *(labels,) * chunks, np.zeros((r, plan.num_rows), np.float32),
+         np.zeros(r, np.float32), z, np.zeros(plan.directions, np.float32), lr),
+        ("trainable", "frozen", *(f"features{i}" for i in range(chunks)), *(f"labels{i}" for i in range(chunks)),
+         "pick", "included", "z", "noise", "step_size"),
+        ("trainable", "weights", *(_batch_role,) * chunks, *("labels",) * chunks, "data", "data", "directions", "data", "step_size"),
+    )  # fmt: skip
+    return plan, program
 
 
 # ---------------------------------------------------------------------- public per-step values

@@ -50,8 +50,10 @@ def plaintext_reference(
     frozen: dict,
     data: build.DataOwnerInputs,
     tokenizer,
+    dp_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Losses, predictions and accuracies of the plaintext run, and its final theta."""
+    """Losses, predictions and accuracies of the plaintext run, and its final theta. A
+    private run replays the data owner's samples and noise from its `dp_seed`."""
     trunk, predict = _jit(programs.trunk), _jit(programs.predict)
     lower, frozen = programs.frozen_parts(frozen)
     train_x = _features(trunk, lower, data.train_inputs)
@@ -75,8 +77,15 @@ def plaintext_reference(
         schedule = make_schedule(spec.tuning.schedule_config())
         for i in range(spec.tuning.steps):
             z = build.step_directions(spec, i, programs.problem.trainable)
-            c = i % len(train_x)
-            theta, loss = step(theta, frozen, train_x[c], data.train_labels[c], z, np.float32(schedule(i)))  # fmt: skip
+            lr = np.float32(schedule(i))
+            if programs.privacy is None:
+                c = i % len(train_x)
+                theta, loss = step(theta, frozen, train_x[c], data.train_labels[c], z, lr)
+            else:
+                from secfwt_jax.run.privacy import data_owner_draws
+
+                pick, included, noise = data_owner_draws(dp_seed, i, programs.privacy)
+                theta, loss = step(theta, frozen, *train_x, *data.train_labels, pick, included, z, noise, lr)  # fmt: skip
             losses.append(float(loss))
         theta = jax.tree_util.tree_map(np.asarray, theta)
     else:  # CMA-ES with the same seed; candidates and rankings may drift from the MPC run's

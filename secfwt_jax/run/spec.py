@@ -41,6 +41,7 @@ from secfwt_jax.models.config import (
     SiluImpl,
 )
 from secfwt_jax.tuning.cmaes import CmaConfig
+from secfwt_jax.tuning.privacy import PrivacyConfig
 from secfwt_jax.tuning.schedules import ScheduleConfig
 from secfwt_jax.tuning.sets import TrainableSpec
 from secfwt_jax.tuning.spsa import SpsaConfig
@@ -182,6 +183,9 @@ class TuningSpec(_Section):
     schedule: ScheduleSpec = ScheduleSpec()
     steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
+    # Differential privacy for the released parameters (DP-ZO; `tuning.privacy`):
+    # `batch_size` is then the EXPECTED Poisson batch (docs/privacy.md).
+    privacy: PrivacyConfig | None = None
 
     @model_validator(mode="after")
     def _method(self) -> TuningSpec:
@@ -189,6 +193,10 @@ class TuningSpec(_Section):
             raise ValueError(
                 f"trainable.kind: method 'cma' searches the 'prompt' subspace, got {self.trainable.kind!r}"
             )
+        if self.privacy is not None and self.method != "spsa":
+            raise ValueError("privacy: CMA-ES candidates are public and their losses go to the data owner unclipped and unnoised, so a CMA-ES run cannot be private; use method spsa")  # fmt: skip
+        if self.privacy is not None and not self.trainable.cache_trunk:
+            raise ValueError("privacy: needs trainable.cache_trunk (each private step samples rows of the cached features inside MPC)")  # fmt: skip
         if self.schedule.warmup_steps > self.steps:
             raise ValueError("schedule.warmup_steps: must be <= tuning.steps")
         return self

@@ -1,0 +1,107 @@
+"""A private run (`tuning.privacy`) through `secfwt finetune`: MPC equals the plaintext
+mechanism given the same data-owner draws, the report carries the accountant's epsilon,
+and on three SecretFlow parties the sample and the noise never leave the data owner, whose
+seed (not the public one) moves theta."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secfwt_jax.run.privacy import data_owner_draws, privacy_plan
+from secfwt_jax.run.reference import relative_gap
+from secfwt_jax.run.spec import SpecError, load_spec
+from secfwt_jax.runtime.cluster_run import launch_local, load_theta
+from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.tuning import privacy
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+PRIVATE = ["tuning.privacy={clip: 1.0, noise_multiplier: 1.0}", "tuning.steps=3",
+           "evaluation.mpc_examples=4", "evaluation.batch_size=4"]  # fmt: skip
+
+
+def private_spec(*extra: str):
+    return load_spec(TINY, [*PRIVATE, *extra])
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    spec = private_spec("evaluation.plaintext_reference=true")
+    out = tmp_path_factory.mktemp("dp-first")
+    return spec, run_sim(spec, seeds=PrivateSeeds(2, 5), out_dir=out, progress=False, log=lambda m: None)  # fmt: skip
+
+
+def test_mpc_equals_the_plaintext_mechanism_given_the_same_draws(first):
+    spec, report = first
+    ref = report["plaintext_reference"]
+    assert report["programs"].keys() >= {"dp_spsa_step", "trunk"}
+    assert ref["max_loss_gap"] < 1e-3
+    assert ref["relative_param_gap"] < 1e-3
+
+
+def test_the_report_carries_the_accountants_epsilon(first):
+    spec, report = first
+    p = report["privacy"]
+    n = p["num_rows"]
+    assert n == 16 and p["rate"] == pytest.approx(spec.tuning.batch_size / n)
+    assert p["delta"] == pytest.approx(n**-1.1)
+    assert p["epsilon"] == pytest.approx(privacy.epsilon_spent(1.0, p["rate"], 3, p["delta"]))
+    assert p["max_rows"] >= p["expected_batch"] and p["total_delta"] <= 1.1 * p["delta"]
+
+
+def test_a_target_epsilon_calibrates_the_noise():
+    spec = private_spec(
+        "tuning.privacy={clip: 0.5, epsilon: 4.0, delta: 1.0e-3}", "tuning.steps=20"
+    )
+    plan = privacy_plan(spec, 16)
+    assert plan.epsilon == pytest.approx(4.0, abs=1e-2)
+    assert plan.epsilon_after(10) < plan.epsilon
+    pick, included, noise = data_owner_draws(7, 0, plan)
+    assert pick.shape == (plan.max_rows, 16) and np.all(pick.sum(1) == 1) and noise.shape == (1,)
+    again = data_owner_draws(7, 0, plan)
+    assert all(np.array_equal(x, y) for x, y in zip((pick, included, noise), again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            ["tuning.method=cma", "tuning.trainable={kind: prompt, intrinsic_dim: 4}"],
+            "tuning.privacy: CMA-ES candidates are public",
+        ),  # fmt: skip
+        (
+            ["tuning.trainable={kind: lora, lora_rank: 2}"],
+            "tuning.privacy: needs trainable.cache_trunk",
+        ),  # fmt: skip
+        (["tuning.privacy={clip: 1.0}"], "give exactly one of epsilon and noise_multiplier"),
+    ],
+)
+def test_a_private_spec_that_cannot_hold_is_refused_with_one_line(override, message):
+    with pytest.raises(SpecError, match=message):
+        private_spec(*override)
+
+
+@pytest.mark.cluster
+def test_on_three_parties_the_sample_and_noise_stay_with_the_data_owner(first, tmp_path):
+    """The data owner draws its seed from the OS; the parties' theta equals the simulator's
+    with that seed and differs from the run with another data-owner seed (the same public
+    seed and model), and no file or log of the other parties holds the seed or the noise."""
+    from test_finetune_cluster import _holds, _needles_of_floats, _party_files
+
+    spec = private_spec()
+    results = launch_local(spec, str(TINY), PRIVATE, 2, out_dir=tmp_path / "cluster", timeout_s=600, work_dir=tmp_path / "work")  # fmt: skip
+    seed_file = tmp_path / "cluster" / "bob" / "private_seed"
+    seed = int(seed_file.read_text())
+    assert results["bob"]["privacy"]["epsilon"] == pytest.approx(results["alice"]["privacy"]["epsilon"])  # fmt: skip
+    sim = run_sim(spec, seeds=PrivateSeeds(2, seed), out_dir=tmp_path / "sim", progress=False, log=lambda m: None)  # fmt: skip
+    theta = load_theta(results["alice"]["tuned_params"]["path"])
+    assert relative_gap(theta, load_theta(sim["tuned_params"]["path"])) < 1e-3
+    assert seed != 5 and relative_gap(theta, load_theta(first[1]["tuned_params"]["path"])) > 1e-3
+    plan = privacy_plan(spec, 16)
+    noise = np.concatenate([data_owner_draws(seed, i, plan)[2] for i in range(3)])
+    needles = [str(seed).encode()] + [repr(float(x)).encode() for x in noise] + _needles_of_floats(noise, 1)  # fmt: skip
+    assert _holds(_party_files(tmp_path, "bob"), [str(seed).encode()]), "positive control"
+    for party in ("alice", "carol"):
+        assert not _holds(_party_files(tmp_path, party), needles), party
