@@ -50,7 +50,7 @@ class PrivateSeeds:
     """Each owner's own seed. The model owner's draws a fresh head, LoRA factors or inline
     weights; the data owner's draws a private run's samples and noise (`tuning.privacy`).
     Never in the spec, never sent: drawn in the owner's process (`model_owner_seed`,
-    `owner_seed`) or, for tests and reproducing a figure, given to that process alone
+    `_data_owner_seed`) or, for tests and reproducing a figure, given to that process alone
     (None: the data owner draws its own from the OS when a private run needs one)."""
 
     model_owner: int

@@ -103,8 +103,13 @@ def per_example_projected_gradients(
 ) -> jnp.ndarray:
     """g [K, B]: each row's loss difference along each direction over 2 eps."""
     losses = _perturbed_losses(per_example_loss, trainable, frozen, batch, z, config)
+    return _projected(losses, config.eps)
+
+
+def _projected(losses, eps: float) -> jnp.ndarray:
+    """[2K, B] losses at theta +- eps z -> the projected gradients [K, B]."""
     k = losses.shape[0] // 2
-    return (losses[:k] - losses[k:]) * (1.0 / (2.0 * config.eps))
+    return (losses[:k] - losses[k:]) * (1.0 / (2.0 * eps))
 
 
 def noisy_gradient(
@@ -135,10 +140,10 @@ def dp_spsa_step(
     with info = {loss: the included rows' mean loss at theta +- eps z, grad: the noisy [K]}.
     """
     included = batch["included"]
-    k = noise.shape[0]
     losses = _perturbed_losses(per_example_loss, trainable, frozen, batch, z, config)
-    grads = (losses[:k] - losses[k:]) * (1.0 / (2.0 * config.eps))
-    g = noisy_gradient(grads, included, noise, clip, noise_multiplier, expected_batch)
+    g = noisy_gradient(
+        _projected(losses, config.eps), included, noise, clip, noise_multiplier, expected_batch
+    )
     rows = jnp.maximum(jnp.sum(included), 1.0)
     loss = jnp.sum(jnp.mean(losses, axis=0) * included) / rows
     return apply_projected_gradient(trainable, z, g, step_size, config), {"loss": loss, "grad": g}
