@@ -75,7 +75,14 @@ def test_a_target_epsilon_calibrates_the_noise():
             ["tuning.trainable={kind: lora, lora_rank: 2}"],
             "tuning.privacy: needs trainable.cache_trunk",
         ),  # fmt: skip
-        (["tuning.privacy={clip: 1.0}"], "give exactly one of epsilon and noise_multiplier"),
+        (
+            ["tuning.privacy={clip: 1.0}"],
+            "^tuning.privacy: give exactly one of epsilon and noise_multiplier$",
+        ),  # fmt: skip
+        (
+            ["tuning.privacy={clip: 0, epsilon: 1.0}"],
+            "^tuning.privacy.clip: must be positive, got 0.0$",
+        ),
     ],
 )
 def test_a_private_spec_that_cannot_hold_is_refused_with_one_line(override, message):

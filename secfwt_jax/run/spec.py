@@ -366,7 +366,8 @@ def _first_error(error: pydantic.ValidationError) -> str:
         section = loc.rsplit(".", 1)[-1] if loc else ""
         if section and field.startswith(section + "."):
             field = field[len(section) + 1 :]
-        loc = f"{loc}.{field}" if loc else field
+        if field != section:  # "privacy: why" from the privacy section names the section
+            loc = f"{loc}.{field}" if loc else field
         msg = rest.strip()
     return " ".join(f"{loc or 'spec'}: {msg}".split())
 
