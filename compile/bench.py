@@ -28,6 +28,12 @@ Layers. Each row is measured as a whole program at ``--layers-measured`` layer c
 (c(2) - c(1)); every figure is flagged ``extrapolated`` when L was not measured
 (tests/test_cost_bench.py holds the extrapolation within 2% of whole 3- and 4-layer runs).
 
+``--by-parts`` (forward rows only) measures two programs instead: the forward without trunk
+layers (embedding, final norm, head) and one layer on secret hidden states; a forward of L
+layers is rest + L x layer, byte- and round-exact against whole programs (the test holds
+it). It is how a shape whose two-layer program does not fit in memory gets a row
+(``--shapes llama-7b``: one layer as three parties' shares is about 10 GB).
+
 Figures: bytes sent by all parties and rounds (send actions per party), both exact and
 repeatable; LAN / WAN seconds from :mod:`secfwt_jax.compile.network` (per-party bytes /
 bandwidth + rounds x latency + the measured, noisy, simulator compute). Goals: P1, a, b,
@@ -156,6 +162,42 @@ def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, 
     prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
     return {"layers": layers, "total_bytes": prof.total_bytes, "rounds": prof.rounds,
             "compute_s": prof.compute_s, "per_party_bytes": prof.per_party_bytes}  # fmt: skip
+
+
+#: Rows a forward by parts can measure (`--by-parts`).
+FORWARD_ROWS = ("forward_softmax", "forward_rfa")
+
+
+def measure_parts(row, base: ModelConfig, shape, preset, rfa_features=64, softmax_exp="poly", rfa_inverse="bucketed") -> dict:  # fmt: skip
+    """A forward row by parts, for shapes whose whole program does not fit in memory: the
+    forward without trunk layers (embedding, final norm, head) and one trunk layer on
+    secret hidden states, each a whole SPU program (`profile_cases.forward_rest_case`,
+    `layer_case`). A forward of L layers is rest + L x layer; the same bytes and rounds
+    as the whole program (tests/test_cost_bench.py)."""
+    if row not in FORWARD_ROWS:
+        raise ValueError(f"--by-parts: measures the forward rows {', '.join(FORWARD_ROWS)}, not {row!r}")  # fmt: skip
+    cfg = row_model(row, base, 1, rfa_features, softmax_exp, rfa_inverse)
+    clf = Classifier(cfg, HeadConfig(num_labels=2))
+    out = {}
+    for part, case in (
+        ("rest", profile_cases.forward_rest_case),
+        ("layer", profile_cases.layer_case),
+    ):
+        fn, args, public = case(clf, shape, 0)
+        prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{part}")
+        out[part] = {"total_bytes": prof.total_bytes, "rounds": prof.rounds, "compute_s": prof.compute_s,
+                     "per_party_bytes": prof.per_party_bytes}  # fmt: skip
+    return out
+
+
+def by_parts(parts: dict, layers: int) -> dict:
+    """rest + ``layers`` x layer, flagged extrapolated (no whole program was run)."""
+    rest, layer = parts["rest"], parts["layer"]
+    return {
+        **{k: rest[k] + layers * layer[k] for k in KEYS},
+        "extrapolated": True,
+        "by_parts": True,
+    }
 
 
 def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64, rfa_inverse="bucketed") -> dict:  # fmt: skip
@@ -287,7 +329,7 @@ def markdown(results: list[dict], heads: list[dict], gl: dict, set_rows: list[di
         lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {r['row']} | "
                      f"{r.get('gelu', 'piecewise')} | {attention} | "
                      f"{r['total_bytes'] / 1e9:,.2f} | {r['rounds']:,.0f} | {e['lan']:,.1f} | "
-                     f"{e['wan100']:,.1f} | {'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
+                     f"{e['wan100']:,.1f} | {'by parts' if r.get('by_parts') else 'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
     if heads:
         lines += ["", "| one head (d 64, m 64) | n | softmax (poly exp) MB, rounds | softmax (SPU exp) MB, rounds | RFA poly MB, rounds | ratio | ratio vs SPU exp |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -350,6 +392,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocols", nargs="+", default=["ABY3", "SEMI2K"])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--layers-measured", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--by-parts", action="store_true",
+                        help="forward rows only: measure the forward without layers and one layer, "
+                             "and report rest + L x layer (for shapes too big for a whole program)")  # fmt: skip
     parser.add_argument("--population", type=int, default=20, help="CMA-ES population")
     parser.add_argument("--directions", choices=["rademacher", "gaussian"], default="rademacher")
     parser.add_argument("--gelu", choices=list(GELU_IMPLS), default="piecewise",
@@ -368,6 +413,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Measure, extrapolate, print; write bench.json, bench.md and bench.png under --out."""
     check_writable_dir(args.out, "--out")  # before minutes of measuring
+    if args.by_parts and set(args.rows) - set(FORWARD_ROWS):
+        raise ValueError(f"--by-parts: measures the forward rows {', '.join(FORWARD_ROWS)} only; "
+                         f"--rows has {', '.join(sorted(set(args.rows) - set(FORWARD_ROWS)))}")  # fmt: skip
     start, results = time.perf_counter(), []
     for proto in args.protocols:
         preset = protocols.preset(proto)
@@ -376,10 +424,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
             for n in args.seqs:
                 shape = profile_cases.StepShape(args.batch, n, directions=args.directions)
                 for row in args.rows:
-                    pts = [measure_row(row, base, lay, shape, preset, args.population,
-                                       args.rfa_features, args.softmax_exp, args.rfa_inverse)
-                           for lay in args.layers_measured]  # fmt: skip
-                    tot = extrapolate(pts, base.num_layers)
+                    if args.by_parts:
+                        pts = measure_parts(row, base, shape, preset, args.rfa_features,
+                                            args.softmax_exp, args.rfa_inverse)  # fmt: skip
+                        tot = by_parts(pts, base.num_layers)
+                    else:
+                        pts = [measure_row(row, base, lay, shape, preset, args.population,
+                                           args.rfa_features, args.softmax_exp, args.rfa_inverse)
+                               for lay in args.layers_measured]  # fmt: skip
+                        tot = extrapolate(pts, base.num_layers)
                     res = {"shape": name, "layers": base.num_layers, "seq": n, "batch": args.batch,
                            "protocol": proto, "row": row, "gelu": args.gelu,
                            "rfa_features": args.rfa_features, "softmax_exp": args.softmax_exp,
@@ -416,7 +469,17 @@ def main(argv=None) -> int:
     return run(parser.parse_args(argv))
 
 
-__all__ = ["add_arguments", "extrapolate", "goals", "main", "run", "SHAPES", "ROWS"]
+__all__ = [
+    "add_arguments",
+    "by_parts",
+    "extrapolate",
+    "measure_parts",
+    "goals",
+    "main",
+    "run",
+    "SHAPES",
+    "ROWS",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,9 +12,10 @@ import flax.traverse_util as traverse
 import jax
 import numpy as np
 
-from secfwt_jax.models.classifier import Classifier, cross_entropy, cross_entropy_loss
+from secfwt_jax.models.classifier import Classifier, cross_entropy, cross_entropy_loss, trunk_module
 from secfwt_jax.models.encoder import Embeddings, LayerNorm, SelfAttention, activation_fn
 from secfwt_jax.models.heads import dense
+from secfwt_jax.seeds import private_key
 from secfwt_jax.tuning import backprop, sets, spsa, trainable
 
 
@@ -204,6 +205,51 @@ def forward_case(classifier: Classifier, params: dict, shape: StepShape, seed: i
     """(fn, args, public) of one forward: logits [B, C]; weights and data secret."""
     batch = _unlabelled(synthetic_batch(classifier, shape, seed))
     return (lambda p, b: classifier.logits(p, b)), (params, batch), ()
+
+
+def forward_rest_case(classifier: Classifier, shape: StepShape, seed: int = 0):
+    """(fn, args, public) of a forward without its trunk layers: the embedding, the final
+    norm (Llama, GPT-2) and the head, as `Classifier.lower_hidden` and `upper_logits` run
+    them around an empty slice. With `layer_case` it is a forward by parts: a forward of L
+    layers costs rest + L x layer (`secfwt bench --by-parts`, for shapes whose whole
+    program does not fit in memory). Only the parameters these parts read are inputs (a
+    linear head reads no untied LM head)."""
+    if classifier.head.kind != "linear":
+        raise ValueError(f"head.kind: a forward by parts takes a linear head, not {classifier.head.kind!r}")  # fmt: skip
+    clf = Classifier(dataclasses.replace(classifier.config, num_layers=1), classifier.head)
+    batch = _unlabelled(synthetic_batch(clf, shape, seed))
+    module, key = trunk_module(clf.config), private_key(seed, stream=13)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden = np.zeros((*mask.shape, clf.config.hidden_size), np.float32)
+    trunk = {
+        **module.init(key, ids, mask, num_layers=0)["params"],
+        **module.init(key, hidden, mask, embed=False, first_layer=1).get("params", {}),
+    }
+    params = {clf.trunk_name: jax.tree_util.tree_map(np.asarray, trunk), clf.head_name: clf.init_head(seed)}  # fmt: skip
+
+    def forward_rest(p, b):
+        return clf.upper_logits(p, *clf.lower_hidden(p, b, 0), b, first_layer=1)
+
+    return forward_rest, (params, batch), ()
+
+
+def layer_case(classifier: Classifier, shape: StepShape, seed: int = 0):
+    """(fn, args, public) of one trunk layer on secret hidden states [B, N, H] with the
+    forward's mask: a forward's per-layer part (see `forward_rest_case`). The layer is a
+    slice that ends below the top, as the lower layers of a whole forward are; weights,
+    hidden states and mask are secret, as in `forward_case`."""
+    cfg = dataclasses.replace(classifier.config, num_layers=2)
+    module = trunk_module(cfg)
+    mask = synthetic_batch(classifier, shape, seed)["attention_mask"]
+    hidden = _normal(np.random.default_rng([seed, 11]), (*mask.shape, cfg.hidden_size))
+    kw = {"embed": False, "first_layer": 0, "num_layers": 1}
+    params = module.init(private_key(seed, stream=13), hidden, mask, **kw)["params"]
+    params = jax.tree_util.tree_map(np.asarray, params)
+
+    def one_layer(p, h, m):
+        return module.apply({"params": p}, h, m, **kw)[0]
+
+    return one_layer, (params, hidden, mask), ()
 
 
 def prompt_problem(classifier: Classifier, params: dict) -> sets.TuningProblem:

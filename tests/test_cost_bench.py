@@ -4,6 +4,7 @@ measurements, and the files a run writes."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -40,6 +41,36 @@ def test_layer_extrapolation_is_within_2_percent_of_whole_3_and_4_layer_runs(row
         for key in ("total_bytes", "rounds"):
             assert abs(got[key] - want[key]) <= 0.02 * want[key], (row, layers, key, got, want)
     assert pts[1]["total_bytes"] > pts[0]["total_bytes"]  # layers do cost something
+
+
+TINY_LLAMA = dataclasses.replace(
+    bench.SHAPES["smollm2-135m"], vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2,
+    intermediate_size=48, num_layers=3, max_positions=64,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("base", [bench.SHAPES["tiny"], TINY_LLAMA], ids=["bert", "llama"])
+@pytest.mark.parametrize("row", bench.FORWARD_ROWS)
+def test_a_forward_by_parts_costs_exactly_what_the_whole_program_does(base, row):
+    """rest + L x layer against the whole L-layer program: the same ops on the same
+    shapes, so bytes are equal and rounds equal (what makes a Llama-7B row measurable)."""
+    parts = bench.measure_parts(row, base, SHAPE, ABY3)
+    whole = bench.measure_row(row, base, 3, SHAPE, ABY3, 4)
+    got = bench.by_parts(parts, 3)
+    assert got["total_bytes"] == whole["total_bytes"]
+    assert got["rounds"] == pytest.approx(whole["rounds"], rel=1e-9)
+    assert parts["layer"]["total_bytes"] > 0 and parts["rest"]["total_bytes"] > 0
+    assert got["by_parts"] and got["extrapolated"]
+
+
+def test_by_parts_refuses_a_row_that_is_not_a_forward(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--seqs", "8", "--by-parts",
+                              "--rows", "forward_rfa", "spsa_rfa_poly", "--out", str(tmp_path)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--by-parts: .*--rows has spsa_rfa_poly$"):
+        bench.run(args, log=lambda _: None)
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_run_writes_json_markdown_and_goals(tmp_path):
