@@ -203,7 +203,7 @@ def study(spec, k: int, seed: int, args, log) -> dict:
 
     # The prompt methods: the same cached trunk (the prompt enters at the same layer the
     # LoRA factors sit in), their own step and population programs.
-    pspec = spec.replace(tuning=spec.tuning.model_copy(update={"trainable": PROMPT, "cma": dataclasses.replace(spec.tuning.cma, population=args.population)}))  # fmt: skip
+    pspec = spec.replace(tuning=spec.tuning.model_copy(update={"trainable": PROMPT, "cma": spec.tuning.cma.model_copy(update={"population": args.population})}))  # fmt: skip
     z0 = {"z": np.zeros(PROMPT.intrinsic_dim, np.float32)}  # BBT starts at the origin
     ppublic = dataclasses.replace(public, trainable_shapes=build.shapes_of(z0))
     pprograms = build.build_programs(pspec, ppublic, head, data_public)

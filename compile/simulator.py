@@ -252,6 +252,10 @@ def run_executable(
 ) -> list[list[Any]]:
     """Run once with all ranks as threads; ``shares[i][rank]`` is input i's share.
 
+    Consumes ``shares``: each rank drops its share of an input (sets it to None) once its
+    runtime holds a copy, so a big program peaks at one copy of its inputs' shares, not
+    two (a Llama-7B layer: 21.3 GB resident before, on a 23 GB host).
+
     Returns ``outs[rank][j]``, rank's share of output j. With ``profile``, every rank
     logs its pphlo profile and rank 0 also its HAL/MPC profile (see
     :func:`secfwt_jax.compile.cost.parse_profile_log`).
@@ -267,6 +271,7 @@ def run_executable(
         rt = spu_api.Runtime(libspu.link.create_mem(desc, rank), cfg)
         for name, s in zip(executable.input_names, shares, strict=True):
             rt.set_var(name, s[rank])
+            s[rank] = None
         rt.run(executable)
         return [rt.get_var(name) for name in executable.output_names]
 

@@ -394,8 +394,7 @@ def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
     from secfwt_jax.tuning import cmaes
 
     do = spec.parties.data_owner
-    c = spec.tuning.cma
-    cfg = cmaes.CmaConfig(c.population, c.sigma0, spec.tuning.steps, spec.seed)
+    cfg = spec.tuning.cma_config(spec.seed)
     dim = spec.tuning.trainable.intrinsic_dim
     es_h = backend.at(do, cmaes.start_strategy, dim, cfg)
     losses_held = []

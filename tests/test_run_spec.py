@@ -82,6 +82,15 @@ def test_relative_paths_resolve_against_the_spec_file():
             "model.architecture.hidden_size: 33 is not divisible",
         ),
         ({"backend": {"kind": "ray"}}, "backend.kind"),
+        (
+            {"tuning": {"cma": {"generations": 50}}},
+            "tuning.cma.generations: a CMA-ES run's generations is tuning.steps",
+        ),  # fmt: skip
+        (
+            {"tuning": {"cma": {"seed": 3}}},
+            "tuning.cma.seed: a CMA-ES run's seed is the run's seed",
+        ),  # fmt: skip
+        ({"tuning": {"cma": {"population": 1}}}, "tuning.cma.population"),
         ({"surprise": True}, "surprise: unknown key"),
     ],
 )
@@ -103,6 +112,14 @@ def test_semi2k_with_a_trusted_first_party_is_refused_on_a_cluster():
     assert "protocol.beaver_type: SEMI2K with TrustedFirstParty is insecure" in error_of(data)
     ok = apply_overrides(data, ["protocol.beaver_type=TrustedThirdParty"])
     assert spec_from_dict(ok, TINY.parent).protocol.beaver_type == "TrustedThirdParty"
+
+
+def test_cma_generations_are_the_steps_and_its_seed_the_runs():
+    data = tiny_dict()
+    data["tuning"] = {**data.get("tuning", {}), "cma": {"population": 6, "sigma0": 0.5}, "steps": 7}
+    data["seed"] = 4
+    cfg = spec_from_dict(data, TINY.parent).tuning.cma_config(4)
+    assert (cfg.population, cfg.sigma0, cfg.generations, cfg.seed) == (6, 0.5, 7, 4)
 
 
 def test_overrides_change_the_value_and_the_hash():

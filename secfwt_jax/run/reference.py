@@ -92,8 +92,7 @@ def plaintext_reference(
         from secfwt_jax.tuning import cmaes
 
         population_loss = jax.jit(programs.population_loss.fn)
-        c = spec.tuning.cma
-        es = cmaes.start_strategy(spec.tuning.trainable.intrinsic_dim, cmaes.CmaConfig(c.population, c.sigma0, spec.tuning.steps, spec.seed))  # fmt: skip
+        es = cmaes.start_strategy(spec.tuning.trainable.intrinsic_dim, spec.tuning.cma_config(spec.seed))  # fmt: skip
         for g in range(spec.tuning.steps):
             candidates = cmaes.ask(es)
             k = g % len(train_x)

@@ -3,8 +3,9 @@
 Every entry point builds from it: `secfwt finetune` (simulator or SecretFlow parties),
 `secfwt party`, `secfwt cluster launch`, `secfwt compile`, the notebooks and the tests.
 Validation is pydantic v2 (unknown keys refused, types checked); the library's own frozen
-dataclasses (`AttentionConfig`, `TrainableSpec`, `SpsaConfig`, `CmaConfig`) are used as
-sections directly, so each setting is defined once. Every error is one line that names the
+dataclasses (`AttentionConfig`, `TrainableSpec`, `SpsaConfig`, `PrivacyConfig`) are used
+as sections directly, so each setting is defined once (CMA-ES's section, `CmaSpec`, leaves
+out the generations and seed that `tuning.steps` and `seed` already say). Every error is one line that names the
 field: ``tuning.spsa.eps: must be positive``.
 
     spec = load_spec("configs/minilm_sentiment.yaml", overrides=["tuning.steps=5"])
@@ -175,11 +176,28 @@ class ScheduleSpec(_Section):
     end_fraction: float = Field(0.0, ge=0)
 
 
+class CmaSpec(_Section):
+    """CMA-ES's own settings (`cmaes.CmaConfig`). Its generations are `tuning.steps` and its
+    seed is the run's `seed`, so the spec says each once (`TuningSpec.cma_config`)."""
+
+    population: int = Field(8, ge=2)
+    sigma0: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _said_once(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, where in (("generations", "tuning.steps"), ("seed", "the run's seed")):
+                if key in data:
+                    raise ValueError(f"{key}: a CMA-ES run's {key} is {where}; remove it here")
+        return data
+
+
 class TuningSpec(_Section):
     method: Literal["spsa", "cma"] = "spsa"
     trainable: TrainableSpec = TrainableSpec(kind="top", top_layers=1, cache_trunk=True)
     spsa: SpsaConfig = SpsaConfig()
-    cma: CmaConfig = CmaConfig(population=8, generations=10)
+    cma: CmaSpec = CmaSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -200,6 +218,10 @@ class TuningSpec(_Section):
         if self.schedule.warmup_steps > self.steps:
             raise ValueError("schedule.warmup_steps: must be <= tuning.steps")
         return self
+
+    def cma_config(self, seed: int) -> CmaConfig:
+        """The CMA-ES strategy's config: `cma`, `steps` generations, the run's `seed`."""
+        return CmaConfig(self.cma.population, self.cma.sigma0, self.steps, seed)
 
     def schedule_config(self) -> ScheduleConfig:
         s = self.schedule
