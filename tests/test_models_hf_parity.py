@@ -131,7 +131,7 @@ def base_checkpoints(tmp_path_factory):
 def test_loaded_trunk_matches_hf_flax_hidden_states(family, fmt, tmp_path):
     hf_model = BASE_MODELS[family](HF_CONFIGS[family](), seed=1)
     save_checkpoint(hf_model, tmp_path, fmt)
-    classifier, params = load_pretrained(tmp_path, gelu_impl="exact")
+    classifier, params = load_pretrained(tmp_path)  # no options: transformers' function
     ids, mask = padded_batch(classifier.config.pad_token_id)
     types = None
     if family == "bert":

@@ -177,7 +177,7 @@ def load_pretrained(
     head: HeadConfig | None = None,
     *,
     seed: int = 0,
-    gelu_impl: GeluImpl = "piecewise",
+    gelu_impl: GeluImpl = "exact",
     silu_impl: SiluImpl = "exact",
 ) -> tuple[Classifier, dict]:
     """A local HF checkpoint directory -> (`Classifier`, params as numpy arrays).
@@ -185,10 +185,12 @@ def load_pretrained(
     Params follow `Classifier`'s layout: `{trunk: ...}` (`bert`, `roberta` or
     `transformer`) plus the head: a fresh linear `classifier` (from `init_head(seed)`), the
     checkpoint's MLM head (`cls` for BERT, `lm_head` for RoBERTa), or nothing for GPT-2's
-    tied LM head. The trunk's `pooler` is dropped: no head here reads it. `gelu_impl`
-    "exact" reproduces transformers' activations; the default "piecewise" is the MPC-cheap
-    GeLU (max error 7.5e-4, see `ModelConfig.gelu_impl`). A Llama (`model`, plus `lm_head`
-    when untied) takes `silu_impl`, "exact" by default. `path` may be a .gguf file.
+    tied LM head. The trunk's `pooler` is dropped: no head here reads it. With no options
+    the model is transformers' own function (exact GeLU and SiLU, softmax attention);
+    the MPC-cheap forms (`gelu_impl="piecewise"`, max error 7.5e-4; `silu_impl`, see
+    `ModelConfig`) are the caller's choice, as the run spec makes it (`model.gelu`,
+    `model.silu`). A Llama reads `model`, plus `lm_head` when untied. `path` may be a
+    .gguf file.
     """
     head = head or HeadConfig()
     gguf = _gguf_file(path)

@@ -220,10 +220,11 @@ class ModelConfig:
         cls,
         hf_config,
         attention: AttentionConfig | None = None,
-        gelu_impl: GeluImpl = "piecewise",
+        gelu_impl: GeluImpl = "exact",
         silu_impl: SiluImpl = "exact",
     ) -> ModelConfig:
-        """Map a `transformers.PretrainedConfig` onto our config."""
+        """Map a `transformers.PretrainedConfig` onto our config (by default its own
+        activations, exactly; MPC-cheap forms are the caller's choice)."""
         config = cls._from_hf(hf_config, attention)
         return dataclasses.replace(config, gelu_impl=gelu_impl, silu_impl=silu_impl)
 
