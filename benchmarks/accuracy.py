@@ -155,7 +155,9 @@ class Model:
     def __init__(self, name: str, attention: AttentionConfig, params: dict | None = None):
         self.name = name
         head = HeadConfig(num_labels=2, pooling="mean")
-        self.classifier, loaded = load_pretrained(bundled_minilm_dir(), attention, head, gelu_impl="piecewise")
+        self.classifier, loaded = load_pretrained(
+            bundled_minilm_dir(), attention, head, gelu_impl="piecewise"
+        )
         self.params = loaded if params is None else params
         self.first = self.classifier.config.num_layers - 1
         spec = sets.TrainableSpec("top", top_layers=1, cache_trunk=True)
@@ -339,8 +341,12 @@ def public_and_dev_rows(rest, args) -> tuple[np.ndarray, np.ndarray]:
 def adapted_params(rest, public_rows, tok, args) -> tuple[dict, dict]:
     """The model owner's adaptation of the RFA model on the public corpus (labels unused)."""
     head = HeadConfig(num_labels=2, pooling="mean")
-    teacher, params = load_pretrained(bundled_minilm_dir(), ATTENTION["softmax"], head, gelu_impl="piecewise")
-    student, _ = load_pretrained(bundled_minilm_dir(), ATTENTION["rfa_adapted"], head, gelu_impl="piecewise")
+    teacher, params = load_pretrained(
+        bundled_minilm_dir(), ATTENTION["softmax"], head, gelu_impl="piecewise"
+    )
+    student, _ = load_pretrained(
+        bundled_minilm_dir(), ATTENTION["rfa_adapted"], head, gelu_impl="piecewise"
+    )
     public = rest.subset(public_rows)
     corpus = encode(public.texts, np.zeros(len(public), int), tok, args.max_len, num_labels=2)
     corpus = {k: v for k, v in corpus.items() if k != "labels"}

@@ -234,7 +234,9 @@ def main(argv=None) -> int:
                    choices=["fused", "inplace"])  # fmt: skip
     args = p.parse_args(argv)
     started = time.time()
-    classifier, params = load_pretrained(bundled_minilm_dir(), head=HeadConfig(pooling="mean"), gelu_impl="piecewise")
+    classifier, params = load_pretrained(
+        bundled_minilm_dir(), head=HeadConfig(pooling="mean"), gelu_impl="piecewise"
+    )
     batch = batch_spec(args.batch, args.seq)
     results = {}
     for kind in args.sets:

@@ -127,7 +127,9 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     ms, sigmas = (16, 64, 256), (0.5, 1.0, 2.0)
-    clf, params = load_pretrained(bundled_minilm_dir(), head=HeadConfig(pooling="mean"), gelu_impl="piecewise")
+    clf, params = load_pretrained(
+        bundled_minilm_dir(), head=HeadConfig(pooling="mean"), gelu_impl="piecewise"
+    )
     attn_rows = attention_table(clf, params, tokenize(sentences(16, seed=1)), ms, sigmas,
                                 seeds=(0, 1, 2), layers=(0, 3))  # fmt: skip
     model_rows = model_table(tokenize(sentences(32, seed=2)), ms=(64, 256))
