@@ -234,9 +234,7 @@ def run_party(
         if resume and not agreed:
             log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} held by every party; starting afresh")  # fmt: skip
         backend = ClusterBackend(spu, party, preset_of(spec))
-        report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed)  # fmt: skip
-    report.pop("_private")
-    report.pop("_programs")
+        report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed).report  # fmt: skip
     report["files"] = write_report(report, out_dir / party)
     return report
 

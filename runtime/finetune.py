@@ -114,6 +114,31 @@ def _save_params(theta: dict, path: str) -> str:
 
 
 # ---------------------------------------------------------------------- the job
+@dataclasses.dataclass(frozen=True)
+class OwnerInputs:
+    """Handles to what each owner holds, at that owner only (a SecretFlow PYU object, or
+    the value itself in the simulator): the model owner's trainable and frozen weights,
+    the data owner's data, head and tokenizer, and its private-noise seed (None unless
+    the run is private). Only the operator's plaintext reference in the simulator, which
+    plays every party, reads them."""
+
+    theta: Any
+    frozen: Any
+    data: Any
+    head: Any
+    dp_seed: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetuned:
+    """A finished run as this process sees it: the report (public facts and what this
+    party may see, nothing secret), the owners' input handles, and the run's programs."""
+
+    report: dict[str, Any]
+    owners: OwnerInputs
+    programs: Any
+
+
 class Progress:
     """tqdm progress: step, cumulative MB and rounds, and the loss where it is known."""
 
@@ -151,8 +176,9 @@ def run_finetune(
     log: Callable[[str], None] = print,
     progress: bool = True,
     resume_step: int = 0,
-) -> dict[str, Any]:
-    """Run the job of `spec` on `backend` (module doc); return this process's report."""
+) -> Finetuned:
+    """Run the job of `spec` on `backend` (module doc): this process's report, apart from
+    the owners' input handles and the programs."""
     start = time.perf_counter()
     mo, do = spec.parties.model_owner, spec.parties.data_owner
     out_dir = Path(out_dir or spec.output_dir)
@@ -275,9 +301,8 @@ def run_finetune(
         resumed_from_step=resume_step,
         result_to=spec.parties.result_to,
     )  # fmt: skip
-    report["_private"] = {"theta": theta_h, "frozen": frozen_h, "data": data_h, "head": head_h, "dp_seed": dp_seed_h}  # fmt: skip
-    report["_programs"] = programs
-    return report
+    owners = OwnerInputs(theta=theta_h, frozen=frozen_h, data=data_h, head=head_h, dp_seed=dp_seed_h)  # fmt: skip
+    return Finetuned(report, owners, programs)
 
 
 class _Loop:

@@ -66,7 +66,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path | None:
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Write report.json (and curves.png when there are curves) into `out_dir`."""
     out_dir = Path(out_dir)
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    public = dict(report)
     paths = {"report": str(out_dir / REPORT_JSON)}
     png = plot_curves(public, out_dir / CURVES_PNG)
     if png is not None:

@@ -43,13 +43,13 @@ def run_sim(
     log(f"run {spec.name} ({spec.spec_hash[:12]}): {spec.tuning.method} on {preset.name} {preset.field}, simulator with {preset.world_size} parties")  # fmt: skip
     step = resume_step(spec, out_dir, "sim", spec.parties.compute, log) if resume else 0
     backend = SimBackend(preset, cache_dir=cache_dir)
-    report = run_finetune(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress, resume_step=step)  # fmt: skip
-    private = report.pop("_private")
-    programs = report.pop("_programs")
+    done = run_finetune(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress, resume_step=step)  # fmt: skip
+    report, owners = done.report, done.owners
     if spec.evaluation.plaintext_reference:
         log("operator: plaintext reference (reads both owners' secrets; simulator only)")
-        head, tokenizer = private["head"].value
-        ref = plaintext_reference(spec, programs, private["theta"].value, private["frozen"].value, private["data"].value, tokenizer, private["dp_seed"] and private["dp_seed"].value)  # fmt: skip
+        head, tokenizer = owners.head.value
+        dp_seed = owners.dp_seed and owners.dp_seed.value
+        ref = plaintext_reference(spec, done.programs, owners.theta.value, owners.frozen.value, owners.data.value, tokenizer, dp_seed)  # fmt: skip
         mpc = report["mpc"]
         summary = {k: ref[k] for k in ("before", "after", "losses", "relative_param_change")}
         summary["agreement_before"] = agreement(mpc["predictions_before"], ref["before"]["predictions"])  # fmt: skip
@@ -60,7 +60,7 @@ def run_sim(
         if tuned:
             with np.load(tuned["path"]) as f:
                 tuned_theta = dict(f)
-            final, initial = build.flatten(ref["theta"]), build.flatten(private["theta"].value)
+            final, initial = build.flatten(ref["theta"]), build.flatten(owners.theta.value)
             summary["relative_param_gap"] = relative_gap(tuned_theta, final)
             # The gap against the plaintext run's own update: scale-free, and the strict
             # measure where tuning starts from zeros (BitFit biases, LoRA's B).
