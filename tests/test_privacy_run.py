@@ -51,6 +51,26 @@ def test_the_report_carries_the_accountants_epsilon(first):
     assert p["max_rows"] >= p["expected_batch"] and p["total_delta"] <= 1.1 * p["delta"]
 
 
+@pytest.mark.slow  # two tiny runs (about 2 min alone); the resume machinery itself is in the default run (test_checkpoint_resume.py)
+def test_a_resumed_private_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """The data owner's seed is drawn once and kept in its folder, and each step's sample
+    and noise are a function of (that seed, step): a resumed run redraws exactly the
+    steps it has not done, and ends where the uninterrupted run ends."""
+    from secfwt_jax.run import checkpoints
+
+    spec = private_spec("tuning.steps=4", "checkpoint.every=1", "checkpoint.keep=10")
+    quiet = {"progress": False, "log": lambda m: None}
+    whole = run_sim(spec, out_dir=tmp_path, **quiet)  # both owners draw their own seeds
+    final = load_theta(whole["tuned_params"]["path"])
+    for step in (3, 4):  # the model owner lost its newest checkpoints: the common step is 2
+        checkpoints.meta_path(tmp_path, spec.parties.model_owner, step).unlink()
+    resumed = run_sim(spec, out_dir=tmp_path, resume=True, **quiet)
+    assert resumed["resumed_from_step"] == 2
+    assert relative_gap(load_theta(resumed["tuned_params"]["path"]), final) < 1e-3
+    np.testing.assert_allclose(resumed["mpc"]["losses"], whole["mpc"]["losses"], atol=1e-2)
+    assert resumed["privacy"]["epsilon"] == whole["privacy"]["epsilon"]
+
+
 def test_a_target_epsilon_calibrates_the_noise():
     spec = private_spec(
         "tuning.privacy={clip: 0.5, epsilon: 4.0, delta: 1.0e-3}", "tuning.steps=20"
