@@ -152,3 +152,21 @@ def test_the_cli_exits_2_with_one_line_for_a_bad_spec(tmp_path):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.startswith("secfwt: error:")]
     assert lines == ["secfwt: error: tuning.steps: Input should be greater than or equal to 1"]
+
+
+def test_spec_sections_default_as_the_library_configs_they_mirror():
+    """One source of truth: a setting left out of a spec means what the library's own
+    config means by default (an inline Architecture and ModelConfig, HeadSpec and
+    HeadConfig)."""
+    import dataclasses
+
+    from secfwt_jax.models.config import ModelConfig
+    from secfwt_jax.models.heads import HeadConfig
+    from secfwt_jax.run.spec import Architecture, HeadSpec
+
+    for section, config in ((Architecture, ModelConfig), (HeadSpec, HeadConfig)):
+        library = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}  # fmt: skip
+        shared = set(section.model_fields) & set(library)
+        assert shared, section
+        for name in shared:
+            assert section.model_fields[name].default == library[name], (section.__name__, name)

@@ -26,6 +26,7 @@ data owner's file, its labels and the tuned parameters.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -39,8 +40,10 @@ from secfwt_jax.models.config import (
     SUPPORTED_FAMILIES,
     AttentionConfig,
     GeluImpl,
+    ModelConfig,
     SiluImpl,
 )
+from secfwt_jax.models.heads import HeadConfig
 from secfwt_jax.tuning.cmaes import CmaConfig
 from secfwt_jax.tuning.privacy import PrivacyConfig
 from secfwt_jax.tuning.schedules import ScheduleConfig
@@ -60,6 +63,10 @@ class SpecError(ValueError):
     """A bad run spec; the message is one line that names the field or file."""
 
 
+#: `ModelConfig`'s own defaults, which an inline `Architecture` shares.
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}  # fmt: skip
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,10 +81,11 @@ class Architecture(_Section):
     num_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(64, gt=0)
     max_positions: int = Field(64, gt=0)
-    type_vocab_size: int = Field(2, ge=0)
-    activation: str = "gelu_new"
-    layer_norm_eps: float = Field(1e-12, gt=0)
-    pad_token_id: int = Field(0, ge=0)
+    # The rest default as `ModelConfig` does (tests/test_run_spec.py holds it).
+    type_vocab_size: int = Field(_MODEL_DEFAULTS["type_vocab_size"], ge=0)
+    activation: str = _MODEL_DEFAULTS["activation"]
+    layer_norm_eps: float = Field(_MODEL_DEFAULTS["layer_norm_eps"], gt=0)
+    pad_token_id: int = Field(_MODEL_DEFAULTS["pad_token_id"], ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Architecture:
@@ -93,10 +101,11 @@ class Architecture(_Section):
 
 
 class HeadSpec(_Section):
-    """linear (fresh, from the model owner's private seed), mlm or lm (verbalizer heads)."""
+    """linear (fresh, from the model owner's private seed), mlm or lm (verbalizer heads);
+    defaults as `HeadConfig`'s (a sentence encoder such as MiniLM wants `pooling: mean`)."""
 
-    kind: Literal["linear", "mlm", "lm"] = "linear"
-    pooling: Literal["cls", "mean"] = "mean"
+    kind: Literal["linear", "mlm", "lm"] = HeadConfig.kind
+    pooling: Literal["cls", "mean"] = HeadConfig.pooling
 
 
 class ModelSpec(_Section):
