@@ -17,7 +17,7 @@ from typing import Any
 
 from spu import spu_pb2
 
-from secfwt_jax.run.spec import WORLD_SIZE
+from secfwt_jax.run.spec import WORLD_SIZE, RunSpec
 
 from .precision import DEFAULT_REWRITES, validate
 
@@ -142,6 +142,14 @@ class ProtocolPreset:
 def preset(name: str, field: str = "FM64", **kw: Any) -> ProtocolPreset:
     """Build a validated preset; ``name`` is case-insensitive ("aby3" works)."""
     return ProtocolPreset(name=str(name).upper(), field=str(field).upper(), **kw)
+
+
+def preset_of(spec: RunSpec) -> ProtocolPreset:
+    """The preset a run spec's `protocol` section names: the one conversion from
+    `ProtocolSpec` to `ProtocolPreset`."""
+    p = spec.protocol
+    return preset(p.name, p.field, fxp_fraction_bits=p.fxp_fraction_bits,
+                  exp_mode=p.exp_mode, beaver_type=p.beaver_type)  # fmt: skip
 
 
 def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeConfig:

@@ -15,16 +15,9 @@ from secfwt_jax.models.checkpoint import load_tokenizer
 from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
-from . import protocols
 from .artifacts import Artifact, compile_cached, compile_job, write_artifact
+from .protocols import preset_of
 from .sim_backend import job_of
-
-
-def preset_of(spec: RunSpec) -> protocols.ProtocolPreset:
-    """The SPU preset a run spec names."""
-    p = spec.protocol
-    return protocols.preset(p.name, p.field, fxp_fraction_bits=p.fxp_fraction_bits,
-                            exp_mode=p.exp_mode, beaver_type=p.beaver_type)  # fmt: skip
 
 
 def run_programs(spec: RunSpec, private_seed: int = 0) -> build.RunPrograms:
@@ -107,4 +100,4 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
             "network_s_without_compute": nets}  # fmt: skip
 
 
-__all__ = ["compile_run", "preset_of", "profile_run", "run_calls", "run_programs"]
+__all__ = ["compile_run", "profile_run", "run_calls", "run_programs"]

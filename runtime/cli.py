@@ -144,7 +144,8 @@ def _check_out_dir(out: Path) -> None:
 
 def _compile(args: argparse.Namespace) -> int:
     """The run's programs as SPU artifacts, through the same cache `finetune` uses."""
-    from secfwt_jax.compile.run_compile import compile_run, preset_of
+    from secfwt_jax.compile.protocols import preset_of
+    from secfwt_jax.compile.run_compile import compile_run
     from secfwt_jax.run.spec import load_spec
 
     out = Path(args.out)

@@ -187,7 +187,7 @@ def _checked_for_spu(value, preset):
 def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
     """The cluster with the preset's exp mode; refuses a cluster that disagrees with the spec."""
     from secfwt_jax.compile import protocols
-    from secfwt_jax.runtime.sim_run import preset_of
+    from secfwt_jax.compile.protocols import preset_of
 
     if set(cluster.parties) != set(spec.parties.compute):
         raise ValueError(f"backend.cluster: parties {list(cluster.parties)} differ from parties.compute {list(spec.parties.compute)}")  # fmt: skip
@@ -215,10 +215,10 @@ def run_party(
 ) -> dict[str, Any]:
     """One party's side of the run; writes `<out_dir>/<party>/report.json`. With `resume`
     the parties agree in the handshake on the newest checkpoint all of them hold."""
+    from secfwt_jax.compile.protocols import preset_of
     from secfwt_jax.runtime.cluster import sf_party_session
     from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
     from secfwt_jax.runtime.report import check_output_dir, write_report
-    from secfwt_jax.runtime.sim_run import preset_of
 
     if party not in spec.parties.compute:
         raise ValueError(f"--party: {party!r} is not a compute party {list(spec.parties.compute)}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from secfwt_jax.compile.run_compile import preset_of
+from secfwt_jax.compile.protocols import preset_of
 from secfwt_jax.compile.sim_backend import SimBackend
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
