@@ -58,6 +58,29 @@ CASES = {
     "spec-batch-too-large": (_ft("tuning.batch_size=1000"), "tuning.batch_size"),
     "spec-mpc-examples-too-many": (_ft("evaluation.mpc_examples=1000"), "evaluation.mpc_examples"),
     "spec-k-too-large": (_ft("data.k=1000"), "data.k"),
+    "spec-privacy-cma": (
+        _ft(
+            "tuning.method=cma",
+            "tuning.trainable={kind: prompt, prompt_length: 2, intrinsic_dim: 6}",
+            "tuning.privacy={clip: 1.0, epsilon: 1.0}",
+        ),
+        "tuning.privacy: CMA-ES candidates are public",
+    ),  # fmt: skip
+    "spec-privacy-epsilon-and-sigma": (
+        _ft("tuning.privacy={clip: 1.0, epsilon: 1.0, noise_multiplier: 1.0}"),
+        "tuning.privacy: give exactly one of epsilon and noise_multiplier",
+    ),
+    "spec-privacy-uncached": (
+        _ft(
+            "tuning.trainable={kind: top, top_layers: 1, cache_trunk: false}",
+            "tuning.privacy={clip: 1.0, epsilon: 1.0}",
+        ),
+        "tuning.privacy: needs trainable.cache_trunk",
+    ),  # fmt: skip
+    "spec-cma-generations": (
+        _ft("tuning.cma={population: 4, generations: 50}"),
+        "tuning.cma.generations",
+    ),
     "spec-cma-checkpoint": (
         _ft(
             "tuning.method=cma",
