@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -241,19 +242,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every cleanup on the way out runs: the
+    launcher stops the parties it started (each process group, SIGTERM then SIGKILL), and
+    the model owner's private-seed file is removed. A BaseException, as KeyboardInterrupt
+    is, so no `except Exception` on the way swallows it."""
+
+
+def _terminated(signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps: must be >= 1")
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.run(args)
+    except Terminated:
+        print("secfwt: stopped by SIGTERM; cleaned up (the party processes this command started are stopped, the private-seed file it wrote is removed)", file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError) as err:
         print(f"secfwt: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)  # fmt: skip
         return 2
     except RuntimeError as err:  # a party failed (PartyFailedError) or SPU refused to run
         print(f"secfwt: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,56 @@ def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
     reference = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)
     tuned = load_theta(resumed["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(reference["tuned_params"]["path"])) < 1e-3
+
+
+def _party_pids(marker: str) -> list[int]:
+    """Live processes whose command line names `marker` (the launch's work dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")  # fmt: skip
+            except OSError:
+                continue
+            if marker in cmdline and "party_main" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_to_cluster_launch_stops_every_party_and_removes_the_seed_file(tmp_path):
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    cmd = [sys.executable, "-m", "secfwt_jax.runtime.cli", "cluster", "launch", str(TINY),
+           "--private-seed", "3", "--set", "tuning.steps=200", "--out", str(tmp_path / "run")]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        work = None
+        while time.monotonic() < deadline and launcher.poll() is None:
+            dirs = list(tmp.glob("secfwt-cluster-*"))
+            if dirs and len(_party_pids(str(dirs[0]))) >= 3 and list(dirs[0].glob("*.log")):
+                work = dirs[0]
+                break
+            time.sleep(0.2)
+        assert work is not None, "the parties never started"
+        seed_file = work / "alice.private_seed"
+        assert seed_file.exists()
+        time.sleep(5)  # into the run
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        leftover = _party_pids(str(tmp)) if launcher.returncode != 143 else []
+        for pid in leftover:  # the bug this test guards against: do not leave them running
+            os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("secfwt: stopped by SIGTERM; cleaned up"), last
+    assert not seed_file.exists()
+    assert _party_pids(str(work)) == [], "a party outlived the launcher"
+    assert not (tmp_path / "run" / "alice" / "tuned_params.npz").exists()
