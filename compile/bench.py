@@ -413,6 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Measure, extrapolate, print; write bench.json, bench.md and bench.png under --out."""
     check_writable_dir(args.out, "--out")  # before minutes of measuring
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.by_parts and set(args.rows) - set(FORWARD_ROWS):
         raise ValueError(f"--by-parts: measures the forward rows {', '.join(FORWARD_ROWS)} only; "
                          f"--rows has {', '.join(sorted(set(args.rows) - set(FORWARD_ROWS)))}")  # fmt: skip
@@ -440,6 +441,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                            **tot, "measured": pts,
                            "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
                     results.append(res)
+                    # every row on disk as soon as it is measured: a crash (or the OOM
+                    # killer, at Llama-7B's shapes) loses only the row it was on
+                    write_json_atomic(args.out / "bench.json", {"results": results, "partial": True}, indent=1)  # fmt: skip
                     log(f"{name} n={n} {proto} {row}: {tot['total_bytes'] / 1e9:,.3f} GB, "
                         f"{tot['rounds']:,.0f} rounds, LAN {res['estimates_s']['lan']:,.1f} s")  # fmt: skip
     heads = []
