@@ -5,8 +5,8 @@ Every entry point builds from it: `secfwt finetune` (simulator or SecretFlow par
 Validation is pydantic v2 (unknown keys refused, types checked); the library's own frozen
 dataclasses (`AttentionConfig`, `TrainableSpec`, `SpsaConfig`, `PrivacyConfig`) are used
 as sections directly, so each setting is defined once (CMA-ES's section, `CmaSpec`, leaves
-out the generations and seed that `tuning.steps` and `seed` already say). Every error is one line that names the
-field: ``tuning.spsa.eps: must be positive``.
+out the generations and seed that `tuning.steps` and `seed` already say). Every error is
+one line that names the field: ``tuning.spsa.eps: must be positive``.
 
     spec = load_spec("configs/minilm_sentiment.yaml", overrides=["tuning.steps=5"])
     spec.spec_hash          # sha256 of the canonical spec (what every party must agree on)
