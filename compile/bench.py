@@ -160,7 +160,12 @@ def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, 
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     fn, args, public = row_case(row, clf, clf.init(0, seq_len=shape.seq_len), shape, population)
     prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
-    return {"layers": layers, "total_bytes": prof.total_bytes, "rounds": prof.rounds,
+    return {"layers": layers, **_figures(prof)}
+
+
+def _figures(prof) -> dict:
+    """A row's figures from one profile: bytes, rounds, compute and bytes per party."""
+    return {"total_bytes": prof.total_bytes, "rounds": prof.rounds,
             "compute_s": prof.compute_s, "per_party_bytes": prof.per_party_bytes}  # fmt: skip
 
 
@@ -185,8 +190,7 @@ def measure_parts(row, base: ModelConfig, shape, preset, rfa_features=64, softma
     ):
         fn, args, public = case(clf, shape, 0)
         prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{part}")
-        out[part] = {"total_bytes": prof.total_bytes, "rounds": prof.rounds, "compute_s": prof.compute_s,
-                     "per_party_bytes": prof.per_party_bytes}  # fmt: skip
+        out[part] = _figures(prof)
     return out
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from secfwt_jax.files import check_writable_dir
 from secfwt_jax.run.spec import RunSpec, apply_overrides, spec_from_dict
 from secfwt_jax.run.spec import load_spec as _load_spec
 
@@ -117,10 +116,9 @@ def override(spec: RunSpec, *assignments: str) -> RunSpec:
 
 
 def _cache(spec: RunSpec, cache_dir: str | Path | None) -> Path:
-    from secfwt_jax.runtime.cli import default_cache_dir
+    from secfwt_jax.runtime.cli import cache_dir_for
 
-    chosen = cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir()
-    return check_writable_dir(chosen, "cache_dir")
+    return cache_dir_for(spec, cache_dir, "cache_dir")
 
 
 def finetune(

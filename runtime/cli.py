@@ -35,7 +35,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if spec.backend.kind == "cluster":
         return _launch(spec, args, given)
     seeds = None if given is None else PrivateSeeds(given)  # None: drawn from the OS
-    cache = check_writable_dir(args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir(), "--cache-dir")  # fmt: skip
+    cache = cache_dir_for(spec, args.cache_dir, "--cache-dir")
     report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
     print("\n".join(summary_lines(report)))
     return 0
@@ -134,6 +134,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "secfwt" / "compile"
 
 
+def cache_dir_for(spec, given: str | Path | None, field: str) -> Path:
+    """The compile cache a run uses: `given`, else the spec's `output.cache_dir`, else
+    `default_cache_dir()`; refused in one line naming `field` if it cannot be written."""
+    return check_writable_dir(given or spec.resolve(spec.output.cache_dir) or default_cache_dir(), field)  # fmt: skip
+
+
 def _check_out_dir(out: Path) -> None:
     """--out may be new, empty, or a previous compile output (replaced); nothing else."""
     check_writable_dir(out, "--out")
@@ -152,7 +158,7 @@ def _compile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out_dir(out)
     spec = load_spec(args.spec, args.set)
-    cache = None if args.no_cache else check_writable_dir(args.cache_dir or spec.resolve(spec.output.cache_dir) or default_cache_dir(), "--cache-dir")  # fmt: skip
+    cache = None if args.no_cache else cache_dir_for(spec, args.cache_dir, "--cache-dir")
     preset = preset_of(spec)
     print(f"run {spec.name} ({spec.spec_hash[:12]}): {preset.name} {preset.field}, fraction bits {preset.fxp_fraction_bits}")  # fmt: skip
     for artifact, hit in compile_run(spec, cache, out):
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except Terminated:
-        print("secfwt: stopped by SIGTERM; cleaned up (the party processes this command started are stopped, the private-seed file it wrote is removed)", file=sys.stderr)  # fmt: skip
+        print("secfwt: stopped by SIGTERM; cleaned up (any party processes this command started are stopped, and a cluster launch's temporary private-seed file is removed)", file=sys.stderr)  # fmt: skip
         return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError) as err:
         print(f"secfwt: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)  # fmt: skip
