@@ -25,7 +25,6 @@ and uses the sorted index as the SPU rank, so node order here does not matter.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import socket
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from secfwt_jax.run.spec import FIELDS, WORLD_SIZE
+from secfwt_jax.strict_yaml import DuplicateKeyError, load_json, load_yaml
 
 __all__ = [
     "FIELDS",
@@ -296,14 +296,18 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
+        except DuplicateKeyError as error:
+            raise ValueError(f"cluster file {path}: {error}") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ValueError(f"cluster file {path}: malformed YAML{where} ({getattr(error, 'problem', None) or error})") from None  # fmt: skip
     else:
         try:
-            data = json.loads(text)
+            data = load_json(text)
+        except DuplicateKeyError as error:
+            raise ValueError(f"cluster file {path}: {error}") from None
         except ValueError as error:
             raise ValueError(f"cluster file {path}: malformed JSON ({error})") from None
     return ClusterConfig.from_dict(data)

@@ -37,6 +37,10 @@ def place(tmp_path):
     tls = {"ca_cert": str(tmp_path / "no_ca.crt"), "cert": "x", "key": "y"}
     (tmp_path / "cluster_tls.json").write_text(json.dumps(good | {"tls": tls}))
     (tmp_path / "data.csv").write_text("text,sentiment\n")
+    (tmp_path / "dup.yaml").write_text(Path(TINY).read_text() + "tuning:\n  steps: 2\n")
+    (tmp_path / "cluster_dup.yaml").write_text("field: FM64\nprotocol: ABY3\nfield: FM128\n")
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "no_tokenizer" / "config.json").write_text("{}")
     return tmp_path
 
 
@@ -93,6 +97,18 @@ CASES = {
     "spec-set-without-equals": (_ft("tuning.steps"), "tuning.steps"),
     "spec-file-missing": (["finetune", "{p}/nope.yaml"], "nope.yaml"),
     "spec-malformed-yaml": (["finetune", "{p}/bad.yaml"], "bad.yaml"),
+    "spec-duplicate-key": (
+        ["finetune", "{p}/dup.yaml"],
+        "key 'tuning' given twice (lines 21 and 33)",
+    ),
+    "spec-output-dir-placeholder": (
+        _ft("output.dir=runs/{0}"),
+        "output.dir: 'runs/{0}' has a positional",
+    ),
+    "tokenizer-files-missing": (
+        _ft("model.tokenizer={p}/no_tokenizer"),
+        "no_tokenizer: no tokenizer files",
+    ),
     "data-file-missing": (_ft("data.path={p}/nope.csv"), "nope.csv"),
     "data-file-empty": (_ft("data.path={p}/data.csv"), "data.csv"),
     "data-column-missing": (_ft("data.label_column=nope"), "nope"),
@@ -109,6 +125,10 @@ CASES = {
     "cluster-malformed-yaml": (
         [*_ft("backend.cluster={p}/cluster_bad.yaml"), "--backend", "cluster"],
         "malformed YAML at line",
+    ),  # fmt: skip
+    "cluster-duplicate-key": (
+        [*_ft("backend.cluster={p}/cluster_dup.yaml"), "--backend", "cluster"],
+        "cluster_dup.yaml: key 'field' given twice (lines 1 and 3)",
     ),  # fmt: skip
     "cluster-fm32": (
         [*_ft("backend.cluster={p}/cluster_fm32.json"), "--backend", "cluster"],
@@ -171,18 +191,6 @@ def test_a_port_in_use_is_named_before_the_party_starts(place, capsys):
                          "--out", str(place / "out")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code != 0 and "ClusterConfig.sf_ports[bob]" in err and "not free" in err
-
-
-def test_gpt2_configs_without_a_usable_pad_or_eos_id_are_refused_in_one_line():
-    from transformers import GPT2Config
-
-    from secfwt_jax.models.config import ModelConfig
-
-    small = dict(vocab_size=100, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0)
-    with pytest.raises(ValueError, match=r"config.json eos_token_id: null"):
-        ModelConfig.from_hf(GPT2Config(**small, eos_token_id=None))
-    with pytest.raises(ValueError, match=r"config.json eos_token_id: 500 is not a token id"):
-        ModelConfig.from_hf(GPT2Config(**small, eos_token_id=500))
 
 
 def test_empty_input_to_the_encoder_is_refused_in_one_line():

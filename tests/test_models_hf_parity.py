@@ -126,6 +126,22 @@ def base_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("eos", [50256, None])
+def test_a_gpt2_checkpoint_whose_eos_id_is_not_in_its_vocabulary_loads_and_matches(eos, tmp_path):
+    """GPT-2's config default eos id 50256 beside a small vocabulary, or no eos id: transformers
+    loads both and our forward never reads the id, so the checkpoint loads and matches."""
+    config = HF_CONFIGS["gpt2"]()
+    config.eos_token_id = config.bos_token_id = eos
+    hf_model = FlaxGPT2Model(config, seed=2)
+    save_checkpoint(hf_model, tmp_path, "msgpack")
+    classifier, params = load_pretrained(tmp_path)
+    assert classifier.config.pad_token_id == 0  # neither id is a token: pads with 0, masked
+    ids, mask = padded_batch(classifier.config.pad_token_id)
+    ours, _ = classifier.hidden(params, {"input_ids": ids, "attention_mask": mask})
+    err = max_err_at_real_tokens(ours, hf_hidden(hf_model, "gpt2", ids, mask), mask)
+    assert err <= TOL
+
+
 @pytest.mark.parametrize("fmt", ["msgpack", "safetensors_flax", "safetensors_pt"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loaded_trunk_matches_hf_flax_hidden_states(family, fmt, tmp_path):

@@ -244,6 +244,17 @@ def _load_gguf(path: Path, attention, head: HeadConfig, seed: int, silu_impl) ->
     return classifier, params
 
 
+#: Files one of which every tokenizer `AutoTokenizer` loads from a directory has.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(path):
     """The directory's tokenizer via `AutoTokenizer` (local files only), or a GGUF file's
     own (built from its metadata)."""
@@ -253,6 +264,11 @@ def load_tokenizer(path):
 
         return read_gguf_tokenizer(gguf)
     directory = _checkpoint_dir(path)
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{directory}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "add them or name a tokenizer directory (model.tokenizer in a run spec)"
+        )
     from transformers import AutoTokenizer
 
     try:

@@ -243,7 +243,7 @@ class ModelConfig:
                 max_positions=hf_config.n_positions,
                 layer_norm_eps=hf_config.layer_norm_epsilon,
                 activation=hf_config.activation_function,
-                pad_token_id=_gpt2_pad_id(hf_config),
+                pad_token_id=_pad_id(hf_config),
                 attention=attention,
             )
         if family == "llama":
@@ -262,7 +262,7 @@ class ModelConfig:
                 max_positions=hf_config.max_position_embeddings,
                 layer_norm_eps=hf_config.rms_norm_eps,
                 activation=hf_config.hidden_act,
-                pad_token_id=_llama_pad_id(hf_config),
+                pad_token_id=_pad_id(hf_config),
                 attention=attention,
                 num_kv_heads=getattr(hf_config, "num_key_value_heads", None),
                 rope_theta=float(getattr(hf_config, "rope_theta", 10000.0)),
@@ -289,24 +289,16 @@ class ModelConfig:
         )
 
 
-def _llama_pad_id(hf_config) -> int:
-    """Llama pads with `pad_token_id`, else `eos_token_id` (a list: its first), else 0."""
+def _pad_id(hf_config) -> int:
+    """The config's `pad_token_id`, else `eos_token_id` (a list: its first), else 0: the
+    first that is a token of the vocabulary. Our decoders never read either id in the
+    forward (positions count from 0 and padded positions are masked), so a GPT-2 config
+    that keeps the default eos id 50256 beside a smaller vocabulary, or has none, loads as
+    it does in transformers."""
     for field in ("pad_token_id", "eos_token_id"):
         value = getattr(hf_config, field, None)
         if isinstance(value, list | tuple):
             value = value[0] if value else None
-        if isinstance(value, int) and 0 <= value < hf_config.vocab_size:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < hf_config.vocab_size:  # fmt: skip
             return value
     return 0
-
-
-def _gpt2_pad_id(hf_config) -> int:
-    """GPT-2 pads with `pad_token_id`, else `eos_token_id`; one line naming the config.json
-    field when neither is a token of the vocabulary (transformers loads both cases)."""
-    field = "pad_token_id" if hf_config.pad_token_id is not None else "eos_token_id"
-    value = getattr(hf_config, field)
-    if value is None:
-        raise ValueError("config.json eos_token_id: null and no pad_token_id; GPT-2 pads with one of them")  # fmt: skip
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < hf_config.vocab_size:  # fmt: skip
-        raise ValueError(f"config.json {field}: {value!r} is not a token id of the vocabulary (size {hf_config.vocab_size})")  # fmt: skip
-    return value

@@ -305,6 +305,20 @@ class OutputSpec(_Section):
     dir: str = "runs/{name}"
     cache_dir: str | None = None
 
+    @field_validator("dir")
+    @classmethod
+    def _only_the_name_placeholder(cls, value: str) -> str:
+        try:
+            value.format(name="run")
+        except (IndexError, KeyError, ValueError) as error:
+            why = {IndexError: "a positional {}", KeyError: f"{{{error.args[0]}}}"}.get(
+                type(error), f"a malformed brace ({error})"
+            )
+            raise ValueError(
+                f"{value!r} has {why}; the only placeholder is {{name}} (the run's name)"
+            ) from None
+        return value
+
 
 class RunSpec(_Section):
     """One fine-tuning run (module doc). `source_dir` resolves relative paths."""
@@ -442,11 +456,15 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 def read_spec_file(path: str | Path) -> dict:
     import yaml
 
+    from secfwt_jax.strict_yaml import DuplicateKeyError, load_yaml
+
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: run spec not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except DuplicateKeyError as error:
+        raise SpecError(f"{path}: {error}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SpecError(f"{path}: cannot parse YAML: {first}") from None
