@@ -229,7 +229,7 @@ def run_party(
     seeds = PrivateSeeds(model_owner=private_seed if party == spec.parties.model_owner else -1)
     with sf_party_session(cluster, party, job_name="secfwt-finetune") as spu:
         log = lambda m: print(f"[{party}] {m}", flush=True)  # noqa: E731
-        held = checkpoints.held_steps(out_dir, party, spec.spec_hash, "cluster") if resume else []
+        held = checkpoints.held_steps(out_dir, party, spec.spec_hash, "cluster", log=log) if resume else []  # fmt: skip
         agreed = handshake(spec, party, cluster, held)  # before any secret moves
         if resume and not agreed:
             log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} held by every party; starting afresh")  # fmt: skip

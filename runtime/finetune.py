@@ -207,6 +207,9 @@ def run_finetune(
         f"chunks of {spec.tuning.batch_size}, {counts['mpc_eval']} test examples under MPC, "
         f"{counts['test']} in the plaintext test split, {counts['max_len']} tokens"
     )
+    digests = _input_digests(spec, backend, theta_h, frozen_h, data_h) if spec.checkpoint.every else {}  # fmt: skip
+    for party, digest_h in digests.items() if resume_step else ():  # each owner checks its own
+        backend.publish(backend.at(party, checkpoints.check_inputs, str(out_dir), party, resume_step, digest_h))  # fmt: skip
     t = mark("load", t)
 
     # 4: the programs, from public facts only.
@@ -265,7 +268,7 @@ def run_finetune(
         log(f"private run: (epsilon {plan.epsilon:.3g}, delta {plan.delta + plan.overflow_delta:.3g}) after {plan.steps} steps; noise multiplier {plan.noise_multiplier:.3g}, clip {plan.clip}, Poisson rate {plan.rate:.3g} ({plan.expected_batch:.3g} of {plan.num_rows} rows expected, padded to {plan.max_rows})")  # fmt: skip
         dp_seed_h = backend.at(do, _data_owner_seed, seeds.data_owner, str(out_dir), do, bool(resume_step))  # fmt: skip
         report["privacy"] = plan.summary()
-    run = _Loop(spec, backend, compiled, programs, out_dir, resume_step, dp_seed_h)
+    run = _Loop(spec, backend, compiled, programs, out_dir, resume_step, dp_seed_h, digests)
     losses_h, theta_s = run.tune(theta_s, frozen_s, train_x, train_y, data_h, progress)
     t = mark("tuning", t)
 
@@ -308,9 +311,10 @@ def run_finetune(
 class _Loop:
     """The tuning loop: SPSA steps (checkpointed, resumable) or CMA-ES generations."""
 
-    def __init__(self, spec, backend, compiled, programs, out_dir: Path, resume_step: int, dp_seed_h=None):  # fmt: skip
+    def __init__(self, spec, backend, compiled, programs, out_dir: Path, resume_step: int, dp_seed_h=None, digests=None):  # fmt: skip
         self.spec, self.backend, self.compiled, self.programs = spec, backend, compiled, programs
         self.out_dir, self.resume_step, self.dp_seed_h = Path(out_dir), resume_step, dp_seed_h
+        self.digests = digests or {}  # party -> its handle of its own inputs' digest
 
     def tune(self, theta_s, frozen_s, train_x, train_y, data_h, progress):
         """Returns (the losses, held by the data owner, or None; theta as shares)."""
@@ -378,7 +382,8 @@ class _Loop:
         facts = {"spec_hash": spec.spec_hash, "backend": backend.kind, "protocol": f"{spec.protocol.name} {spec.protocol.field}"}  # fmt: skip
         for party in spec.parties.compute:
             own = (prior, *losses_held) if party == spec.parties.data_owner else (None,)
-            done = backend.at(party, _write_checkpoint, str(self.out_dir), party, step, facts, spec.checkpoint.keep, *own)  # fmt: skip
+            digest_h = self.digests.get(party)
+            done = backend.at(party, _write_checkpoint, str(self.out_dir), party, step, facts, spec.checkpoint.keep, digest_h, *own)  # fmt: skip
             backend.publish(done)  # a sync point: the step is on disk at every party
 
     def _load(self, theta_like):
@@ -400,11 +405,20 @@ def _all_losses(prior, *losses) -> list:
     return list(prior or []) + [np.asarray(x).tolist() for x in losses]
 
 
-def _write_checkpoint(out_dir: str, party: str, step: int, facts: dict, keep: int, prior, *losses) -> bool:  # fmt: skip
+def _input_digests(spec, backend, theta_h, frozen_h, data_h) -> dict:
+    """Each owner's digest of its own private inputs, computed and kept where they live."""
+    mo, do = spec.parties.model_owner, spec.parties.data_owner
+    return {
+        mo: backend.at(mo, checkpoints.inputs_sha256, theta_h, frozen_h),
+        do: backend.at(do, lambda d: checkpoints.inputs_sha256(d.train_inputs, d.train_labels, d.eval_inputs), data_h),
+    }  # fmt: skip
+
+
+def _write_checkpoint(out_dir: str, party: str, step: int, facts: dict, keep: int, inputs_digest, prior, *losses) -> bool:  # fmt: skip
     record = dict(facts)
     if prior is not None or losses:
         record["losses"] = _all_losses(prior, *losses)
-    checkpoints.write_meta(out_dir, party, step, record)
+    checkpoints.write_meta(out_dir, party, step, record, inputs_digest)
     checkpoints.prune(out_dir, party, keep, facts["spec_hash"], facts["backend"])
     return True
 

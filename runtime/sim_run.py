@@ -72,7 +72,7 @@ def run_sim(
 
 def resume_step(spec: RunSpec, out_dir: Path, backend: str, parties, log: Callable[[str], None]) -> int:  # fmt: skip
     """The newest step every party holds a checkpoint of (0: none; the log says why)."""
-    held = {p: checkpoints.held_steps(out_dir, p, spec.spec_hash, backend) for p in parties}
+    held = {p: checkpoints.held_steps(out_dir, p, spec.spec_hash, backend, log=log) for p in parties}  # fmt: skip
     step = checkpoints.common_step(held)
     if not step:
         log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} ({backend}) held by every party in {out_dir}; starting afresh")  # fmt: skip

@@ -2,6 +2,7 @@
 resumed from a checkpoint ends where the uninterrupted run ends."""
 
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -29,16 +30,36 @@ def test_common_step_is_the_newest_step_every_party_holds():
 
 
 def test_held_steps_ignore_other_specs_incomplete_steps_and_junk(tmp_path):
-    for step, spec_hash in ((1, "h"), (2, "h"), (3, "other")):
+    for step, spec_hash in ((1, "h"), (2, "h"), (3, "other"), (4, "h")):
         checkpoints.shares_path(tmp_path, "a", step).parent.mkdir(parents=True, exist_ok=True)
         checkpoints.shares_path(tmp_path, "a", step).write_bytes(b"x")
         checkpoints.write_meta(tmp_path, "a", step, {"spec_hash": spec_hash, "backend": "sim"})
-    checkpoints.write_meta(tmp_path, "a", 4, {"spec_hash": "h", "backend": "sim"})  # no shares
+    checkpoints.shares_path(tmp_path, "a", 4).unlink()  # a record without its shares
     checkpoints.meta_path(tmp_path, "a", 5).write_text("{not json")
     assert checkpoints.held_steps(tmp_path, "a", "h", "sim") == [1, 2]
     assert checkpoints.held_steps(tmp_path, "a", "h", "cluster") == []
     checkpoints.prune(tmp_path, "a", 1, "h", "sim")
     assert checkpoints.held_steps(tmp_path, "a", "h", "sim") == [2]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip one bit", "replace"])
+def test_a_step_whose_shares_do_not_match_their_digest_is_named_and_not_held(damage, tmp_path):
+    for step in (1, 2):
+        checkpoints.shares_path(tmp_path, "a", step).parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.shares_path(tmp_path, "a", step).write_bytes(bytes(range(200)))
+        checkpoints.write_meta(tmp_path, "a", step, {"spec_hash": "h", "backend": "sim"})
+    path = checkpoints.shares_path(tmp_path, "a", 2)
+    blob = bytearray(path.read_bytes())
+    if damage == "truncate":
+        del blob[100:]
+    elif damage == "flip one bit":
+        blob[57] ^= 0x10
+    else:
+        blob = bytearray(b"a valid file, but another one")
+    path.write_bytes(bytes(blob))
+    lines = []
+    assert checkpoints.held_steps(tmp_path, "a", "h", "sim", log=lines.append) == [1]
+    assert len(lines) == 1 and str(path) in lines[0] and "step 2 not used" in lines[0]
 
 
 def test_cma_runs_refuse_checkpoints():
@@ -102,6 +123,41 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(uninterrupted, tmp_
     np.testing.assert_allclose(resumed["mpc"]["losses"], report["mpc"]["losses"], atol=1e-2)
     assert len(resumed["mpc"]["losses"]) == STEPS
     assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 2
+
+
+def test_a_damaged_share_file_falls_back_to_the_newest_intact_step(uninterrupted, tmp_path):
+    """A flipped bit in one party's newest shares (a valid file) and a truncated file at
+    another: both are named, and the run resumes from the newest step all hold intact."""
+    spec, report, out = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    flipped = checkpoints.shares_path(copy, "bob", 4)
+    blob = bytearray(flipped.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    flipped.write_bytes(bytes(blob))
+    truncated = checkpoints.shares_path(copy, "alice", 3)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    lines = []
+    resumed = run_sim(spec, out_dir=copy, progress=False, resume=True, log=lines.append)
+    assert resumed["resumed_from_step"] == 2
+    named = [line for line in lines if "does not match the digest" in line]
+    assert any(str(flipped) in line for line in named) and any(str(truncated) in line for line in named)  # fmt: skip
+    final = load_theta(report["tuned_params"]["path"])
+    assert relative_gap(load_theta(resumed["tuned_params"]["path"]), final) < 1e-3
+
+
+def test_resume_with_another_private_seed_is_refused_before_any_work(uninterrupted, tmp_path):
+    """The model owner drew its seed; resuming with another one would mix two models."""
+    spec, _, out = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError) as info:
+        run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=copy, progress=False, resume=True)
+    message = str(info.value)
+    assert "\n" not in message and "other private inputs at alice" in message
+    assert str(checkpoints.meta_path(copy, "alice", STEPS)) in message
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing lost
 
 
 def test_resume_with_another_spec_starts_afresh_and_says_so(uninterrupted, tmp_path):
