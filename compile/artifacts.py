@@ -46,6 +46,8 @@ import numpy as np
 from google.protobuf import json_format
 from spu import spu_pb2
 
+from secfwt_jax.files import file_sha256, write_atomic, write_npz_atomic, write_text_atomic
+
 from . import visibility
 from .protocols import ProtocolPreset
 from .simulator import Compiled, _canon, compile_to_pphlo, execute, pphlo_input_types
@@ -329,22 +331,14 @@ def compile_job(
 
 
 # ---------------------------------------------------------------------------- disk
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_files(artifact: Artifact, directory: Path) -> None:
-    (directory / EXECUTABLE).write_bytes(artifact.executable.SerializeToString())
-    (directory / PPHLO).write_text(artifact.pphlo_text)
-    with open(directory / CONSTANTS, "wb") as f:
-        np.savez(f, **{f"constant_{i}": c for i, c in enumerate(artifact.constants)})
-    files = {name: _sha256(directory / name) for name in (EXECUTABLE, PPHLO, CONSTANTS)}
+    write_atomic(directory / EXECUTABLE, lambda f: f.write(artifact.executable.SerializeToString()))  # fmt: skip
+    write_text_atomic(directory / PPHLO, artifact.pphlo_text)
+    constants = {f"constant_{i}": c for i, c in enumerate(artifact.constants)}
+    write_npz_atomic(directory / CONSTANTS, constants)
+    files = {name: file_sha256(directory / name) for name in (EXECUTABLE, PPHLO, CONSTANTS)}
     metadata = {**artifact.metadata, "files": files}
-    (directory / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(directory / METADATA, json.dumps(metadata, indent=2, sort_keys=True) + "\n")  # fmt: skip
 
 
 def write_artifact(artifact: Artifact, directory: str | Path) -> Path:
@@ -382,7 +376,7 @@ def load_artifact(directory: str | Path) -> Artifact:
         raise ArtifactError(f"{directory}: not a {FORMAT} artifact")
     try:
         for name, digest in metadata["files"].items():
-            if _sha256(directory / name) != digest:
+            if file_sha256(directory / name) != digest:
                 raise ArtifactError(f"{directory / name}: content does not match metadata hash")
         executable = spu_pb2.ExecutableProto()
         executable.ParseFromString((directory / EXECUTABLE).read_bytes())

@@ -31,7 +31,7 @@ import numpy as np
 from spu import api as spu_api
 from spu import libspu, spu_pb2
 
-from secfwt_jax.files import write_atomic
+from secfwt_jax.files import write_npz_atomic
 
 from .cost import CommCost, capture_fds, parse_profile_log
 from .protocols import ProtocolPreset, check_shareable, runtime_config
@@ -104,7 +104,7 @@ class SimulatorSession:
                 for j, chunk in enumerate(share.share_chunks):
                     arrays[f"chunk_{i}_{j}"] = np.frombuffer(chunk, np.uint8)
             arrays["rank"] = np.asarray(rank)
-            write_atomic(path, lambda f, a=arrays: np.savez(f, **a), private=True)
+            write_npz_atomic(path, arrays, private=True)
 
     def load_shares(self, name: str, paths: Sequence[str | Path], like: Any) -> None:
         """Store under ``name`` the shares ``dump_shares`` wrote (a pytree shaped ``like``)."""

@@ -277,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:  # a party failed (PartyFailedError) or SPU refused to run
         print(f"secfwt: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
+    except OSError as err:  # a disk that filled up or a file-size limit, outside our writers
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"secfwt: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -38,10 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.spec import RunSpec
+from secfwt_jax.runtime.report import check_free_space, expected_output_bytes
 from secfwt_jax.tuning.schedules import make_schedule
 
 
@@ -107,9 +109,9 @@ def _accuracy(data: build.DataOwnerInputs, *predictions) -> dict[str, Any]:
 
 
 def _save_params(theta: dict, path: str) -> str:
-    from secfwt_jax.files import write_atomic
+    from secfwt_jax.files import write_npz_atomic
 
-    write_atomic(path, lambda f: np.savez(f, **build.flatten(theta)), private=True)
+    write_npz_atomic(path, build.flatten(theta), private=True)
     return path
 
 
@@ -214,6 +216,9 @@ def run_finetune(
 
     # 4: the programs, from public facts only.
     programs = build.build_programs(spec, model_public, head, data_public)
+    elements = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(programs.problem.trainable))  # fmt: skip
+    here = [backend.me] if backend.me else list(spec.parties.compute)
+    check_free_space(out_dir, expected_output_bytes(spec, elements, here))
     compiled = {}
     for program in programs.needed(spec.tuning.method):
         compiled[program.name] = backend.compile(program)
@@ -243,9 +248,11 @@ def run_finetune(
             bar.update(backend.cost, None)
             return h
 
-        train_x = [through(compiled["trunk"], x) for x in train_x]
-        eval_x = [through(trunk_eval, x) for x in eval_x]
-        bar.close()
+        try:
+            train_x = [through(compiled["trunk"], x) for x in train_x]
+            eval_x = [through(trunk_eval, x) for x in eval_x]
+        finally:
+            bar.close()
     t = mark("trunk", t)
 
     def evaluate(theta_secret) -> Any:
@@ -323,12 +330,14 @@ class _Loop:
         bar = Progress(
             spec.tuning.steps, f"{spec.tuning.method} ({spec.protocol.name}, MPC)", progress
         )
-        if spec.tuning.method == "spsa":
-            prior, theta_s, losses_held = self._spsa(theta_s, frozen_s, train_x, train_y, bar)
-        else:
-            prior = None
-            theta_s, losses_held = _cma(spec, backend, self.compiled, frozen_s, train_x, train_y, data_h, bar)  # fmt: skip
-        bar.close()
+        try:  # closed on the way out of a failure too, so the error line prints last
+            if spec.tuning.method == "spsa":
+                prior, theta_s, losses_held = self._spsa(theta_s, frozen_s, train_x, train_y, bar)  # fmt: skip
+            else:
+                prior = None
+                theta_s, losses_held = _cma(spec, backend, self.compiled, frozen_s, train_x, train_y, data_h, bar)  # fmt: skip
+        finally:
+            bar.close()
         if not losses_held and prior is None:
             return None, theta_s
         collected = backend.at(do, _all_losses, prior, *losses_held)
@@ -383,8 +392,11 @@ class _Loop:
         for party in spec.parties.compute:
             own = (prior, *losses_held) if party == spec.parties.data_owner else (None,)
             digest_h = self.digests.get(party)
-            done = backend.at(party, _write_checkpoint, str(self.out_dir), party, step, facts, spec.checkpoint.keep, digest_h, *own)  # fmt: skip
+            done = backend.at(party, _write_checkpoint, str(self.out_dir), party, step, facts, digest_h, *own)  # fmt: skip
             backend.publish(done)  # a sync point: the step is on disk at every party
+        for party in spec.parties.compute:  # only then older steps go, so a party that
+            # failed to write this step (a full disk) leaves every party the one before
+            backend.at(party, checkpoints.prune, str(self.out_dir), party, spec.checkpoint.keep, spec.spec_hash, backend.kind)  # fmt: skip
 
     def _load(self, theta_like):
         return self.backend.load_shares(self._paths(self.resume_step), theta_like)
@@ -414,12 +426,11 @@ def _input_digests(spec, backend, theta_h, frozen_h, data_h) -> dict:
     }  # fmt: skip
 
 
-def _write_checkpoint(out_dir: str, party: str, step: int, facts: dict, keep: int, inputs_digest, prior, *losses) -> bool:  # fmt: skip
+def _write_checkpoint(out_dir: str, party: str, step: int, facts: dict, inputs_digest, prior, *losses) -> bool:  # fmt: skip
     record = dict(facts)
     if prior is not None or losses:
         record["losses"] = _all_losses(prior, *losses)
     checkpoints.write_meta(out_dir, party, step, record, inputs_digest)
-    checkpoints.prune(out_dir, party, keep, facts["spec_hash"], facts["backend"])
     return True
 
 

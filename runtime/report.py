@@ -22,6 +22,44 @@ def check_output_dir(path: Path) -> None:
     check_writable_dir(path, "output.dir")
 
 
+#: Bytes a party's runtime holds per secret element: its shares (ABY3's replicated scheme
+#: keeps two of three; SEMI2K and CHEETAH one) times the ring's width.
+SHARES_PER_PARTY = {"ABY3": 2, "SEMI2K": 1, "CHEETAH": 1}
+RING_BYTES = {"FM64": 8, "FM128": 16}
+REPORT_ALLOWANCE = 4 << 20  # report.json and curves.png: tens of KB; room to spare
+
+
+def expected_output_bytes(spec, trainable_elements: int, parties: list[str]) -> dict[str, int]:
+    """What a run writes into its output folder for `parties` (all of them on the
+    simulator, one on a cluster), from public facts: checkpoints (keep + 1 steps exist
+    while the newest is written), the tuned result, reports. Share files carry about 10%
+    of framing; the estimate allows 25%."""
+    share = int(1.25 * trainable_elements * SHARES_PER_PARTY[spec.protocol.name] * RING_BYTES[spec.protocol.field])  # fmt: skip
+    every, keep = spec.checkpoint.every, spec.checkpoint.keep
+    out = {"checkpoints": len(parties) * (keep + 1) * share if every else 0}
+    receiver = spec.parties.receiver
+    if receiver is None:
+        out["tuned shares"] = len(parties) * share
+    else:
+        out["tuned parameters"] = int(1.25 * 4 * trainable_elements) if receiver in parties else 0  # fmt: skip
+    out["reports and curves"] = REPORT_ALLOWANCE * len(parties)
+    return out
+
+
+def check_free_space(out_dir: Path, expected: dict[str, int]) -> None:
+    """Refuse, before any work, a run whose outputs would not fit on the output folder's
+    disk (one line with both figures), rather than fail at its end with the tuning lost."""
+    import shutil
+
+    probe = Path(out_dir)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free, need = shutil.disk_usage(probe).free, sum(expected.values())
+    if free < need:
+        parts = ", ".join(f"{name} {size / 1e6:,.1f} MB" for name, size in expected.items() if size)  # fmt: skip
+        raise ValueError(f"output.dir: {probe} has {free / 1e6:,.1f} MB free; this run writes about {need / 1e6:,.1f} MB there ({parts})")  # fmt: skip
+
+
 def plot_curves(report: dict[str, Any], path: Path) -> Path | None:
     """Loss per step (MPC and plaintext) and accuracy before/after; None if nothing to plot."""
     mpc = report.get("mpc") or {}

@@ -13,6 +13,7 @@ only, 0600, from the moment it exists.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +33,31 @@ def _umask() -> int:
 PUBLIC_MODE = 0o666 & ~_umask()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WriteFailed(RuntimeError):
+    """A file could not be written (a full disk, a file-size limit, an I/O error): one
+    line naming the file and the OS's reason; the earlier file at that path is unchanged."""
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError that caused `error` (itself, or one in its context chain): a library
+    whose cleanup fails after a failed write raises its own error from the OSError."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, private: bool = False) -> Iterator[IO[bytes]]:
     """`with atomic_file(p) as f: ...`: the same temp-fsync-rename as `write_atomic`, for a
@@ -47,8 +73,14 @@ def atomic_file(path: str | os.PathLike, private: bool = False) -> Iterator[IO[b
                 os.fchmod(f.fileno(), PUBLIC_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_in(error) if isinstance(error, Exception) else None
+        if cause is not None and not isinstance(error, WriteFailed):
+            raise WriteFailed(
+                f"{path}: cannot write it ({cause.strerror or cause}); nothing of it was "
+                "kept and any earlier file there is unchanged"
+            ) from error
         raise
 
 
@@ -60,6 +92,19 @@ def write_atomic(
     with atomic_file(path, private) as f:
         writer(f)
     return Path(path)
+
+
+def write_npz_atomic(path: str | os.PathLike, arrays: dict[str, Any], private: bool = False) -> Path:  # fmt: skip
+    """`np.savez` written atomically. The archive is built in memory first: a zip writer
+    whose file fails mid-write (a full disk) would retry its end record when collected,
+    long after, on the closed temporary file."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_atomic(path, lambda f: f.write(buffer.getbuffer()), private)
 
 
 def check_writable_dir(path: str | os.PathLike, field: str) -> Path:

@@ -93,6 +93,10 @@ CASES = {
         ),
         "checkpoint.every",
     ),  # fmt: skip
+    "disk-too-small": (
+        _ft("checkpoint.every=1", "checkpoint.keep=1000000000"),
+        "MB free; this run writes about",
+    ),  # fmt: skip
     "spec-mlm-inline-model": (_ft("model.head={kind: mlm}"), "model.head.kind"),
     "spec-set-without-equals": (_ft("tuning.steps"), "tuning.steps"),
     "spec-file-missing": (["finetune", "{p}/nope.yaml"], "nope.yaml"),

@@ -4,6 +4,8 @@ resumed from a checkpoint ends where the uninterrupted run ends."""
 import json
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +74,13 @@ def test_cma_runs_refuse_checkpoints():
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     spec = load_spec(TINY, OVERRIDES)
-    report = run_sim(spec, out_dir=out, progress=False)  # the model owner draws its seed
+    report = run_sim(spec, out_dir=out, progress=False, cache_dir=_cache_of(out))  # the model owner draws its seed  # fmt: skip
     return spec, report, out
+
+
+def _cache_of(out: Path) -> Path:
+    """The compile cache the uninterrupted run filled (beside its output folder)."""
+    return out.with_name(out.name + "-cache")
 
 
 def test_the_model_owner_draws_128_bits_and_keeps_them_owner_only(uninterrupted):
@@ -158,6 +165,30 @@ def test_resume_with_another_private_seed_is_refused_before_any_work(uninterrupt
     assert "\n" not in message and "other private inputs at alice" in message
     assert str(checkpoints.meta_path(copy, "alice", STEPS)) in message
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing lost
+
+
+def test_a_write_that_fails_mid_run_is_one_line_naming_the_file_and_leaves_no_part(uninterrupted, tmp_path):  # fmt: skip
+    """A file-size limit below one share file (what a full disk does to the same write):
+    the first checkpoint fails; one line names it, exit 1, and no temporary file is left.
+    The programs come from the compile cache the uninterrupted run filled."""
+    _, _, filled = uninterrupted
+    out = tmp_path / "run"
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "from secfwt_jax.runtime.cli import main\n"
+        f"sys.exit(main(['finetune', {str(TINY)!r}, '--out', {str(out)!r}, '--private-seed', '3', "
+        f"'--cache-dir', {str(_cache_of(filled))!r}, "
+        + ", ".join(f"'--set', {o!r}" for o in OVERRIDES)
+        + "]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)  # fmt: skip
+    tail = done.stderr.rsplit("\r", 1)[-1]  # after the progress bar's last redraw
+    lines = [line for line in tail.splitlines() if line.startswith("secfwt:")]
+    assert done.returncode == 1, done.stderr[-2000:]
+    shares = checkpoints.shares_path(out, "alice", 1)
+    assert lines == [f"secfwt: error: {shares}: cannot write it (File too large); nothing of it was kept and any earlier file there is unchanged"]  # fmt: skip
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name != PRIVATE_SEED_FILE]
 
 
 def test_resume_with_another_spec_starts_afresh_and_says_so(uninterrupted, tmp_path):

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from secfwt_jax.files import write_json_atomic
+from secfwt_jax.files import file_sha256, write_json_atomic
 
 _STEP = re.compile(r"^step-(\d{6,})\.json$")
 
@@ -51,14 +51,6 @@ def shares_path(out_dir: str | Path, party: str, step: int) -> Path:
 
 def meta_path(out_dir: str | Path, party: str, step: int) -> Path:
     return checkpoint_dir(out_dir, party) / f"step-{step:06d}.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inputs_sha256(*trees: Any) -> str:
@@ -166,7 +158,6 @@ __all__ = [
     "check_inputs",
     "checkpoint_dir",
     "common_step",
-    "file_sha256",
     "held_steps",
     "inputs_sha256",
     "meta_path",
