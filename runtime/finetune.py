@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from secfwt_jax.compile.protocols import preset_of
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.spec import RunSpec
 from secfwt_jax.runtime.report import check_free_space, expected_output_bytes
@@ -96,6 +97,15 @@ def _owner_head(spec: RunSpec):
 
     tokenizer = load_tokenizer(spec.resolve(spec.model.tokenizer_path))
     return build.head_config(spec, tokenizer), tokenizer
+
+
+def _check_range(spec, programs, theta, frozen, vocab: int, field: str, fraction_bits: int) -> bool:  # fmt: skip
+    from secfwt_jax.models.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.resolve(spec.model.tokenizer_path))  # public
+    ring_bits = {"FM64": 64, "FM128": 128}[field]
+    build.check_product_range(spec, programs, theta, frozen, tokenizer, vocab, ring_bits, fraction_bits)  # fmt: skip
+    return True
 
 
 def _data_owner_load(spec: RunSpec, head_and_tokenizer, vocab_size: int):
@@ -219,6 +229,8 @@ def run_finetune(
     elements = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(programs.problem.trainable))  # fmt: skip
     here = [backend.me] if backend.me else list(spec.parties.compute)
     check_free_space(out_dir, expected_output_bytes(spec, elements, here))
+    ring = preset_of(spec)  # the model owner bounds what the programs compute, then shares
+    backend.publish(backend.at(mo, _check_range, spec, programs, theta_h, frozen_h, vocab, ring.field, ring.fxp_fraction_bits))  # fmt: skip
     compiled = {}
     for program in programs.needed(spec.tuning.method):
         compiled[program.name] = backend.compile(program)

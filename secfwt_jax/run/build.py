@@ -27,6 +27,7 @@ both owners' secrets, so only an operator process that holds both may call it).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -326,6 +327,51 @@ def data_owner_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> DataOwnerInp
         splits.test,
         counts,
     )
+
+
+def probe_inputs(spec: RunSpec, tokenizer, vocab_size: int) -> dict:
+    """A public probe chunk for the model owner's range check (`run.ranges`): texts of
+    random tokens of the public tokenizer, encoded as the data owner encodes a chunk."""
+    n = spec.tuning.batch_size
+    rng = np.random.default_rng([spec.seed, 11])
+    ids = rng.integers(0, min(vocab_size, len(tokenizer)), (n, spec.data.max_len))
+    texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) or "x" for row in ids]
+    probe = LabelledText(texts, np.arange(n) % len(spec.data.labels), spec.data.labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation of the probe's texts is expected
+        return _split_labels(_encode(spec, probe, np.arange(n), tokenizer, vocab_size))[0]
+
+
+#: How far below the fixed-point product bound a probe's largest product must stay: real
+#: text differs from the probe, and SPU's nonlinear approximations need headroom.
+RANGE_MARGIN = 16
+
+
+def check_product_range(spec: RunSpec, programs: RunPrograms, theta, frozen, tokenizer, vocab_size: int, ring_bits: int, f: int) -> None:  # fmt: skip
+    """At the model owner, before it shares anything: the run's forward (the cached trunk,
+    then the predict program) in plaintext on `probe_inputs`; refuse in one line naming
+    a weight tensor if a product past 1/`RANGE_MARGIN` of the bound of a `ring_bits` ring
+    with `f` fraction bits reaches the outputs (`run.ranges.find_overflow`)."""
+    from secfwt_jax.run.ranges import find_overflow, product_bound
+
+    bound = product_bound(ring_bits, f)
+    limit = bound / RANGE_MARGIN
+    lower, upper = programs.frozen_parts(frozen)
+    x = probe_inputs(spec, tokenizer, vocab_size)
+    found = None
+    if programs.trunk is not None:
+        found = find_overflow(programs.trunk.fn, (lower, x), ("frozen", None), limit)
+        x = jax.tree_util.tree_map(np.asarray, programs.trunk.fn(lower, x))
+    if found is None:
+        found = find_overflow(programs.predict.fn, (theta, upper, x), ("trainable", "frozen", None), limit)  # fmt: skip
+    if found is not None:
+        raise ValueError(
+            f"{found.source or 'the model'}: the model owner's weights make a product reach "
+            f"{found.peak:.3g} on a probe of ordinary text, past {limit:.3g} (1/{RANGE_MARGIN} "
+            f"of {bound:.3g}, the most one product holds in a {ring_bits}-bit ring with {f} "
+            "fraction bits), and it reaches the outputs: SPU would compute garbage silently. "
+            "Scale these weights down or use protocol.field FM128"
+        )
 
 
 def public_data_shapes(spec: RunSpec, tokenizer, vocab_size: int) -> dict[str, Any]:
