@@ -437,9 +437,12 @@ def sf_party_session(
     if tls is not None:
         _fix_secretflow_tls_channels()
     watch = None
+    fronts = contextlib.ExitStack()  # what this session serves until it ends
     if watch_peers:
-        from secfwt_jax.runtime.liveness import PeerWatch
+        from secfwt_jax.runtime.liveness import HeartbeatResponder, PeerWatch
 
+        own = (cluster.listen_host or cluster.host, cluster.sf_ports[self_party])
+        fronts.enter_context(HeartbeatResponder(*own))  # UDP, on the SecretFlow port number
         peers = {p: (cluster.host, cluster.sf_ports[p]) for p in cluster.parties if p != self_party}
         watch = PeerWatch(self_party, peers, connect_timeout_s=connect_timeout_s, tls=tls).start()
     try:
@@ -455,8 +458,8 @@ def sf_party_session(
     except BaseException:
         if watch is not None:
             watch.stop()
+        fronts.close()
         raise
-    fronts = contextlib.ExitStack()
     try:
         spu_listen = None
         if tls is not None:  # SPU's port speaks mutual TLS only through our front

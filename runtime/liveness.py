@@ -14,6 +14,16 @@ each peer's SecretFlow port with a plain TCP connect (liveness only; no data mov
 - afterwards, a peer that stops answering for `lost_after_s` stops this party: ``lost
   party carol (127.0.0.1:40123 stopped answering); the checkpoints ... --resume``.
 
+A TCP accept is no proof of life: the kernel completes the handshake for a process that
+is stopped (SIGSTOP, a hung host under a debugger) or wedged. So every party also runs a
+`HeartbeatResponder`, a Python thread answering UDP datagrams on its SecretFlow port
+number, and the watch pings each peer there: a peer that has answered once and then is
+silent for `hung_after_s` (while its TCP port still accepts) stops this party with ``lost
+party carol (... accepts connections, but its process has not answered a heartbeat for
+15 s: stopped or hung)``. Before a peer's first answer (UDP filtered on the path) only the
+TCP probe counts. The heartbeat carries no data and no secret; a forged answer can only
+delay the detection of a dead peer, which the RPC timeouts then catch.
+
 Either way the party prints that one line and leaves with `LOST_PEER_EXIT` at once
 (`os._exit`: a thread blocked in a C++ receive cannot be interrupted, and the checkpoints
 are written atomically, so nothing is half-written). `stop()` ends the watch, before the
@@ -69,6 +79,50 @@ def tls_refusal(host: str, port: int, tls: dict[str, str], timeout_s: float, han
     return None
 
 
+HEARTBEAT = b"secfwt-heartbeat"
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+class HeartbeatResponder:
+    """Answer heartbeats on UDP `host:port` from a daemon thread (module doc)."""
+
+    def __init__(self, host: str, port: int):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind((host, port))
+        self._sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"heartbeat-{port}", daemon=True)  # fmt: skip
+
+    def __enter__(self) -> HeartbeatResponder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, sender = self._sock.recvfrom(256)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if data.startswith(HEARTBEAT):
+                try:
+                    self._sock.sendto(data, sender)
+                except OSError:
+                    pass
+
+
 def _exit_with(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -88,13 +142,18 @@ class PeerWatch:
         interval_s: float = 0.5,
         on_failure: Callable[[str], None] = _exit_with,
         tls: dict[str, str] | None = None,
+        hung_after_s: float = 15.0,
     ):
         if connect_timeout_s <= 0 or lost_after_s <= 0:
             raise ValueError("PeerWatch: connect_timeout_s and lost_after_s must be positive")
         self.me, self.peers = me, dict(peers)
         self.connect_timeout_s, self.lost_after_s, self.interval_s = connect_timeout_s, lost_after_s, interval_s  # fmt: skip
-        self.on_failure, self.tls = on_failure, tls
+        self.on_failure, self.tls, self.hung_after_s = on_failure, tls, hung_after_s
         self.linger_s = 3.0
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.setblocking(False)
+        self._answered: dict[str, float] = {}  # peer -> when its heartbeat last answered
+        self._by_address = {(_resolve(h), p): n for n, (h, p) in self.peers.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"peer-watch-{me}", daemon=True)
 
@@ -105,6 +164,31 @@ class PeerWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
+        self._udp.close()
+
+    def _heartbeats(self) -> None:
+        """Collect the answers that came in, then ping every peer once more."""
+        by_address = self._by_address
+        while True:
+            try:
+                data, sender = self._udp.recvfrom(256)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. ICMP port unreachable from a peer without a responder
+                continue
+            name = by_address.get(sender)
+            if name is not None and data == HEARTBEAT + b" " + name.encode():
+                self._answered[name] = time.monotonic()
+        for name, address in self.peers.items():
+            try:
+                self._udp.sendto(HEARTBEAT + b" " + name.encode(), address)
+            except OSError:
+                pass
+
+    def _hung(self, name: str) -> bool:
+        """Has `name` answered heartbeats and then fallen silent for `hung_after_s`?"""
+        seen = self._answered.get(name)
+        return seen is not None and time.monotonic() - seen > self.hung_after_s
 
     def _probe(self, name: str, first: bool) -> bool:
         host, port = self.peers[name]
@@ -127,6 +211,7 @@ class PeerWatch:
         last_seen: dict[str, float] = {}
         while not self._stop.is_set():
             now = time.monotonic()
+            self._heartbeats()
             for name, (host, port) in self.peers.items():
                 if self._stop.is_set():
                     return
@@ -138,7 +223,9 @@ class PeerWatch:
                     return self.on_failure(f"secfwt party {self.me}: peer {name} at {host}:{port} unreachable after {self.connect_timeout_s:.0f} s")  # fmt: skip
                 elif name in last_seen and time.monotonic() - last_seen[name] > self.lost_after_s:  # fmt: skip
                     return self.on_failure(f"secfwt party {self.me}: lost party {name} ({host}:{port} stopped answering); relaunch with --resume to continue from the last checkpoint")  # fmt: skip
+                if self._hung(name):
+                    return self.on_failure(f"secfwt party {self.me}: lost party {name} ({host}:{port} accepts connections, but its process has not answered a heartbeat for {self.hung_after_s:.0f} s: stopped or hung); relaunch with --resume to continue from the last checkpoint")  # fmt: skip
             self._stop.wait(self.interval_s)
 
 
-__all__ = ["LOST_PEER_EXIT", "PeerWatch", "answers"]
+__all__ = ["HEARTBEAT", "LOST_PEER_EXIT", "HeartbeatResponder", "PeerWatch", "answers"]

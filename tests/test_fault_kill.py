@@ -61,6 +61,47 @@ def test_peer_watch_names_an_unreachable_and_a_lost_peer():
     assert failures == [f"secfwt party alice: peer carol at 127.0.0.1:{port} unreachable after 0 s"]
 
 
+_PEER = """
+import socket, sys, time
+from secfwt_jax.runtime.liveness import HeartbeatResponder
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+port = server.getsockname()[1]
+with HeartbeatResponder("127.0.0.1", port):
+    print(port, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_stopped_peer_that_still_accepts_connections_is_named_as_hung():
+    """SIGSTOP: the kernel still completes TCP handshakes for the frozen process, so only
+    the application-level heartbeat notices; the watch names the frozen peer."""
+    import subprocess
+    import sys
+
+    peer = subprocess.Popen([sys.executable, "-c", _PEER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(peer.stdout.readline())
+        failures: list[str] = []
+        watch = PeerWatch("alice", {"carol": ("127.0.0.1", port)}, interval_s=0.1,
+                          hung_after_s=1.0, on_failure=failures.append).start()  # fmt: skip
+        time.sleep(1.5)
+        assert not failures and watch._answered.get("carol")  # it answers while running
+        os.kill(peer.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while not failures and time.monotonic() - stopped < 10:
+            time.sleep(0.05)
+        watch.stop()
+        assert answers("127.0.0.1", port, 1.0)  # TCP alone would call it alive
+        assert len(failures) == 1 and failures[0].startswith("secfwt party alice: lost party carol")
+        assert "accepts connections, but its process has not answered a heartbeat for 1 s: stopped or hung" in failures[0]  # fmt: skip
+        assert time.monotonic() - stopped < 3.0
+    finally:
+        os.kill(peer.pid, signal.SIGKILL)
+        peer.wait()
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(900)
 def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
@@ -111,6 +152,50 @@ def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
     reference = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)
     tuned = load_theta(resumed["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(reference["tuned_params"]["path"])) < 1e-3
+
+
+@pytest.mark.cluster
+@pytest.mark.slow  # a tiny 3-party job to its first checkpoint, then the hang: about 2 min
+@pytest.mark.timeout(600)
+def test_a_stopped_party_is_named_by_both_others_within_the_heartbeat_bound(tmp_path):
+    """SIGSTOP one party (a hung host): its ports still accept connections, so before the
+    heartbeat the others waited for an RPC timeout (82 s) and blamed each other. Now both
+    name the frozen party, within the heartbeat bound, and no process is left."""
+    victim = random.choice(["alice", "bob", "carol"])
+    print(f"stop test: SIGSTOP {victim} after its checkpoint of step 1")
+    spec = load_spec(TINY, [*OVERRIDES, "tuning.steps=200"])
+    out = tmp_path / "run"
+    procs: list[PartyProcess] = []
+    failure: list[BaseException] = []
+
+    def launch():
+        try:
+            launch_local(spec, str(TINY), [*OVERRIDES, "tuning.steps=200"], SEED, out_dir=out,
+                         timeout_s=600, work_dir=tmp_path / "work", started=procs)  # fmt: skip
+        except BaseException as error:  # noqa: BLE001 - inspected below
+            failure.append(error)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    marker = checkpoints.meta_path(out, victim, 1)
+    deadline = time.monotonic() + 400
+    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the job never reached its first checkpoint"
+    pid = next(pp.pid for pp in procs if pp.party == victim)
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    waited = time.monotonic() - stopped_at
+    print(f"the others stopped {waited:.1f} s after the SIGSTOP")
+    assert waited < 45  # heartbeat bound 15 s, plus the launcher's stop of the frozen one
+    for pp in (pp for pp in procs if pp.party != victim):
+        assert pp.proc.returncode == LOST_PEER_EXIT, (pp.party, pp.proc.returncode)
+        log = pp.log_path.read_text(errors="replace")
+        assert f"lost party {victim}" in log and "stopped or hung" in log, log[-2000:]
+    assert failure and f"lost party {victim}" in str(failure[0]).splitlines()[0]
+    assert all(_gone(pp.pid) for pp in procs), "a party process outlived the job"
 
 
 def _party_pids(marker: str) -> list[int]:
