@@ -81,10 +81,19 @@ def _run_poisoned(closed, leaves, labels, limit: float, poison: int):
             env[var], src[var] = value, untouched
         for var, value, source in zip(jaxpr.invars, values, sources, strict=True):
             env[var], src[var] = value, source
-        for eqn in jaxpr.eqns:
+        last_use = {}  # var -> the index of the last equation that reads it
+        for i, eqn in enumerate(jaxpr.eqns):
+            for v in eqn.invars:
+                if not isinstance(v, jax.core.Literal):
+                    last_use[v] = i
+        keep = {v for v in jaxpr.outvars if not isinstance(v, jax.core.Literal)}
+        for i, eqn in enumerate(jaxpr.eqns):
             clock[0] += 1
             ins = [read(v) for v in eqn.invars]
             raw = [source_of(v) for v in eqn.invars]
+            for v in eqn.invars:  # free what no later equation reads: a 30-layer
+                if not isinstance(v, jax.core.Literal) and last_use[v] == i and v not in keep:
+                    env.pop(v, None)  # forward would otherwise hold every intermediate
             # a weight read straight from the inputs enters the data flow here
             stamped = [(clock[0], s[1]) if s[0] is None else s for s in raw]
             latest = max(stamped, key=lambda s: s[0], default=untouched)
