@@ -102,6 +102,29 @@ def test_a_stopped_peer_that_still_accepts_connections_is_named_as_hung():
         peer.wait()
 
 
+def _launch_until_checkpoint(spec, overrides, out, work, party, step, wait_s):
+    """Launch the job on three parties in a thread and wait for `party`'s checkpoint of
+    `step`. Returns (the thread, the started processes, a list the launch's error joins)."""
+    procs: list[PartyProcess] = []
+    failure: list[BaseException] = []
+
+    def launch():
+        try:
+            launch_local(spec, str(TINY), overrides, SEED, out_dir=out, timeout_s=600,
+                         work_dir=work, started=procs)  # fmt: skip
+        except BaseException as error:  # noqa: BLE001 - inspected by the caller
+            failure.append(error)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    marker = checkpoints.meta_path(out, party, step)
+    deadline = time.monotonic() + wait_s
+    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), f"the job never reached {party}'s checkpoint of step {step}"
+    return thread, procs, failure
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(900)
 def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
@@ -112,23 +135,7 @@ def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
     print(f"kill test (random seed {seed}): SIGKILL {victim} after its checkpoint of step {kill_step}")  # fmt: skip
     spec = load_spec(TINY, OVERRIDES)
     out = tmp_path / "run"
-    procs: list[PartyProcess] = []
-    failure: list[BaseException] = []
-
-    def launch():
-        try:
-            launch_local(spec, str(TINY), OVERRIDES, SEED, out_dir=out, timeout_s=600,
-                         work_dir=tmp_path / "work1", started=procs)  # fmt: skip
-        except BaseException as error:  # noqa: BLE001 - inspected below
-            failure.append(error)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    marker = checkpoints.meta_path(out, victim, kill_step)
-    deadline = time.monotonic() + 600
-    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the job never reached the kill step"
+    thread, procs, failure = _launch_until_checkpoint(spec, OVERRIDES, out, tmp_path / "work1", victim, kill_step, 600)  # fmt: skip
     pid = next(pp.pid for pp in procs if pp.party == victim)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -163,25 +170,9 @@ def test_a_stopped_party_is_named_by_both_others_within_the_heartbeat_bound(tmp_
     name the frozen party, within the heartbeat bound, and no process is left."""
     victim = random.choice(["alice", "bob", "carol"])
     print(f"stop test: SIGSTOP {victim} after its checkpoint of step 1")
-    spec = load_spec(TINY, [*OVERRIDES, "tuning.steps=200"])
-    out = tmp_path / "run"
-    procs: list[PartyProcess] = []
-    failure: list[BaseException] = []
-
-    def launch():
-        try:
-            launch_local(spec, str(TINY), [*OVERRIDES, "tuning.steps=200"], SEED, out_dir=out,
-                         timeout_s=600, work_dir=tmp_path / "work", started=procs)  # fmt: skip
-        except BaseException as error:  # noqa: BLE001 - inspected below
-            failure.append(error)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    marker = checkpoints.meta_path(out, victim, 1)
-    deadline = time.monotonic() + 400
-    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the job never reached its first checkpoint"
+    overrides = [*OVERRIDES, "tuning.steps=200"]
+    spec, out = load_spec(TINY, overrides), tmp_path / "run"
+    thread, procs, failure = _launch_until_checkpoint(spec, overrides, out, tmp_path / "work", victim, 1, 400)  # fmt: skip
     pid = next(pp.pid for pp in procs if pp.party == victim)
     os.kill(pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
