@@ -89,6 +89,10 @@ class ClusterConfig:
     spu_runtime_extra: Mapping[str, Any] = dc_field(default_factory=dict)
     allow_insecure_beaver: bool = False
     tls: Mapping[str, str] | None = None
+    #: Where a party dials a peer when links go through relays (`runtime.link_shaper`):
+    #: {party: {peer: port}} on ``host``; a pair not named dials the peer's own port.
+    sf_dial: Mapping[str, Mapping[str, int]] = dc_field(default_factory=dict)
+    spu_dial: Mapping[str, Mapping[str, int]] = dc_field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise containers (YAML/JSON give lists and plain dicts) before validating.
@@ -96,6 +100,8 @@ class ClusterConfig:
         object.__setattr__(self, "sf_ports", dict(self.sf_ports))
         object.__setattr__(self, "spu_ports", dict(self.spu_ports))
         object.__setattr__(self, "spu_runtime_extra", dict(self.spu_runtime_extra))
+        for name in ("sf_dial", "spu_dial"):
+            object.__setattr__(self, name, {p: dict(m) for p, m in dict(getattr(self, name)).items()})  # fmt: skip
         self._validate()
 
     def _validate(self) -> None:
@@ -143,6 +149,13 @@ class ClusterConfig:
                 if not isinstance(self.tls[key], str) or not self.tls[key]:
                     raise _fail(f"tls.{key}", "must be a file path")
             object.__setattr__(self, "tls", dict(self.tls))
+        for name in ("sf_dial", "spu_dial"):
+            for party, peers in getattr(self, name).items():
+                if party not in self.parties or not set(peers) <= set(self.parties) - {party}:
+                    raise _fail(name, f"{party}: {sorted(peers)} must be peers of a party in {list(self.parties)}")  # fmt: skip
+                for peer, port in peers.items():
+                    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                        raise _fail(name, f"{party}->{peer}: port {port!r} not an int in 1..65535")
         reserved = {"protocol", "field"} & set(self.spu_runtime_extra)
         if reserved:
             raise _fail("spu_runtime_extra", f"must not set {sorted(reserved)}; use the fields")
@@ -167,10 +180,11 @@ class ClusterConfig:
         """The ``cluster_config`` dict for ``sf.init(..., ray_mode=False)`` in ``self_party``."""
         self._check_party(self_party)
         listen = self.listen_host or self.host
+        dial = self.sf_dial.get(self_party, {})
         return {
             "parties": {
                 p: {
-                    "address": f"{self.host}:{self.sf_ports[p]}",
+                    "address": f"{self.host}:{dial.get(p, self.sf_ports[p])}",
                     "listen_addr": f"{listen}:{self.sf_ports[p]}",
                 }
                 for p in self.parties
@@ -201,7 +215,8 @@ class ClusterConfig:
                 listen = f"{spu_listen[0]}:{spu_listen[1]}"
             elif self.listen_host and p == self_party:
                 listen = f"{self.listen_host}:{self.spu_ports[p]}"
-            node = {"party": p, "address": f"{self.host}:{self.spu_ports[p]}", "listen_address": listen}  # fmt: skip
+            port = self.spu_dial.get(self_party, {}).get(p, self.spu_ports[p]) if self_party else self.spu_ports[p]  # fmt: skip
+            node = {"party": p, "address": f"{self.host}:{port}", "listen_address": listen}
             if self.tls is not None and p == self_party:  # SPU's brpc link reads its own node's
                 paths = self.tls_paths(p)
                 opts = {"certificate_path": paths["cert"], "private_key_path": paths["key"],
@@ -224,6 +239,8 @@ class ClusterConfig:
             "spu_runtime_extra": dict(self.spu_runtime_extra),
             "allow_insecure_beaver": self.allow_insecure_beaver,
             "tls": None if self.tls is None else dict(self.tls),
+            "sf_dial": {p: dict(m) for p, m in self.sf_dial.items()},
+            "spu_dial": {p: dict(m) for p, m in self.spu_dial.items()},
         }
 
     @classmethod

@@ -18,6 +18,7 @@ writes for that party alone on loopback); no other party ever holds it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -280,9 +281,14 @@ def launch_local(
     work_dir: Path | None = None,
     resume: bool = False,
     started: list | None = None,
+    link=None,
+    relays: list | None = None,
 ) -> dict[str, Any]:
     """All compute parties as processes on this host (loopback unless the spec's cluster
-    file says otherwise); returns each party's summary."""
+    file says otherwise); returns each party's summary. With `link` (a
+    `runtime.link_shaper` profile or its name), every party reaches every peer's
+    SecretFlow and SPU ports through a shaped relay of that profile, each direction of
+    each pair its own link."""
     import tempfile
 
     from secfwt_jax.runtime.cluster import loopback_cluster
@@ -300,11 +306,27 @@ def launch_local(
     if private_seed is not None:  # given (tests, reproducing a figure); else drawn at the party
         write_text_atomic(seed_file, str(private_seed), private=True)
     args = {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "out_dir": str(out_dir.resolve()), "resume": resume}  # fmt: skip
-    try:
-        return launch_parties(cluster, JOB, args, timeout_s=timeout_s or spec.backend.timeout_s,
-                              work_dir=wd, keep_work_dir=True, started=started)  # fmt: skip
-    finally:
-        seed_file.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        if link is not None:
+            cluster = _through_relays(cluster, link, stack, relays)
+        try:
+            return launch_parties(cluster, JOB, args, timeout_s=timeout_s or spec.backend.timeout_s,
+                                  work_dir=wd, keep_work_dir=True, started=started)  # fmt: skip
+        finally:
+            seed_file.unlink(missing_ok=True)
+
+
+def _through_relays(cluster: ClusterConfig, link, stack: contextlib.ExitStack, relays: list | None) -> ClusterConfig:  # fmt: skip
+    """`cluster` with every party dialling every peer through a relay of `link`."""
+    from secfwt_jax.runtime.link_shaper import LinkShaper
+
+    pairs = [(a, b) for a in cluster.parties for b in cluster.parties if a != b]
+    targets = {f"{kind} {a}->{b}": (cluster.host, ports[b]) for kind, ports in (("sf", cluster.sf_ports), ("spu", cluster.spu_ports)) for a, b in pairs}  # fmt: skip
+    shaper = stack.enter_context(LinkShaper(targets, link, host=cluster.host))
+    if relays is not None:
+        relays.append(shaper)
+    dial = {kind: {a: {b: shaper.port(f"{kind} {a}->{b}") for b in cluster.parties if b != a} for a in cluster.parties} for kind in ("sf", "spu")}  # fmt: skip
+    return dataclasses.replace(cluster, sf_dial=dial["sf"], spu_dial=dial["spu"])
 
 
 def load_theta(path: str | Path) -> dict[str, np.ndarray]:
