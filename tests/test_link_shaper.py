@@ -134,7 +134,7 @@ def test_a_job_through_shaped_links_gives_the_direct_result(tmp_path):
     spec = load_spec(tiny, overrides)
     relays: list = []
     results = launch_local(spec, str(tiny), overrides, 7, out_dir=tmp_path / "run", timeout_s=600,
-                           link="lan", relays=relays)  # fmt: skip
+                           work_dir=tmp_path / "work", link="lan", relays=relays)  # fmt: skip
     relayed = relays[0].relayed()
     assert len(relayed) == 12 and all(sum(d.values()) > 0 for name, d in relayed.items() if name.startswith("spu")), relayed  # fmt: skip
     reference = run_sim(spec, seeds=PrivateSeeds(7), out_dir=tmp_path / "sim", progress=False)
