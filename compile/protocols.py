@@ -43,7 +43,8 @@ TRUST: dict[str, str] = {
 
 #: SPU's implementation-defined default fraction bits for each ring.
 DEFAULT_FRACTION_BITS: dict[str, int] = {"FM64": 18, "FM128": 26}
-_FIELD_BITS: dict[str, int] = {"FM64": 64, "FM128": 128}
+#: Bits of each ring.
+FIELD_BITS: dict[str, int] = {"FM64": 64, "FM128": 128}
 
 #: Exp approximations exposed by spu 0.9.3b0 (``RuntimeConfig.ExpMode``). DEFAULT is Taylor.
 #: The project default is PADE: it halves the demo step's MPC-vs-plaintext gap against Taylor at
@@ -94,17 +95,17 @@ class ProtocolPreset:
             raise ValueError(
                 f"name: unknown protocol {self.name!r}; expected one of {sorted(WORLD_SIZE)}"
             )
-        if self.field not in _FIELD_BITS:
+        if self.field not in FIELD_BITS:
             raise ValueError(
-                f"field: unknown field {self.field!r}; expected one of {sorted(_FIELD_BITS)}"
+                f"field: unknown field {self.field!r}; expected one of {sorted(FIELD_BITS)}"
             )
         if self.fxp_fraction_bits is None:
             object.__setattr__(self, "fxp_fraction_bits", DEFAULT_FRACTION_BITS[self.field])
         bits = self.fxp_fraction_bits
-        if not isinstance(bits, int) or not 0 < bits < _FIELD_BITS[self.field] // 2:
+        if not isinstance(bits, int) or not 0 < bits < FIELD_BITS[self.field] // 2:
             raise ValueError(
                 f"fxp_fraction_bits: {bits!r} out of range for {self.field} "
-                f"(need 0 < bits < {_FIELD_BITS[self.field] // 2})"
+                f"(need 0 < bits < {FIELD_BITS[self.field] // 2})"
             )
         if self.exp_mode not in EXP_MODES:
             raise ValueError(
@@ -204,7 +205,7 @@ def input_bound(p: ProtocolPreset) -> float:
     every input below 2^((bits - 2) / 2 - f) keeps a product of two inputs in range
     (FM64, f = 18: 8192). Larger values come back silently wrong, so they are refused.
     """
-    bits = _FIELD_BITS[p.field]
+    bits = FIELD_BITS[p.field]
     return float(2 ** ((bits - 2) // 2 - p.fxp_fraction_bits))
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from secfwt_jax.compile.protocols import preset_of
+from secfwt_jax.compile.protocols import FIELD_BITS, preset_of
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.spec import RunSpec
 from secfwt_jax.runtime.report import check_free_space, expected_output_bytes
@@ -99,11 +99,10 @@ def _owner_head(spec: RunSpec):
     return build.head_config(spec, tokenizer), tokenizer
 
 
-def _check_range(spec, programs, theta, frozen, vocab: int, field: str, fraction_bits: int) -> bool:  # fmt: skip
+def _check_range(spec, programs, theta, frozen, vocab: int, ring_bits: int, fraction_bits: int) -> bool:  # fmt: skip
     from secfwt_jax.models.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(spec.resolve(spec.model.tokenizer_path))  # public
-    ring_bits = {"FM64": 64, "FM128": 128}[field]
     build.check_product_range(spec, programs, theta, frozen, tokenizer, vocab, ring_bits, fraction_bits)  # fmt: skip
     return True
 
@@ -230,7 +229,7 @@ def run_finetune(
     here = [backend.me] if backend.me else list(spec.parties.compute)
     check_free_space(out_dir, expected_output_bytes(spec, elements, here))
     ring = preset_of(spec)  # the model owner bounds what the programs compute, then shares
-    backend.publish(backend.at(mo, _check_range, spec, programs, theta_h, frozen_h, vocab, ring.field, ring.fxp_fraction_bits))  # fmt: skip
+    backend.publish(backend.at(mo, _check_range, spec, programs, theta_h, frozen_h, vocab, FIELD_BITS[ring.field], ring.fxp_fraction_bits))  # fmt: skip
     compiled = {}
     for program in programs.needed(spec.tuning.method):
         compiled[program.name] = backend.compile(program)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from secfwt_jax.compile.protocols import FIELD_BITS
 from secfwt_jax.files import write_atomic, write_json_atomic
 
 REPORT_JSON, CURVES_PNG = "report.json", "curves.png"
@@ -25,7 +26,7 @@ def check_output_dir(path: Path) -> None:
 #: Bytes a party's runtime holds per secret element: its shares (ABY3's replicated scheme
 #: keeps two of three; SEMI2K and CHEETAH one) times the ring's width.
 SHARES_PER_PARTY = {"ABY3": 2, "SEMI2K": 1, "CHEETAH": 1}
-RING_BYTES = {"FM64": 8, "FM128": 16}
+RING_BYTES = {field: bits // 8 for field, bits in FIELD_BITS.items()}
 REPORT_ALLOWANCE = 4 << 20  # report.json and curves.png: tens of KB; room to spare
 
 
