@@ -1,16 +1,25 @@
-"""Fault run: K loopback jobs of a run spec under random kills and random stalls.
+"""Fault run: K loopback jobs of a run spec under random process or link faults.
 
 Each job runs the spec on three SecretFlow party processes with a checkpoint every step.
-A fault injector, driven by one seeded RNG, either
-  - SIGKILLs a random party after a random step's checkpoint (a crash), or
-  - SIGSTOPs a random party for a random 1-8 s and then SIGCONTs it (a stalled link or
-    host: its sockets keep accepting, its traffic stops),
+A fault injector, driven by one seeded RNG, after a random step's checkpoint:
+  --faults process (default):
+  - SIGKILLs a random party (a crash), or
+  - SIGSTOPs a random party for a random 1-8 s and then SIGCONTs it (a hung host: its
+    sockets keep accepting, its traffic stops);
+  --faults link (every link through the LAN profile of `runtime/link_shaper.py`; one
+  random link of the 12, SecretFlow or SPU, one direction of one pair):
+  - cut: every connection of the link is reset and new ones refused for 1-30 s;
+  - stall: one direction holds its bytes for 1-30 s (none is lost);
+  - slow: the link's bandwidth drops to 1% for 10 s;
 and the job is relaunched with --resume after every failure, up to --max-restarts times.
+A link fault's record says how long after the fault began the run moved again (the next
+checkpoint at every party) or stopped (the launch returned an error): the hang.
 It reports, per job and in total: completed, resumed (relaunches), failed, the steps lost
 (steps recomputed after a resume), and whether the final parameters differ from the
 uninterrupted simulator run with the same seeds (relative gap > --tolerance).
 
     .venv/bin/python benchmarks/fault_run.py --jobs 3 --out benchmarks/results/fault_run.json
+    .venv/bin/python benchmarks/fault_run.py --faults link --jobs 3 --out benchmarks/results/link_faults.json
 
 Not a test: it takes minutes per job. JSON goes to --out (atomically).
 """
@@ -41,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def newest_step(out: Path, party: str, spec_hash: str) -> int:
     """The newest complete checkpoint `party` holds of this spec (0: none)."""
-    return max(checkpoints.held_steps(out, party, spec_hash, "cluster"), default=0)
+    return max(checkpoints.held_steps(out, party, spec_hash, "cluster", verify=False), default=0)
 
 
 def inject(rng: random.Random, procs: list[PartyProcess], out: Path, spec, done: threading.Event) -> dict:  # fmt: skip
@@ -64,26 +73,71 @@ def inject(rng: random.Random, procs: list[PartyProcess], out: Path, spec, done:
     return {"kind": kind, "party": party, "after_step": at, "seconds": round(seconds, 2), "injected": True}  # fmt: skip
 
 
-def _record(record: dict, *args) -> None:
-    record.update(inject(*args))
+LINK_FAULTS = ("cut", "stall", "slow")
 
 
-def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int) -> dict[str, Any]:  # fmt: skip
+def common_step_now(out: Path, spec) -> int:
+    return min(newest_step(out, p, spec.spec_hash) for p in spec.parties.compute)
+
+
+def inject_link(rng: random.Random, relays: list, out: Path, spec, done: threading.Event) -> dict:  # fmt: skip
+    """One link fault, chosen by `rng` (module doc), and how long the run hung after it."""
+    from secfwt_jax.runtime.link_shaper import PROFILES, LinkProfile
+
+    kind = rng.choice(LINK_FAULTS)
+    at = rng.randint(1, max(1, spec.tuning.steps - 2))
+    while not done.is_set() and (not relays or common_step_now(out, spec) < at):
+        time.sleep(0.05)
+    if done.is_set():
+        return {"kind": kind, "after_step": at, "injected": False}
+    shaper = relays[0]
+    link = rng.choice(sorted(shaper.links))
+    record: dict[str, Any] = {"kind": kind, "link": link, "after_step": at, "injected": True}
+    step = common_step_now(out, spec)
+    start = time.monotonic()
+    if kind == "cut":
+        record["seconds"] = round(rng.uniform(1.0, 30.0), 2)
+        shaper.cut(link, record["seconds"])
+    elif kind == "stall":
+        record["direction"] = rng.choice(["forward", "backward"])
+        record["seconds"] = round(rng.uniform(1.0, 30.0), 2)
+        shaper.stall(link, record["direction"], record["seconds"])
+    else:
+        lan = PROFILES["lan"]
+        record["seconds"] = 10.0
+        shaper.set_profile(link, LinkProfile(lan.bandwidth_bps * 0.01, lan.latency_s))
+        done.wait(10.0)
+        shaper.set_profile(link, lan)
+    while not done.is_set() and common_step_now(out, spec) <= step and step < spec.tuning.steps:
+        time.sleep(0.05)
+    record["moved_or_stopped_after_s"] = round(time.monotonic() - start, 2)
+    record["stopped"] = common_step_now(out, spec) <= step and step < spec.tuning.steps
+    return record
+
+
+def _record(record: dict, injector, *args) -> None:
+    record.update(injector(*args))
+
+
+def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int, faults: str = "process") -> dict[str, Any]:  # fmt: skip
     spec = load_spec(spec_path, overrides)
     out = work / "out"
     faults, attempts, lost = [], 0, 0
     while attempts <= max_restarts:
         procs: list[PartyProcess] = []
+        relays: list = []
         done = threading.Event()
         record: dict[str, Any] = {}
         injector = None
         if attempts == 0:  # one fault per job, in its first launch
-            injector = threading.Thread(target=_record, args=(record, rng, procs, out, spec, done))  # fmt: skip
+            how = (inject, procs) if faults == "process" else (inject_link, relays)
+            injector = threading.Thread(target=_record, args=(record, how[0], rng, how[1], out, spec, done))  # fmt: skip
             injector.start()
         before = max((newest_step(out, p, spec.spec_hash) for p in spec.parties.compute), default=0)
         try:
             results = launch_local(spec, spec_path, overrides, seed, out_dir=out, timeout_s=900,
-                                   work_dir=work / f"launch{attempts}", resume=attempts > 0, started=procs)  # fmt: skip
+                                   work_dir=work / f"launch{attempts}", resume=attempts > 0, started=procs,
+                                   link=None if faults == "process" else "lan", relays=relays)  # fmt: skip
             error = None
         except PartyFailedError as failure:
             results, error = None, str(failure).splitlines()[0]
@@ -114,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private-seed", type=int, default=3)
     ap.add_argument("--max-restarts", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=1e-3)
+    ap.add_argument("--faults", choices=["process", "link"], default="process", help="what fails (module doc)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_run.json"))
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.steps < 3:
@@ -128,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = []
         for j in range(args.jobs):
             t0 = time.monotonic()
-            job = one_job(args.spec, overrides, args.private_seed, rng, base / f"job{j}", args.max_restarts)  # fmt: skip
+            job = one_job(args.spec, overrides, args.private_seed, rng, base / f"job{j}", args.max_restarts, args.faults)  # fmt: skip
             job["seconds"] = round(time.monotonic() - t0, 1)
             tuned = job.pop("tuned")
             job["relative_gap"] = None if tuned is None else relative_gap(load_theta(tuned), want)
@@ -142,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "failed": sum(not j["completed"] for j in jobs),
         "steps_lost": sum(j["steps_lost"] for j in jobs),
         "any_result_differs": any(j["differs"] for j in jobs),
+        "longest_hang_s": max(
+            (f.get("moved_or_stopped_after_s", 0.0) for j in jobs for f in j["faults"]), default=0.0
+        ),  # fmt: skip
     }
     print(summary)
     write_json_atomic(args.out, {"command": "benchmarks/fault_run.py", "args": vars(args), "summary": summary, "jobs": jobs})  # fmt: skip

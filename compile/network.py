@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 
 def _check_nonneg(name: str, value: float) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
@@ -88,3 +90,79 @@ def get(name: str) -> NetworkModel:
     if key not in PRESETS:
         raise ValueError(f"network: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return PRESETS[key]
+
+
+# ---------------------------------------------------------------- link timeouts
+#: SPU splits a message into HTTP requests of at most this many bytes (SecretFlow's
+#: default `http_max_payload_size` for its SPU links: spu's own default, 1 MiB).
+HTTP_PAYLOAD_BYTES = 1 << 20
+#: A message of a secret tensor of n elements is bounded by this many ring elements per
+#: element: a replicated share (ABY3: 2 per party), and under SEMI2K a Beaver triple
+#: dealt for it (3); the opened differences of a product are 2. The largest of these.
+RING_ELEMENTS_PER_ELEMENT = 3
+
+
+def message_bound_bytes(largest_tensor_elements: int, ring_bytes: int) -> int:
+    """An upper bound on the largest single link message of a program whose largest
+    tensor has ``largest_tensor_elements`` elements, in a ring of ``ring_bytes`` bytes."""
+    return int(largest_tensor_elements) * int(ring_bytes) * RING_ELEMENTS_PER_ELEMENT
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkTimeouts:
+    """SPU link timeouts for one run (milliseconds, as spu's link ``Desc`` takes them).
+
+    ``recv_timeout_ms`` bounds how long a party waits for one whole message, and
+    ``http_timeout_ms`` one HTTP request of it (at most ``HTTP_PAYLOAD_BYTES``)."""
+
+    recv_timeout_ms: int
+    http_timeout_ms: int
+    largest_message_bytes: int
+    slowest_link_bps: float
+
+    def link_desc(self) -> dict[str, int]:
+        return {"recv_timeout_ms": self.recv_timeout_ms, "http_timeout_ms": self.http_timeout_ms}
+
+
+def scaled_timeout_ms(nbytes: float, slowest_link_bps: float, base_s: float, margin: float = 3.0) -> int:  # fmt: skip
+    """``base_s`` plus ``margin`` times the seconds ``nbytes`` take on the slowest link, in ms."""
+    _check_nonneg("bytes", nbytes)
+    _check_nonneg("slowest_link_bps", slowest_link_bps)
+    _check_nonneg("base_s", base_s)
+    if slowest_link_bps == 0:
+        raise ValueError("slowest_link_bps: must be > 0")
+    return int(math.ceil(1000 * (base_s + margin * 8 * nbytes / slowest_link_bps)))
+
+
+def link_timeouts(largest_message_bytes: int, slowest_link_bps: float, base_s: float = 120.0, margin: float = 3.0) -> LinkTimeouts:  # fmt: skip
+    """Timeouts that let the largest message cross the slowest link ``margin`` times over,
+    on top of ``base_s`` (SecretFlow's default, 120 s: room for a peer's compute between
+    messages):
+
+        recv = base + margin * 8 * largest / slowest_bps
+        http = base + margin * 8 * min(largest, HTTP_PAYLOAD_BYTES) / slowest_bps
+    """
+    recv = scaled_timeout_ms(largest_message_bytes, slowest_link_bps, base_s, margin)
+    http = scaled_timeout_ms(min(largest_message_bytes, HTTP_PAYLOAD_BYTES), slowest_link_bps, base_s, margin)  # fmt: skip
+    return LinkTimeouts(recv, http, int(largest_message_bytes), float(slowest_link_bps))
+
+
+def largest_tensor_elements(fn, args) -> int:
+    """The most elements of any value `fn` computes on `args` (inputs, intermediates inside
+    loops and branches, outputs), from its jaxpr: shapes only, nothing is run."""
+    import jax
+
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)), args)  # fmt: skip
+    closed = jax.make_jaxpr(fn)(*abstract)
+
+    def walk(jaxpr) -> int:
+        most = max((int(np.prod(v.aval.shape)) for v in jaxpr.invars if hasattr(v.aval, "shape")), default=0)  # fmt: skip
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                if hasattr(v.aval, "shape"):
+                    most = max(most, int(np.prod(v.aval.shape)))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                most = max(most, walk(sub))
+        return most
+
+    return walk(closed.jaxpr)

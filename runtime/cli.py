@@ -1,7 +1,7 @@
 """`secfwt` command line.
 
     secfwt finetune RUN.yaml [--set key=value ...] [--backend sim|cluster] [--out DIR]
-    secfwt cluster launch RUN.yaml            all parties as processes on this host
+    secfwt cluster launch RUN.yaml [--link lan|wan|edge]   all parties as processes on this host
     secfwt party RUN.yaml --party NAME        one party on its own host
     secfwt adapt RUN.yaml [--text FILE]       the model owner's attention adaptation
     secfwt compile RUN.yaml --out DIR [--profile] [--cache-dir DIR | --no-cache]
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from secfwt_jax.files import check_writable_dir
+from secfwt_jax.runtime.link_shaper import PROFILES
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -34,6 +35,8 @@ def _finetune(args: argparse.Namespace) -> int:
     given = _given_seed(args)
     if spec.backend.kind == "cluster":
         return _launch(spec, args, given)
+    if args.link is not None:
+        raise ValueError("--link: shaped links are for a cluster run (--backend cluster); the simulator has no links")  # fmt: skip
     seeds = None if given is None else PrivateSeeds(given)  # None: drawn from the OS
     cache = cache_dir_for(spec, args.cache_dir, "--cache-dir")
     report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
@@ -55,7 +58,7 @@ def _given_seed(args: argparse.Namespace) -> int | None:
 def _launch(spec, args: argparse.Namespace, private_seed: int | None) -> int:
     from secfwt_jax.runtime.cluster_run import launch_local, summary_json
 
-    results = launch_local(spec, args.spec, args.set, private_seed, Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
+    results = launch_local(spec, args.spec, args.set, private_seed, Path(args.out) if args.out else None, resume=args.resume, link=args.link)  # fmt: skip
     print(summary_json(results))
     return 0
 
@@ -182,6 +185,9 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+LINK_HELP = "send every party's links through a user-space shaper of this profile (one relay per direction of each pair, SecretFlow and SPU ports): lan 1 Gbps/0.5 ms, wan 100 Mbps/20 ms, edge 10 Mbps/50 ms one way; none relays unshaped"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secfwt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     fine.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests and reproducing figures only (default: 128 bits from the OS, kept 0600 in <out>/<model owner>/private_seed)")  # fmt: skip
     fine.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
+    fine.add_argument("--link", choices=sorted(PROFILES), help=LINK_HELP)
     fine.set_defaults(run=_finetune)
     adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint to RFA (and model.gelu) on public text (plaintext)")  # fmt: skip
     adapt.add_argument("spec", help="run spec (its model section: checkpoint, attention, adapted_checkpoint)")  # fmt: skip
@@ -235,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--out", help="output directory (default: the spec's output.dir)")
     launch.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests and reproducing figures only (default: 128 bits from the OS, kept 0600 in <out>/<model owner>/private_seed)")  # fmt: skip
     launch.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
+    launch.add_argument("--link", choices=sorted(PROFILES), help=LINK_HELP)
     launch.set_defaults(run=_cluster_launch)
     party = sub.add_parser("party", help="run one party of a SecretFlow cluster (real deployment)")
     party.add_argument("spec", help="run spec (YAML), the same file at every party")

@@ -47,6 +47,9 @@ __all__ = [
     "loopback_cluster",
     "check_beaver_source",
     "check_own_ports",
+    "SpuOnDemand",
+    "describe_link_failure",
+    "set_cross_silo_timeout",
     "sf_party_session",
 ]
 
@@ -93,6 +96,12 @@ class ClusterConfig:
     #: {party: {peer: port}} on ``host``; a pair not named dials the peer's own port.
     sf_dial: Mapping[str, Mapping[str, int]] = dc_field(default_factory=dict)
     spu_dial: Mapping[str, Mapping[str, int]] = dc_field(default_factory=dict)
+    #: The slowest link the deployment plans for (bits/s) and the base of the SPU link
+    #: timeouts (s): `spu_link_timeouts` scales them with a run's largest message.
+    slowest_link_bps: float = 10e6
+    link_timeout_s: float = 120.0
+    #: The base of SecretFlow's cross-silo RPC timeout (s); `cross_silo_timeout_ms` scales it.
+    rpc_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         # Normalise containers (YAML/JSON give lists and plain dicts) before validating.
@@ -156,6 +165,14 @@ class ClusterConfig:
                 for peer, port in peers.items():
                     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                         raise _fail(name, f"{party}->{peer}: port {port!r} not an int in 1..65535")
+        for name in ("slowest_link_bps", "link_timeout_s", "rpc_timeout_s"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < float("inf")
+            ):
+                raise _fail(name, f"must be a positive number, got {value!r}")
         reserved = {"protocol", "field"} & set(self.spu_runtime_extra)
         if reserved:
             raise _fail("spu_runtime_extra", f"must not set {sorted(reserved)}; use the fields")
@@ -191,6 +208,20 @@ class ClusterConfig:
             },
             "self_party": self_party,
         }
+
+    def spu_link_timeouts(self, largest_message_bytes: int):
+        """SPU link timeouts for a run whose largest message is bounded by
+        ``largest_message_bytes`` (`compile.network.link_timeouts`)."""
+        from secfwt_jax.compile.network import link_timeouts
+
+        return link_timeouts(largest_message_bytes, self.slowest_link_bps, self.link_timeout_s)
+
+    def cross_silo_timeout_ms(self, burst_bytes: int) -> int:
+        """SecretFlow's cross-silo RPC timeout when ``burst_bytes`` may be queued on one
+        link at once: ``rpc_timeout_s`` plus three times their time on the slowest link."""
+        from secfwt_jax.compile.network import scaled_timeout_ms
+
+        return scaled_timeout_ms(burst_bytes, self.slowest_link_bps, self.rpc_timeout_s)
 
     def spu_runtime_config(self) -> dict[str, Any]:
         """SPU ``runtime_config`` in JSON form (enum names), as ``json_format.Parse`` wants."""
@@ -241,6 +272,9 @@ class ClusterConfig:
             "tls": None if self.tls is None else dict(self.tls),
             "sf_dial": {p: dict(m) for p, m in self.sf_dial.items()},
             "spu_dial": {p: dict(m) for p, m in self.spu_dial.items()},
+            "slowest_link_bps": self.slowest_link_bps,
+            "link_timeout_s": self.link_timeout_s,
+            "rpc_timeout_s": self.rpc_timeout_s,
         }
 
     @classmethod
@@ -412,6 +446,47 @@ def _bind_secretflow_to_listen_addr() -> None:
     sf_grpc.GrpcProxy._start_server = _start_server
 
 
+_SPU_RECV_TIMEOUT = re.compile(r"Get data timeout, key=\S*?:(\d+)->(\d+)")
+_SF_SEND_FAILED = re.compile(r"\[([\w-]+)\] -- Failed to send seq id \d+ to ([\w-]+)")
+_GRPC_STATUS = re.compile(r"status = StatusCode\.(\w+)")
+
+
+def describe_link_failure(log_text: str, parties: tuple[str, ...] | list[str]) -> str | None:
+    """One line naming the link that failed, from a party's log, or None. SPU names links
+    by rank (the sorted party names): "Get data timeout, key=root:P2P-2:1->0" is the
+    receiver 0 waiting past its receive timeout for the sender 1."""
+    ranks = sorted(parties)
+    if m := _SPU_RECV_TIMEOUT.search(log_text):
+        src, dst = (ranks[int(i)] if int(i) < len(ranks) else i for i in m.groups())
+        return f"SPU link {src}->{dst}: no message within the receive timeout (yacl key {m.group(0).split('key=')[1]})"  # fmt: skip
+    if m := _SF_SEND_FAILED.search(log_text):
+        status = _GRPC_STATUS.search(log_text[m.end() :])
+        why = f" ({status.group(1)})" if status else ""
+        return f"SecretFlow link {m.group(1)}->{m.group(2)}: a message was not delivered{why}"
+    return None
+
+
+def set_cross_silo_timeout(ms: int) -> None:
+    """SecretFlow's cross-silo RPC timeout from now on, in this party (each send reads it
+    from the proxy's config: secretflow/distributed/fed/proxy/grpc/grpc.py `send`)."""
+    from secretflow.distributed.fed.global_context import get_global_context
+
+    get_global_context()._proxy._proxy_config.timeout_in_ms = int(ms)
+
+
+class SpuOnDemand:
+    """The cluster's SPU device, opened by the first `device()` call with the link options
+    given to it; the same device after that."""
+
+    def __init__(self, open_device):
+        self._open, self._device = open_device, None
+
+    def device(self, link_desc: Mapping[str, Any] | None = None):
+        if self._device is None:
+            self._device = self._open(link_desc)
+        return self._device
+
+
 @contextlib.contextmanager
 def sf_party_session(
     cluster: ClusterConfig,
@@ -419,10 +494,12 @@ def sf_party_session(
     *,
     job_name: str = "secfwt",
     logging_level: str = "warning",
-    rpc_timeout_ms: int = 60_000,
+    rpc_timeout_ms: int | None = None,
     spu_log_path: str | Path | None = None,
     watch_peers: bool = True,
     connect_timeout_s: float = 60.0,
+    spu_link_desc: Mapping[str, Any] | None = None,
+    open_spu: bool = True,
 ) -> Iterator[Any]:
     """``sf.init`` this process as ``self_party`` and yield the cluster's ``sf.SPU`` device.
 
@@ -433,6 +510,11 @@ def sf_party_session(
     With ``watch_peers`` a `runtime.liveness.PeerWatch` stops this process with one line
     naming the peer when a peer is unreachable for ``connect_timeout_s`` at the start or
     stops answering later; the watch ends before the shutdown barrier of a finished run.
+
+    ``spu_link_desc`` goes to the SPU device's links (timeouts: `spu_link_timeouts`).
+    With ``open_spu=False`` the session yields a `SpuOnDemand` instead, which opens the
+    SPU device (and its links) when first asked, with link options known by then: every
+    party must ask at the same point of the same program.
 
     SPU's spdlog otherwise writes ``spu.log`` into the working directory, shared by every
     party on the host; by default it goes to ``spu-<party>.log`` in ``$SECFWT_PARTY_WORK_DIR``
@@ -469,7 +551,9 @@ def sf_party_session(
             ray_mode=False,
             job_name=job_name,
             logging_level=logging_level,
-            cross_silo_comm_options={"timeout_in_ms": rpc_timeout_ms},
+            cross_silo_comm_options={
+                "timeout_in_ms": rpc_timeout_ms or int(1000 * cluster.rpc_timeout_s)
+            },
             tls_config=tls,
         )
     except BaseException:
@@ -484,8 +568,11 @@ def sf_party_session(
 
             public = (cluster.listen_host or cluster.host, cluster.spu_ports[self_party])
             spu_listen = fronts.enter_context(spu_front(public, tls))
-        spu = sf.SPU(cluster.spu_cluster_def(self_party, spu_listen), log_options=log_options)
-        yield spu
+
+        def spu_device(link_desc: Mapping[str, Any] | None):
+            return sf.SPU(cluster.spu_cluster_def(self_party, spu_listen), link_desc=dict(link_desc or {}) or None, log_options=log_options)  # fmt: skip
+
+        yield spu_device(spu_link_desc) if open_spu else SpuOnDemand(spu_device)
     except BaseException:
         fronts.close()
         if watch is not None:

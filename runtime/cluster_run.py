@@ -47,18 +47,52 @@ class ClusterProgram:
 
 
 class ClusterBackend:
-    """The placement interface of `compile.sim_backend.SimBackend` on SecretFlow devices."""
+    """The placement interface of `compile.sim_backend.SimBackend` on SecretFlow devices.
+
+    The SPU device is opened when first used (`SpuOnDemand`), after every program is
+    compiled: its link timeouts are scaled with the programs' largest message
+    (`ClusterConfig.spu_link_timeouts`), the same at every party since the programs are."""
 
     kind = "cluster"
 
-    def __init__(self, spu, me: str, preset):
-        self.spu, self.me, self.preset = spu, me, preset
+    def __init__(self, spu, me: str, preset, cluster: ClusterConfig | None = None, log=None):
+        self._spu, self.me, self.preset, self.cluster = spu, me, preset, cluster
+        self.log = log or (lambda m: None)
         self.cost = None  # spu 0.9.3 exposes no link statistics to Python (see README)
+        self.largest_message_bytes = 0
+        self.timeouts = None
+
+    @property
+    def spu(self):
+        """The SPU device: opened now if it is a `SpuOnDemand` not yet opened."""
+        from secfwt_jax.runtime.cluster import SpuOnDemand
+
+        if not isinstance(self._spu, SpuOnDemand):
+            return self._spu
+        if self.timeouts is None and self.cluster is not None:
+            self.timeouts = self.cluster.spu_link_timeouts(self.largest_message_bytes)
+            t = self.timeouts
+            self.log(f"SPU links: largest message at most {t.largest_message_bytes / 1e6:,.1f} MB; receive timeout {t.recv_timeout_ms / 1000:,.0f} s, HTTP {t.http_timeout_ms / 1000:,.0f} s (slowest link {t.slowest_link_bps / 1e6:g} Mbps)")  # fmt: skip
+        return self._spu.device(self.timeouts.link_desc() if self.timeouts else None)
 
     def at(self, party: str, fn, *args, num_returns: int = 1):
         import secretflow as sf
 
         return sf.PYU(party)(fn, num_returns=num_returns)(*args)
+
+    def expect_inputs(self, elements: int) -> None:
+        """Before the owners share `elements` elements: SecretFlow's cross-silo timeout
+        scaled so that all their shares (sent at once, two per party under ABY3) cross
+        the slowest link (`ClusterConfig.cross_silo_timeout_ms`)."""
+        from secfwt_jax.compile.protocols import FIELD_BITS
+        from secfwt_jax.runtime.cluster import set_cross_silo_timeout
+
+        if self.cluster is None:
+            return
+        burst = elements * (FIELD_BITS[self.preset.field] // 8) * 2
+        ms = self.cluster.cross_silo_timeout_ms(burst)
+        set_cross_silo_timeout(ms)
+        self.log(f"SecretFlow links: the owners' shares are at most {burst / 1e6:,.1f} MB per link; cross-silo timeout {ms / 1000:,.0f} s")  # fmt: skip
 
     def publish(self, obj) -> Any:
         import secretflow as sf
@@ -120,6 +154,12 @@ class ClusterBackend:
             return (out,) if single else out
 
         spu_fn.__name__ = program.name
+        from secfwt_jax.compile.network import largest_tensor_elements, message_bound_bytes
+        from secfwt_jax.compile.protocols import FIELD_BITS
+
+        elements = largest_tensor_elements(program.fn, program.args)
+        ring_bytes = FIELD_BITS[self.preset.field] // 8
+        self.largest_message_bytes = max(self.largest_message_bytes, message_bound_bytes(elements, ring_bytes))  # fmt: skip
         key = cache_key(key_payload(job_of(program), self.preset))
         return ClusterProgram(program.name, spu_fn, constants, key, False, 0.0, outputs)  # fmt: skip
 
@@ -228,13 +268,13 @@ def run_party(
     if party == spec.parties.model_owner and private_seed is None:
         private_seed = model_owner_seed(out_dir, party, resume)  # drawn here, by its owner
     seeds = PrivateSeeds(model_owner=private_seed if party == spec.parties.model_owner else -1)
-    with sf_party_session(cluster, party, job_name="secfwt-finetune") as spu:
-        log = lambda m: print(f"[{party}] {m}", flush=True)  # noqa: E731
+    log = lambda m: print(f"[{party}] {m}", flush=True)  # noqa: E731
+    with sf_party_session(cluster, party, job_name="secfwt-finetune", open_spu=False) as spu:
         held = checkpoints.held_steps(out_dir, party, spec.spec_hash, "cluster", log=log) if resume else []  # fmt: skip
         agreed = handshake(spec, party, cluster, held)  # before any secret moves
         if resume and not agreed:
             log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} held by every party; starting afresh")  # fmt: skip
-        backend = ClusterBackend(spu, party, preset_of(spec))
+        backend = ClusterBackend(spu, party, preset_of(spec), cluster, log)
         report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed).report  # fmt: skip
     report["files"] = write_report(report, out_dir / party)
     return report

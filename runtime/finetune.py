@@ -240,6 +240,7 @@ def run_finetune(
     t = mark("compile", t)
 
     # 5-6: shares from the owners; the frozen trunk once per chunk.
+    backend.expect_inputs(build.shared_input_elements(model_public, data_public))
     lower_h, upper_h = backend.at(mo, programs.frozen_parts, frozen_h, num_returns=2)
     theta_s, frozen_s = backend.share(theta_h), backend.share(upper_h)
 

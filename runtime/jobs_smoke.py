@@ -20,6 +20,9 @@ import numpy as np
 from secfwt_jax.runtime.cluster import ClusterConfig, sf_party_session
 
 __all__ = [
+    "big_product_fn",
+    "big_product_job",
+    "big_product_plaintext",
     "failing_job",
     "make_x",
     "make_y",
@@ -81,6 +84,58 @@ def smoke_job(
         "compute_s": round(t_compute, 3),
         "total_s": round(time.monotonic() - t0, 3),
     }
+
+
+def big_product_fn(x, y, repeat: int):
+    """A large secret product from small inputs: tile both to ``repeat`` times their
+    size inside SPU (no link traffic) and multiply, so one message of the product is large
+    while the inputs cross the links cheaply. Returns the sum. A public ramp is added to
+    one factor so that the compiler cannot multiply before tiling."""
+    import jax.numpy as jnp
+
+    ramp = jnp.arange(x.size * repeat, dtype=x.dtype) * 1e-6
+    return jnp.sum((jnp.tile(x, repeat) + ramp) * jnp.tile(y, repeat))
+
+
+def big_product_job(party: str, cluster: ClusterConfig, n: int = 1000, repeat: int = 500, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """``big_product_fn`` on SPU (x from alice, y from bob, both of ``n`` elements), with
+    the SPU links' timeouts scaled to the product's largest message
+    (`ClusterConfig.spu_link_timeouts`); returns the value, the timeouts and how long the
+    product took."""
+    import secretflow as sf
+
+    from secfwt_jax.compile.network import message_bound_bytes
+    from secfwt_jax.compile.protocols import FIELD_BITS
+
+    timeouts = cluster.spu_link_timeouts(message_bound_bytes(n * repeat, FIELD_BITS[cluster.field] // 8))  # fmt: skip
+    with sf_party_session(cluster, party, job_name="secfwt-big-product", open_spu=False) as lazy:
+        spu = lazy.device(timeouts.link_desc())
+        x = sf.PYU("alice")(lambda: np.random.default_rng(seed).uniform(-1, 1, n).astype(np.float32))()  # fmt: skip
+        y = sf.PYU("bob")(lambda: np.random.default_rng(seed + 1).uniform(-1, 1, n).astype(np.float32))()  # fmt: skip
+        xs, ys = x.to(spu), y.to(spu)
+        sf.reveal(spu(lambda a, b: jnp_sum(a) + jnp_sum(b))(xs, ys))  # the links are up
+        t0 = time.monotonic()
+
+        def big_product(a, b):
+            return big_product_fn(a, b, repeat)
+
+        value = float(sf.reveal(spu(big_product)(xs, ys)))
+        seconds = time.monotonic() - t0
+    return {"party": party, "value": value, "product_s": round(seconds, 2),
+            "recv_timeout_ms": timeouts.recv_timeout_ms, "http_timeout_ms": timeouts.http_timeout_ms}  # fmt: skip
+
+
+def big_product_plaintext(n: int = 1000, repeat: int = 500, seed: int = 0) -> float:
+    x = np.random.default_rng(seed).uniform(-1, 1, n).astype(np.float32).astype(np.float64)
+    y = np.random.default_rng(seed + 1).uniform(-1, 1, n).astype(np.float32).astype(np.float64)
+    ramp = np.arange(n * repeat, dtype=np.float32).astype(np.float64) * 1e-6
+    return float(np.sum((np.tile(x, repeat) + ramp) * np.tile(y, repeat)))
+
+
+def jnp_sum(a):
+    import jax.numpy as jnp
+
+    return jnp.sum(a)
 
 
 def failing_job(

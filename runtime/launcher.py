@@ -212,7 +212,7 @@ def launch_parties(
                     _wait_all(procs, peer_grace_s)
                     _kill_all(procs)
                     raise PartyFailedError(
-                        f"party {pp.party!r} failed with exit code {rc} ({_last_line(pp.log_path)}); {_endings(procs, pp)} "
+                        f"{_link_named(procs, cluster)}party {pp.party!r} failed with exit code {rc} ({_last_line(pp.log_path)}); {_endings(procs, pp)} "
                         f"(work dir {wd})\n{_describe_failures(procs, pp)}",
                         party=pp.party,
                     )
@@ -252,6 +252,17 @@ def _wait_all(procs: list[PartyProcess], wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while any(pp.proc.poll() is None for pp in procs) and time.monotonic() < deadline:
         time.sleep(_POLL_S)
+
+
+def _link_named(procs: list[PartyProcess], cluster: ClusterConfig) -> str:
+    """'<the failed link>; ' when a party's log shows a link that failed, else ''."""
+    from secfwt_jax.runtime.cluster import describe_link_failure
+
+    for pp in procs:
+        named = describe_link_failure(_tail(pp.log_path, 50_000), cluster.parties)
+        if named:
+            return f"{named}; "
+    return ""
 
 
 def _last_line(path: Path) -> str:

@@ -58,6 +58,7 @@ CASES = {
     "spec-party-count": (_ft("parties.compute=[alice, bob]"), "parties.compute"),
     "spec-same-owner": (_ft("parties.data_owner=alice"), "data_owner"),
     "spec-timeout-zero": (_ft("backend.timeout_s=0"), "backend.timeout_s"),
+    "link-on-simulator": ([*_ft(), "--link", "wan"], "--link: shaped links are for a cluster run"),
     "spec-timeout-negative": (_ft("backend.timeout_s=-5"), "backend.timeout_s"),
     "spec-batch-too-large": (_ft("tuning.batch_size=1000"), "tuning.batch_size"),
     "spec-mpc-examples-too-many": (_ft("evaluation.mpc_examples=1000"), "evaluation.mpc_examples"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,6 +69,28 @@ def test_network_model_rejects_bad_values_with_one_line_error(make, field):
     with pytest.raises(ValueError) as e:
         make()
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_link_timeouts_let_the_largest_message_cross_the_slowest_link_three_times_over():
+    t = network.link_timeouts(10e6, 10e6, base_s=120.0)  # 10 MB at 10 Mbps: 8 s
+    assert t.recv_timeout_ms == 1000 * (120 + 3 * 8)
+    assert t.http_timeout_ms == int(
+        np.ceil(1000 * (120 + 3 * 8 * network.HTTP_PAYLOAD_BYTES / 10e6))
+    )
+    assert t.link_desc() == {"recv_timeout_ms": t.recv_timeout_ms, "http_timeout_ms": t.http_timeout_ms}  # fmt: skip
+    small = network.link_timeouts(1000, 10e6)
+    assert small.recv_timeout_ms == small.http_timeout_ms == 120_003  # a small program: the base
+    with pytest.raises(ValueError, match="^slowest_link_bps"):
+        network.link_timeouts(1, 0)
+
+
+def test_the_largest_tensor_is_found_inside_loops_and_bounds_the_message():
+    def body(c, x):
+        return c + jnp.outer(x, x).sum(), None  # a 300 x 300 intermediate in the loop only
+
+    fn = lambda a: jax.lax.scan(body, 0.0, a)[0]  # noqa: E731
+    assert network.largest_tensor_elements(fn, (np.zeros((4, 300), np.float32),)) == 90_000
+    assert network.message_bound_bytes(90_000, 8) == 90_000 * 8 * network.RING_ELEMENTS_PER_ELEMENT
 
 
 # ------------------------------------------------------------------- function profiles

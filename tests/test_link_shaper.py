@@ -140,3 +140,33 @@ def test_a_job_through_shaped_links_gives_the_direct_result(tmp_path):
     reference = run_sim(spec, seeds=PrivateSeeds(7), out_dir=tmp_path / "sim", progress=False)
     tuned = load_theta(results["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(reference["tuned_params"]["path"])) < 1e-3
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_a_large_product_on_a_slow_link_does_not_trip_the_scaled_timeouts(tmp_path):
+    """A 500,000-element secret product over 8 Mbps SPU links: each of its 4 MB messages
+    takes about 4 s, twice the 2 s base timeout given here, and passes because the
+    timeouts are scaled with the program's largest message."""
+    import contextlib
+    import dataclasses
+
+    from secfwt_jax.runtime.cluster import loopback_cluster
+    from secfwt_jax.runtime.cluster_run import _through_relays
+    from secfwt_jax.runtime.jobs_smoke import big_product_plaintext
+    from secfwt_jax.runtime.launcher import launch_parties
+
+    base, bandwidth = 2.0, 8e6
+    cluster = dataclasses.replace(loopback_cluster(["alice", "bob", "carol"], "ABY3", "FM64"),
+                                  link_timeout_s=base, slowest_link_bps=bandwidth)  # fmt: skip
+    args = {"n": 1000, "repeat": 500}
+    with contextlib.ExitStack() as stack:
+        shaped = _through_relays(cluster, LinkProfile(bandwidth, 0.001), stack, None)
+        results = launch_parties(shaped, "secfwt_jax.runtime.jobs_smoke:big_product_job", args,
+                                 timeout_s=400, work_dir=tmp_path)  # fmt: skip
+    want = big_product_plaintext(**args)
+    message_s = 500_000 * 8 * 8 / bandwidth  # one share of the product, one way
+    for r in results.values():
+        assert abs(r["value"] - want) < 1e-3 * abs(want) + 5, (r, want)
+        assert message_s > base and r["product_s"] > message_s  # the base alone would trip
+        assert r["recv_timeout_ms"] / 1000 > 3 * message_s and r["http_timeout_ms"] / 1000 > base

@@ -154,6 +154,8 @@ def test_yaml_and_json_round_trip(tmp_path):
         ({"spu_ports": {"alice": 20011, "bob": 20012}}, "spu_ports"),
         ({"sf_ports": {"alice": 20001, "bob": 70000, "carol": 20003}}, "sf_ports"),
         ({"prtocol": "ABY3"}, "prtocol"),
+        ({"slowest_link_bps": 0}, "slowest_link_bps"),
+        ({"link_timeout_s": "soon"}, "link_timeout_s"),
     ],
 )
 def test_bad_config_one_line_value_error_naming_field(override, field, tmp_path):
@@ -240,3 +242,13 @@ def test_timeout_kills_every_party(tmp_path):
         )
     assert time.monotonic() - t0 < 15
     _assert_all_gone(procs)
+
+
+def test_a_failed_link_is_named_by_its_parties_from_the_log():
+    from secfwt_jax.runtime.cluster import describe_link_failure
+
+    spu = "secretflow.distributed.fed.exception.FedLocalError: what: \n\t[external/yacl/yacl/link/transport/channel.cc:430] Get data timeout, key=root:P2P-2:1->0"  # fmt: skip
+    assert describe_link_failure(spu, ["carol", "alice", "bob"]) == "SPU link bob->alice: no message within the receive timeout (yacl key root:P2P-2:1->0)"  # fmt: skip
+    sf = "2026-12-06 12:47:47.526 ERROR global_context.py:186 [bob] -- Failed to send seq id 91 to alice\nTraceback ...\n\tstatus = StatusCode.DEADLINE_EXCEEDED\n"  # fmt: skip
+    assert describe_link_failure(sf, PARTIES) == "SecretFlow link bob->alice: a message was not delivered (DEADLINE_EXCEEDED)"  # fmt: skip
+    assert describe_link_failure("ValueError: data.k: must be >= 1", PARTIES) is None

@@ -238,6 +238,19 @@ class DataOwnerInputs:
         }
 
 
+def shared_input_elements(model: ModelPublic, data_public: dict[str, Any]) -> int:
+    """How many elements the owners share into SPU in one run, from public facts: the
+    trainable and frozen parameters, and every training chunk (inputs and labels) and
+    evaluation chunk. Each crosses the SecretFlow links once, as shares."""
+
+    def size(tree: Any) -> int:
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+    train = size(data_public["train_shapes"]) + int(np.prod(data_public["label_shape"]))
+    data = data_public["train_chunks"] * train + data_public["eval_chunks"] * size(data_public["eval_shapes"])  # fmt: skip
+    return size(model.trainable_shapes) + size(model.frozen_shapes) + data
+
+
 def load_data(spec: RunSpec) -> LabelledText:
     """At the data owner: its labelled file (one-line DataError on bad input)."""
     d = spec.data
