@@ -119,7 +119,7 @@ def _record(record: dict, injector, *args) -> None:
     record.update(injector(*args))
 
 
-def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int, faults: str = "process") -> dict[str, Any]:  # fmt: skip
+def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int, fault_kind: str = "process") -> dict[str, Any]:  # fmt: skip
     spec = load_spec(spec_path, overrides)
     out = work / "out"
     faults, attempts, lost = [], 0, 0
@@ -130,14 +130,14 @@ def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random,
         record: dict[str, Any] = {}
         injector = None
         if attempts == 0:  # one fault per job, in its first launch
-            how = (inject, procs) if faults == "process" else (inject_link, relays)
+            how = (inject, procs) if fault_kind == "process" else (inject_link, relays)
             injector = threading.Thread(target=_record, args=(record, how[0], rng, how[1], out, spec, done))  # fmt: skip
             injector.start()
         before = max((newest_step(out, p, spec.spec_hash) for p in spec.parties.compute), default=0)
         try:
             results = launch_local(spec, spec_path, overrides, seed, out_dir=out, timeout_s=900,
                                    work_dir=work / f"launch{attempts}", resume=attempts > 0, started=procs,
-                                   link=None if faults == "process" else "lan", relays=relays)  # fmt: skip
+                                   link=None if fault_kind == "process" else "lan", relays=relays)  # fmt: skip
             error = None
         except PartyFailedError as failure:
             results, error = None, str(failure).splitlines()[0]

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from secfwt_jax.compile.network import NetworkModel
-from secfwt_jax.compile.run_compile import profile_run
+from secfwt_jax.compile.run_compile import input_share_bytes, profile_run
 from secfwt_jax.files import write_json_atomic
 from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.cluster_run import launch_local
@@ -82,8 +82,6 @@ def measure(name: str, profiles: list[str], repeats: int, seed: int, cache: Path
     spec_path = str(ROOT / rel)
     spec = load_spec(spec_path, overrides)
     prof = profile_run(spec, cache, log=lambda m: None)
-    per_party_bytes = prof["run_total_bytes"] / prof["world_size"]
-    rounds = prof["run_total_rounds"]
     runs = []
     for profile in profiles:
         for r in range(repeats):
@@ -93,34 +91,54 @@ def measure(name: str, profiles: list[str], repeats: int, seed: int, cache: Path
             runs.append(run)
             print(f"{name} {profile} #{r}: wall {run['wall_s']} s, MPC phases {run['mpc_s']} s, "
                   f"SPU bytes relayed {run['relayed_spu_bytes'] / 1e6:,.1f} MB", flush=True)  # fmt: skip
+    return summarise({"spec": rel, "overrides": overrides, "spec_hash": spec.spec_hash,
+                      "profiled_total_bytes": prof["run_total_bytes"],
+                      "profiled_rounds_per_party": prof["run_total_rounds"],
+                      "profiled_bytes_per_party": prof["run_total_bytes"] / prof["world_size"],
+                      "input_share_bytes_per_party": prof["input_share_bytes_per_party"],
+                      "runs": runs})  # fmt: skip
+
+
+def summarise(res: dict) -> dict:
+    """`res` with its rows: per profile, the medians, and waiting against two estimates:
+    the programs' bytes and rounds alone, and with the owners' shares added (which cross
+    the SecretFlow links inside the measured phases, before the programs run)."""
+    runs = res["runs"]
+    profiles = list(dict.fromkeys(r["profile"] for r in runs))
     compute = statistics.median(r["mpc_s"] for r in runs if r["profile"] == "none")
     rows = []
     for profile in profiles:
         mine = [r for r in runs if r["profile"] == profile]
         mpc = statistics.median(r["mpc_s"] for r in mine)
         net = model_of(profile)
-        est = net.breakdown(per_party_bytes, rounds) if net else None
-        waiting = mpc - compute
-        rows.append({"profile": profile, "mpc_s": round(mpc, 2), "compute_s": round(compute, 2),
-                     "waiting_s": round(waiting, 2),
-                     "estimate_s": est and round(est["total_s"], 2),
-                     "estimate_transfer_s": est and round(est["transfer_s"], 2),
-                     "estimate_latency_s": est and round(est["latency_s"], 2),
-                     "waiting_over_estimate": est and round(waiting / est["total_s"], 3),
-                     "wall_s": statistics.median(r["wall_s"] for r in mine)})  # fmt: skip
-    return {"spec": rel, "overrides": overrides, "spec_hash": spec.spec_hash,
-            "profiled_total_bytes": prof["run_total_bytes"], "profiled_rounds_per_party": rounds,
-            "profiled_bytes_per_party": per_party_bytes, "rows": rows, "runs": runs}  # fmt: skip
+        row = {"profile": profile, "mpc_s": round(mpc, 2), "compute_s": round(compute, 2),
+               "waiting_s": round(mpc - compute, 2), "wall_s": statistics.median(r["wall_s"] for r in mine)}  # fmt: skip
+        if net is not None:
+            programs = net.breakdown(
+                res["profiled_bytes_per_party"], res["profiled_rounds_per_party"]
+            )
+            inputs = net.transfer_s(res["input_share_bytes_per_party"])
+            row.update(estimate_programs_s=round(programs["total_s"], 2),
+                       estimate_transfer_s=round(programs["transfer_s"], 2),
+                       estimate_latency_s=round(programs["latency_s"], 2),
+                       estimate_inputs_s=round(inputs, 2),
+                       estimate_s=round(programs["total_s"] + inputs, 2),
+                       waiting_over_programs_estimate=round(row["waiting_s"] / programs["total_s"], 3),
+                       waiting_over_estimate=round(row["waiting_s"] / (programs["total_s"] + inputs), 3))  # fmt: skip
+        rows.append(row)
+    return {**res, "rows": rows}
 
 
 def table(results: dict) -> str:
-    lines = ["| run | link | MPC phases (s) | compute (s) | waiting (s) | model estimate (s): transfer + latency | waiting / estimate |",  # fmt: skip
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| run | link | MPC phases (s) | compute (s) | waiting (s) | estimate (s): programs' transfer + latency + owners' shares | waiting / estimate | without the shares |",  # fmt: skip
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, res in results.items():
         for row in res["rows"]:
-            est = "" if row["estimate_s"] is None else f"{row['estimate_s']} = {row['estimate_transfer_s']} + {row['estimate_latency_s']}"  # fmt: skip
-            ratio = "" if row["waiting_over_estimate"] is None else f"{row['waiting_over_estimate']:.2f}"  # fmt: skip
-            lines.append(f"| {name} | {row['profile']} | {row['mpc_s']} | {row['compute_s']} | {row['waiting_s']} | {est} | {ratio} |")  # fmt: skip
+            if "estimate_s" not in row:
+                lines.append(f"| {name} | {row['profile']} | {row['mpc_s']} | {row['compute_s']} | | | | |")  # fmt: skip
+                continue
+            est = f"{row['estimate_s']} = {row['estimate_transfer_s']} + {row['estimate_latency_s']} + {row['estimate_inputs_s']}"  # fmt: skip
+            lines.append(f"| {name} | {row['profile']} | {row['mpc_s']} | {row['compute_s']} | {row['waiting_s']} | {est} | {row['waiting_over_estimate']:.2f} | {row['waiting_over_programs_estimate']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -131,7 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="launches per profile (medians)")
     ap.add_argument("--private-seed", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "link_runs.json"))
+    ap.add_argument("--summarise", metavar="JSON", help="only recompute the rows and the table of a saved --out (adds the owners' shares if missing)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        for res in saved["results"].values():
+            if "input_share_bytes_per_party" not in res:
+                res["input_share_bytes_per_party"] = input_share_bytes(load_spec(ROOT / res["spec"], res["overrides"]))  # fmt: skip
+        saved["results"] = {name: summarise(res) for name, res in saved["results"].items()}
+        write_json_atomic(args.out, saved)
+        print(table(saved["results"]))
+        return 0
     if "none" not in args.profiles:
         ap.error("--profiles: 'none' is needed, it is the compute baseline")
     profiles = ["none"] + [p for p in args.profiles if p != "none"]

@@ -16,17 +16,39 @@ from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
 from .artifacts import Artifact, compile_cached, compile_job, write_artifact
-from .protocols import preset_of
+from .protocols import FIELD_BITS, preset_of
 from .sim_backend import job_of
 
 
-def run_programs(spec: RunSpec, private_seed: int = 0) -> build.RunPrograms:
-    """The run's programs as the model owner would build them before any data arrives."""
+def public_facts(spec: RunSpec, private_seed: int = 0) -> tuple[build.ModelPublic, object, dict]:
+    """What the owners publish before a run (the model's shapes, the head, the data's
+    chunk shapes), derived here from the spec, the checkpoint and the public tokenizer."""
     tokenizer = load_tokenizer(spec.resolve(spec.model.tokenizer_path))
     head = build.head_config(spec, tokenizer)
     _, _, public = build.model_owner_inputs(spec, head, private_seed, log=lambda m: None)
     data_public = build.public_data_shapes(spec, tokenizer, public.model_config["vocab_size"])
+    return public, head, data_public
+
+
+def run_programs(spec: RunSpec, private_seed: int = 0) -> build.RunPrograms:
+    """The run's programs as the model owner would build them before any data arrives."""
+    public, head, data_public = public_facts(spec, private_seed)
     return build.build_programs(spec, public, head, data_public)
+
+
+#: Shares of one secret each compute party receives when an owner shares it.
+SHARES_PER_PARTY = {"ABY3": 2, "SEMI2K": 1, "CHEETAH": 1}
+
+
+def input_share_bytes(spec: RunSpec) -> int:
+    """The bytes of the owners' shares that reach one compute party in a run (the
+    trainable and frozen parameters and every data chunk: `build.shared_input_elements`).
+    They cross the SecretFlow links before the programs run, all at once; the programs'
+    profile does not count them."""
+    preset = preset_of(spec)
+    public, _, data_public = public_facts(spec)
+    elements = build.shared_input_elements(public, data_public)
+    return elements * (FIELD_BITS[preset.field] // 8) * SHARES_PER_PARTY[preset.name]
 
 
 def compile_run(
@@ -72,7 +94,8 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
     compiled artifact (the one `secfwt finetune` runs, through the same cache) once in the
     simulator on zeros of the public shapes, and the whole run's cost from the call
     counts. MPC cost depends on shapes only, so this is the run's cost before any data
-    exists; a SecretFlow cluster run (whose link statistics spu 0.9.3 does not expose)
+    exists. The network estimate (`network_s_without_compute`, per party) adds the owners'
+    shares (`input_share_bytes`) to the programs' bytes; a SecretFlow cluster run (whose link statistics spu 0.9.3 does not expose)
     executes the same bytecode."""
     from . import network
     from .profiler import profile_artifact
@@ -94,10 +117,11 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
             f"x {row['calls']} calls")  # fmt: skip
     total_bytes = sum(r["bytes_per_call"] * r["calls"] for r in rows)
     total_rounds = sum(r["rounds_per_call"] * r["calls"] for r in rows)
-    nets = {name: net.estimate(total_bytes / preset.world_size, total_rounds) for name, net in network.PRESETS.items()}  # fmt: skip
+    inputs = input_share_bytes(spec)
+    nets = {name: net.estimate(total_bytes / preset.world_size + inputs, total_rounds) for name, net in network.PRESETS.items()}  # fmt: skip
     return {"spec_hash": spec.spec_hash, "protocol": preset.name, "world_size": preset.world_size,
             "programs": rows, "run_total_bytes": total_bytes, "run_total_rounds": total_rounds,
-            "network_s_without_compute": nets}  # fmt: skip
+            "input_share_bytes_per_party": inputs, "network_s_without_compute": nets}  # fmt: skip
 
 
 __all__ = ["compile_run", "profile_run", "run_calls", "run_programs"]

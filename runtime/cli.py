@@ -180,7 +180,8 @@ def _compile(args: argparse.Namespace) -> int:
         prof = profile_run(spec, cache)
         write_json_atomic(out / "profile.json", prof, indent=1)
         nets = prof["network_s_without_compute"]
-        print(f"whole run: {prof['run_total_bytes'] / 1e9:,.2f} GB, {prof['run_total_rounds']:,.0f} rounds; "
+        print(f"whole run: {prof['run_total_bytes'] / 1e9:,.2f} GB, {prof['run_total_rounds']:,.0f} rounds, "
+              f"and the owners' shares, {prof['input_share_bytes_per_party'] / 1e6:,.1f} MB to each party; "
               f"network alone LAN {nets['lan']:,.0f} s, WAN100 {nets['wan100']:,.0f} s -> {out / 'profile.json'}")  # fmt: skip
     return 0
 

@@ -399,6 +399,7 @@ def public_data_shapes(spec: RunSpec, tokenizer, vocab_size: int) -> dict[str, A
         "label_shape": tuple(train[1].shape),
         "eval_shapes": shapes_of(evals[0]),
         "train_chunks": spec.data.k * len(spec.data.labels) // spec.tuning.batch_size,
+        "eval_chunks": -(-spec.evaluation.mpc_examples // spec.evaluation.batch_size),
     }
 
 
