@@ -7,7 +7,8 @@ A fault injector, driven by one seeded RNG, after a random step's checkpoint:
   - SIGSTOPs a random party for a random 1-8 s and then SIGCONTs it (a hung host: its
     sockets keep accepting, its traffic stops);
   --faults link (every link through the LAN profile of `runtime/link_shaper.py`; one
-  random link of the 12, SecretFlow or SPU, one direction of one pair):
+  random link of the 12, SecretFlow or SPU, one direction of one pair; the kinds in turn
+  by job, so that three jobs try each):
   - cut: every connection of the link is reset and new ones refused for 1-30 s;
   - stall: one direction holds its bytes for 1-30 s (none is lost);
   - slow: the link's bandwidth drops to 1% for 10 s;
@@ -19,7 +20,7 @@ It reports, per job and in total: completed, resumed (relaunches), failed, the s
 uninterrupted simulator run with the same seeds (relative gap > --tolerance).
 
     .venv/bin/python benchmarks/fault_run.py --jobs 3 --out benchmarks/results/fault_run.json
-    .venv/bin/python benchmarks/fault_run.py --faults link --jobs 3 --out benchmarks/results/link_faults.json
+    .venv/bin/python benchmarks/fault_run.py --faults link --links spu --jobs 3 --out benchmarks/results/link_faults.json
 
 Not a test: it takes minutes per job. JSON goes to --out (atomically).
 """
@@ -80,18 +81,19 @@ def common_step_now(out: Path, spec) -> int:
     return min(newest_step(out, p, spec.spec_hash) for p in spec.parties.compute)
 
 
-def inject_link(rng: random.Random, relays: list, out: Path, spec, done: threading.Event) -> dict:  # fmt: skip
-    """One link fault, chosen by `rng` (module doc), and how long the run hung after it."""
+def inject_link(rng: random.Random, relays: list, out: Path, spec, done: threading.Event, job: int = 0, links: str = "") -> dict:  # fmt: skip
+    """One link fault (module doc): its kind by the job's number (cut, stall, slow, cut,
+    ...), the rest by `rng`; and how long the run hung after it."""
     from secfwt_jax.runtime.link_shaper import PROFILES, LinkProfile
 
-    kind = rng.choice(LINK_FAULTS)
+    kind = LINK_FAULTS[job % len(LINK_FAULTS)]
     at = rng.randint(1, max(1, spec.tuning.steps - 2))
     while not done.is_set() and (not relays or common_step_now(out, spec) < at):
         time.sleep(0.05)
     if done.is_set():
         return {"kind": kind, "after_step": at, "injected": False}
     shaper = relays[0]
-    link = rng.choice(sorted(shaper.links))
+    link = rng.choice(sorted(n for n in shaper.links if n.startswith(links)))
     record: dict[str, Any] = {"kind": kind, "link": link, "after_step": at, "injected": True}
     step = common_step_now(out, spec)
     start = time.monotonic()
@@ -115,11 +117,11 @@ def inject_link(rng: random.Random, relays: list, out: Path, spec, done: threadi
     return record
 
 
-def _record(record: dict, injector, *args) -> None:
-    record.update(injector(*args))
+def _record(record: dict, injector, *args, **kwargs) -> None:
+    record.update(injector(*args, **kwargs))
 
 
-def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int, fault_kind: str = "process") -> dict[str, Any]:  # fmt: skip
+def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random, work: Path, max_restarts: int, fault_kind: str = "process", job: int = 0, links: str = "") -> dict[str, Any]:  # fmt: skip
     spec = load_spec(spec_path, overrides)
     out = work / "out"
     faults, attempts, lost = [], 0, 0
@@ -131,7 +133,8 @@ def one_job(spec_path: str, overrides: list[str], seed: int, rng: random.Random,
         injector = None
         if attempts == 0:  # one fault per job, in its first launch
             how = (inject, procs) if fault_kind == "process" else (inject_link, relays)
-            injector = threading.Thread(target=_record, args=(record, how[0], rng, how[1], out, spec, done))  # fmt: skip
+            extra = {} if fault_kind == "process" else {"job": job, "links": links}
+            injector = threading.Thread(target=_record, args=(record, how[0], rng, how[1], out, spec, done), kwargs=extra)  # fmt: skip
             injector.start()
         before = max((newest_step(out, p, spec.spec_hash) for p in spec.parties.compute), default=0)
         try:
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-restarts", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=1e-3)
     ap.add_argument("--faults", choices=["process", "link"], default="process", help="what fails (module doc)")  # fmt: skip
+    ap.add_argument("--links", choices=["all", "spu", "sf"], default="all", help="--faults link: which links may fail")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_run.json"))
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.steps < 3:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = []
         for j in range(args.jobs):
             t0 = time.monotonic()
-            job = one_job(args.spec, overrides, args.private_seed, rng, base / f"job{j}", args.max_restarts, args.faults)  # fmt: skip
+            job = one_job(args.spec, overrides, args.private_seed, rng, base / f"job{j}", args.max_restarts, args.faults, j, "" if args.links == "all" else args.links)  # fmt: skip
             job["seconds"] = round(time.monotonic() - t0, 1)
             tuned = job.pop("tuned")
             job["relative_gap"] = None if tuned is None else relative_gap(load_theta(tuned), want)

@@ -24,11 +24,16 @@ this is the store-and-forward model `compile/network.py` assumes per message.
 
 The relay's own cost at no shaping (`benchmarks/link_overhead.py`, 2026-12-06, this 2-core
 host beside a 3-party job): about 65 us more per round trip (76 us against 10.5 us
-direct) and 2.4 Gbit/s each way at most (direct loopback: 12.4), so it is transparent
-for the 1 Gbps / 0.5 ms LAN profile and slower links, not for loopback speed itself.
+direct) and 2.4 Gbit/s each way at most (direct loopback: 12.4), so its bandwidth is
+no limit for the 1 Gbps LAN profile and slower links (its latency is; next paragraph).
 
-Not yet done: routing a cluster's parties through relays (each party dialling its peers'
-relay ports while listening on its own) and the measured LAN/WAN runs built on it.
+A shaped delivery waits on an asyncio timer, which on a loaded host wakes late: with three
+parties on this 2-core host a 0.5 ms one-way link measured 2.72 ms per round trip instead
+of 1.0 (median of 500), about 0.9 ms more per delivery. That matters at the LAN profile
+(thousands of rounds of 0.5 ms) and not at WAN or edge latencies (`docs/links.md`).
+
+`cluster_run.launch_local(link=...)` (and `secfwt cluster launch --link`) routes every
+party's SecretFlow and SPU links through relays of one profile.
 """
 
 from __future__ import annotations
