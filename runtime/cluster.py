@@ -209,6 +209,11 @@ class ClusterConfig:
             "self_party": self_party,
         }
 
+    def spu_peer_ports(self, self_party: str) -> dict[int, str]:
+        """The SPU ports `self_party` dials, and the peer behind each."""
+        dial = self.spu_dial.get(self_party, {})
+        return {dial.get(p, self.spu_ports[p]): p for p in self.parties if p != self_party}
+
     def spu_link_timeouts(self, largest_message_bytes: int):
         """SPU link timeouts for a run whose largest message is bounded by
         ``largest_message_bytes`` (`compile.network.link_timeouts`)."""
@@ -448,14 +453,21 @@ def _bind_secretflow_to_listen_addr() -> None:
 
 _SPU_RECV_TIMEOUT = re.compile(r"Get data timeout, key=\S*?:(\d+)->(\d+)")
 _SF_SEND_FAILED = re.compile(r"\[([\w-]+)\] -- Failed to send seq id \d+ to ([\w-]+)")
+_SPU_SEND_FAILED = re.compile(r"SendImpl error .*?addr=[^:\s]+:(\d+)[^)]*\):\s*([^'\n]*)")
 _GRPC_STATUS = re.compile(r"status = StatusCode\.(\w+)")
 
 
-def describe_link_failure(log_text: str, parties: tuple[str, ...] | list[str]) -> str | None:
+def describe_link_failure(log_text: str, parties: tuple[str, ...] | list[str], sender: str | None = None, peer_ports: dict[int, str] | None = None) -> str | None:  # fmt: skip
     """One line naming the link that failed, from a party's log, or None. SPU names links
     by rank (the sorted party names): "Get data timeout, key=root:P2P-2:1->0" is the
-    receiver 0 waiting past its receive timeout for the sender 1."""
+    receiver 0 waiting past its receive timeout for the sender 1. A send that failed after
+    SPU's retries names only the port it dialled: `peer_ports` maps the ports `sender`
+    dials to its peers."""
     ranks = sorted(parties)
+    if sender and peer_ports and (m := _SPU_SEND_FAILED.search(log_text)):
+        peer = peer_ports.get(int(m.group(1)), f"port {m.group(1)}")
+        why = m.group(2).strip().rstrip("'")
+        return f"SPU link {sender}->{peer}: sending failed after SPU's retries ({why})"
     if m := _SPU_RECV_TIMEOUT.search(log_text):
         src, dst = (ranks[int(i)] if int(i) < len(ranks) else i for i in m.groups())
         return f"SPU link {src}->{dst}: no message within the receive timeout (yacl key {m.group(0).split('key=')[1]})"  # fmt: skip

@@ -259,7 +259,7 @@ def _link_named(procs: list[PartyProcess], cluster: ClusterConfig) -> str:
     from secfwt_jax.runtime.cluster import describe_link_failure
 
     for pp in procs:
-        named = describe_link_failure(_tail(pp.log_path, 50_000), cluster.parties)
+        named = describe_link_failure(_tail(pp.log_path, 50_000), cluster.parties, pp.party, cluster.spu_peer_ports(pp.party))  # fmt: skip
         if named:
             return f"{named}; "
     return ""

@@ -252,3 +252,8 @@ def test_a_failed_link_is_named_by_its_parties_from_the_log():
     sf = "2026-12-06 12:47:47.526 ERROR global_context.py:186 [bob] -- Failed to send seq id 91 to alice\nTraceback ...\n\tstatus = StatusCode.DEADLINE_EXCEEDED\n"  # fmt: skip
     assert describe_link_failure(sf, PARTIES) == "SecretFlow link bob->alice: a message was not delivered (DEADLINE_EXCEEDED)"  # fmt: skip
     assert describe_link_failure("ValueError: data.k: must be >= 1", PARTIES) is None
+    send = "2026-12-06 13:53:44.145 [error] [channel.cc:Proc:104] SendImpl error [external/yacl/yacl/link/transport/interconnection_link.cc:56] cntl ErrorCode '104', http status code '0', response header '', response body '', error msg '[E104]Fail to read from Socket{id=0fd=17 addr=127.0.0.1:41523:48884} (0x0x7f34ec593dc0): Connection reset by peer'"  # fmt: skip
+    cluster = ClusterConfig.from_dict(_good(spu_dial={"carol": {"alice": 41523, "bob": 41524}}))
+    assert cluster.spu_peer_ports("carol") == {41523: "alice", 41524: "bob"}
+    assert cluster.spu_peer_ports("alice") == {20012: "bob", 20013: "carol"}
+    assert describe_link_failure(send, PARTIES, "carol", cluster.spu_peer_ports("carol")) == "SPU link carol->alice: sending failed after SPU's retries (Connection reset by peer)"  # fmt: skip
