@@ -45,6 +45,15 @@ TRUST: dict[str, str] = {
 DEFAULT_FRACTION_BITS: dict[str, int] = {"FM64": 18, "FM128": 26}
 #: Bits of each ring.
 FIELD_BITS: dict[str, int] = {"FM64": 64, "FM128": 128}
+#: Shares of one secret each compute party holds (and receives when an owner shares it):
+#: ABY3's replicated scheme keeps two of three; SEMI2K and CHEETAH one.
+SHARES_PER_PARTY: dict[str, int] = {"ABY3": 2, "SEMI2K": 1, "CHEETAH": 1}
+
+
+def share_bytes(protocol: str, field: str, elements: int) -> int:
+    """Bytes of one party's shares of `elements` secret elements."""
+    return int(elements) * SHARES_PER_PARTY[protocol] * (FIELD_BITS[field] // 8)
+
 
 #: Exp approximations exposed by spu 0.9.3b0 (``RuntimeConfig.ExpMode``). DEFAULT is Taylor.
 #: The project default is PADE: it halves the demo step's MPC-vs-plaintext gap against Taylor at

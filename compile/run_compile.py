@@ -16,7 +16,7 @@ from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
 from .artifacts import Artifact, compile_cached, compile_job, write_artifact
-from .protocols import FIELD_BITS, preset_of
+from .protocols import preset_of, share_bytes
 from .sim_backend import job_of
 
 
@@ -36,19 +36,14 @@ def run_programs(spec: RunSpec, private_seed: int = 0) -> build.RunPrograms:
     return build.build_programs(spec, public, head, data_public)
 
 
-#: Shares of one secret each compute party receives when an owner shares it.
-SHARES_PER_PARTY = {"ABY3": 2, "SEMI2K": 1, "CHEETAH": 1}
-
-
-def input_share_bytes(spec: RunSpec) -> int:
+def input_share_bytes(spec: RunSpec, facts: tuple | None = None) -> int:
     """The bytes of the owners' shares that reach one compute party in a run (the
     trainable and frozen parameters and every data chunk: `build.shared_input_elements`).
     They cross the SecretFlow links before the programs run, all at once; the programs'
-    profile does not count them."""
-    preset = preset_of(spec)
-    public, _, data_public = public_facts(spec)
-    elements = build.shared_input_elements(public, data_public)
-    return elements * (FIELD_BITS[preset.field] // 8) * SHARES_PER_PARTY[preset.name]
+    profile does not count them. `facts`: `public_facts(spec)` if the caller has them."""
+    public, _, data_public = facts or public_facts(spec)
+    p = spec.protocol
+    return share_bytes(p.name, p.field, build.shared_input_elements(public, data_public))
 
 
 def compile_run(
@@ -95,13 +90,14 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
     simulator on zeros of the public shapes, and the whole run's cost from the call
     counts. MPC cost depends on shapes only, so this is the run's cost before any data
     exists. The network estimate (`network_s_without_compute`, per party) adds the owners'
-    shares (`input_share_bytes`) to the programs' bytes; a SecretFlow cluster run (whose link statistics spu 0.9.3 does not expose)
-    executes the same bytecode."""
+    shares (`input_share_bytes`) to the programs' bytes; a SecretFlow cluster run (whose
+    link statistics spu 0.9.3 does not expose) executes the same bytecode."""
     from . import network
     from .profiler import profile_artifact
 
     preset = preset_of(spec)
-    programs = run_programs(spec).needed(spec.tuning.method)
+    facts = public_facts(spec)  # once: the model owner's inputs are built to derive them
+    programs = build.build_programs(spec, *facts).needed(spec.tuning.method)
     calls = run_calls(spec, programs)
     rows = []
     for program in programs:
@@ -117,7 +113,7 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
             f"x {row['calls']} calls")  # fmt: skip
     total_bytes = sum(r["bytes_per_call"] * r["calls"] for r in rows)
     total_rounds = sum(r["rounds_per_call"] * r["calls"] for r in rows)
-    inputs = input_share_bytes(spec)
+    inputs = input_share_bytes(spec, facts)
     nets = {name: net.estimate(total_bytes / preset.world_size + inputs, total_rounds) for name, net in network.PRESETS.items()}  # fmt: skip
     return {"spec_hash": spec.spec_hash, "protocol": preset.name, "world_size": preset.world_size,
             "programs": rows, "run_total_bytes": total_bytes, "run_total_rounds": total_rounds,

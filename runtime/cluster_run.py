@@ -82,14 +82,14 @@ class ClusterBackend:
 
     def expect_inputs(self, elements: int) -> None:
         """Before the owners share `elements` elements: SecretFlow's cross-silo timeout
-        scaled so that all their shares (sent at once, two per party under ABY3) cross
-        the slowest link (`ClusterConfig.cross_silo_timeout_ms`)."""
-        from secfwt_jax.compile.protocols import FIELD_BITS
+        scaled so that all their shares (sent at once; `protocols.share_bytes` per party)
+        cross the slowest link (`ClusterConfig.cross_silo_timeout_ms`)."""
+        from secfwt_jax.compile.protocols import share_bytes
         from secfwt_jax.runtime.cluster import set_cross_silo_timeout
 
         if self.cluster is None:
             return
-        burst = elements * (FIELD_BITS[self.preset.field] // 8) * 2
+        burst = share_bytes(self.preset.name, self.preset.field, elements)
         ms = self.cluster.cross_silo_timeout_ms(burst)
         set_cross_silo_timeout(ms)
         self.log(f"SecretFlow links: the owners' shares are at most {burst / 1e6:,.1f} MB per link; cross-silo timeout {ms / 1000:,.0f} s")  # fmt: skip

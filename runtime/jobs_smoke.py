@@ -113,7 +113,7 @@ def big_product_job(party: str, cluster: ClusterConfig, n: int = 1000, repeat: i
         x = sf.PYU("alice")(lambda: np.random.default_rng(seed).uniform(-1, 1, n).astype(np.float32))()  # fmt: skip
         y = sf.PYU("bob")(lambda: np.random.default_rng(seed + 1).uniform(-1, 1, n).astype(np.float32))()  # fmt: skip
         xs, ys = x.to(spu), y.to(spu)
-        sf.reveal(spu(lambda a, b: jnp_sum(a) + jnp_sum(b))(xs, ys))  # the links are up
+        sf.reveal(spu(lambda a, b: a[0] + b[0])(xs, ys))  # the links are up
         t0 = time.monotonic()
 
         def big_product(a, b):
@@ -130,12 +130,6 @@ def big_product_plaintext(n: int = 1000, repeat: int = 500, seed: int = 0) -> fl
     y = np.random.default_rng(seed + 1).uniform(-1, 1, n).astype(np.float32).astype(np.float64)
     ramp = np.arange(n * repeat, dtype=np.float32).astype(np.float64) * 1e-6
     return float(np.sum((np.tile(x, repeat) + ramp) * np.tile(y, repeat)))
-
-
-def jnp_sum(a):
-    import jax.numpy as jnp
-
-    return jnp.sum(a)
 
 
 def failing_job(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from secfwt_jax.compile.protocols import FIELD_BITS
+from secfwt_jax.compile.protocols import share_bytes
 from secfwt_jax.files import write_atomic, write_json_atomic
 
 REPORT_JSON, CURVES_PNG = "report.json", "curves.png"
@@ -23,10 +23,6 @@ def check_output_dir(path: Path) -> None:
     check_writable_dir(path, "output.dir")
 
 
-#: Bytes a party's runtime holds per secret element: its shares (ABY3's replicated scheme
-#: keeps two of three; SEMI2K and CHEETAH one) times the ring's width.
-SHARES_PER_PARTY = {"ABY3": 2, "SEMI2K": 1, "CHEETAH": 1}
-RING_BYTES = {field: bits // 8 for field, bits in FIELD_BITS.items()}
 REPORT_ALLOWANCE = 4 << 20  # report.json and curves.png: tens of KB; room to spare
 
 
@@ -35,7 +31,7 @@ def expected_output_bytes(spec, trainable_elements: int, parties: list[str]) -> 
     simulator, one on a cluster), from public facts: checkpoints (keep + 1 steps exist
     while the newest is written), the tuned result, reports. Share files carry about 10%
     of framing; the estimate allows 25%."""
-    share = int(1.25 * trainable_elements * SHARES_PER_PARTY[spec.protocol.name] * RING_BYTES[spec.protocol.field])  # fmt: skip
+    share = int(1.25 * share_bytes(spec.protocol.name, spec.protocol.field, trainable_elements))
     every, keep = spec.checkpoint.every, spec.checkpoint.keep
     out = {"checkpoints": len(parties) * (keep + 1) * share if every else 0}
     receiver = spec.parties.receiver
