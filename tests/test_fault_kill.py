@@ -126,6 +126,7 @@ def _launch_until_checkpoint(spec, overrides, out, work, party, step, wait_s):
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # two 3-party launches and a detection wait: about 4.5 min; -m slow runs it
 @pytest.mark.timeout(900)
 def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
     rng = random.Random()

@@ -119,6 +119,7 @@ def test_the_measured_profiles_are_the_issue_s():
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # a whole 3-party job through 12 relays: about 2 min; the slow-link test below stays
 @pytest.mark.timeout(900)
 def test_a_job_through_shaped_links_gives_the_direct_result(tmp_path):
     """Every party reaches every peer's SecretFlow and SPU ports through its own LAN
