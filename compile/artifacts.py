@@ -28,6 +28,7 @@ hashes do not match is treated as a miss and recompiled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -406,16 +407,44 @@ def compile_cached(
     cache_dir = Path(cache_dir)
     key = cache_key(key_payload(job, preset, copts))
     entry = cache_dir / key
-    if entry.exists():
-        try:
-            artifact = load_artifact(entry)
-            if artifact.key == key:
-                return artifact, True
-        except ArtifactError:
-            pass  # recompiled and replaced below
-    artifact = compile_job(job, preset, copts)
-    write_artifact(artifact, entry)
+    hit = _cached(entry, key)
+    if hit is not None:
+        return hit, True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(key):  # processes on one host (loopback parties) compile a key once
+        hit = _cached(entry, key)
+        if hit is not None:
+            return hit, True
+        artifact = compile_job(job, preset, copts)
+        write_artifact(artifact, entry)
     return load_artifact(entry), False
+
+
+def _cached(entry: Path, key: str) -> Artifact | None:
+    """The stored artifact of `key`, or None (absent, corrupt or partial: recompiled)."""
+    if not entry.exists():
+        return None
+    try:
+        artifact = load_artifact(entry)
+    except ArtifactError:
+        return None
+    return artifact if artifact.key == key else None
+
+
+@contextlib.contextmanager
+def _locked(key: str):
+    """An exclusive advisory lock on `key` for this host, held until the block ends. The
+    lock files live in the temporary directory, so a cache holds artifacts only."""
+    import fcntl
+
+    folder = Path(tempfile.gettempdir()) / "secfwt-compile-locks"
+    folder.mkdir(exist_ok=True)
+    with open(folder / key, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------- running

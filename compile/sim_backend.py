@@ -58,6 +58,25 @@ class Program:
     cache_hit: bool
     compile_seconds: float
     num_outputs: int
+    secret_args: tuple[bool, ...] = ()  # per argument, from the checked artifact
+
+
+def secret_arguments(artifact) -> tuple[bool, ...]:
+    """Whether each argument of a compiled program is secret (`metadata["arguments"]`)."""
+    return tuple(a["visibility"] == "secret" for a in artifact.metadata["arguments"])
+
+
+def check_arguments(name: str, secret: tuple[bool, ...], shared: list[bool]) -> None:
+    """Refuse, in one line, a run whose arguments are not shared as the program was
+    compiled: a plaintext value in a secret argument would enter SPU as a public input
+    that every party sees; a share in a public one would be opened."""
+    if len(secret) != len(shared):
+        raise ValueError(f"visibility: {name} takes {len(secret)} arguments, got {len(shared)}")
+    for i, (want, got) in enumerate(zip(secret, shared, strict=True)):
+        if want and not got:
+            raise ValueError(f"visibility: {name} argument {i} is secret, but was given in plaintext (share it first)")  # fmt: skip
+        if got and not want:
+            raise ValueError(f"visibility: {name} argument {i} is public, but was given as shares")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -169,15 +188,17 @@ class SimBackend:
         else:
             artifact, hit = compile_cached(job, self.preset, self.cache_dir)
         seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
-        return Program(program.name, artifact.compiled, artifact.key, hit, seconds, num_outputs(program))  # fmt: skip
+        return Program(program.name, artifact.compiled, artifact.key, hit, seconds, num_outputs(program), secret_arguments(artifact))  # fmt: skip
 
     def run(self, program: Program, *args: Any) -> tuple[Secret, ...]:
+        held = next((a for a in args if isinstance(a, Held)), None)
+        if held is not None:
+            raise PlacementError(f"{held.party}'s private value must be shared before SPU reads it")  # fmt: skip
+        check_arguments(program.name, program.secret_args, [isinstance(a, Secret) for a in args])  # fmt: skip
         names = []
         for arg in args:
             if isinstance(arg, Secret):
                 names.append(arg.name)
-            elif isinstance(arg, Held):
-                raise PlacementError(f"{arg.party}'s private value must be shared before SPU reads it")  # fmt: skip
             else:  # plain values are public inputs (seeds, directions, step sizes)
                 name = self._fresh()
                 self.session.put(name, arg, public=True)

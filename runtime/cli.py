@@ -83,7 +83,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError("--cluster: a party needs the cluster file (or backend.cluster in the spec)")  # fmt: skip
     cluster = load_cluster_config(cluster_file)
     out = Path(args.out) if args.out else spec.output_dir
-    report = run_party(spec, args.party, cluster, _given_seed(args), out, progress=True, resume=args.resume)  # fmt: skip
+    report = run_party(spec, args.party, cluster, _given_seed(args), out, progress=True, resume=args.resume, cache_dir=args.cache_dir)  # fmt: skip
     print(json.dumps({k: report[k] for k in ("party", "spec_hash", "programs", "files")}))
     return 0
 
@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--out", help="output directory (default: the spec's output.dir)")
     party.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests only (default: 128 bits from the OS)")  # fmt: skip
     party.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
+    party.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     party.set_defaults(run=_party)
     return parser
 

@@ -44,6 +44,7 @@ class ClusterProgram:
     cache_hit: bool
     compile_seconds: float
     num_outputs: int
+    secret_args: tuple[bool, ...] = ()  # per argument, from the checked artifact
 
 
 class ClusterBackend:
@@ -51,12 +52,18 @@ class ClusterBackend:
 
     The SPU device is opened when first used (`SpuOnDemand`), after every program is
     compiled: its link timeouts are scaled with the programs' largest message
-    (`ClusterConfig.spu_link_timeouts`), the same at every party since the programs are."""
+    (`ClusterConfig.spu_link_timeouts`), the same at every party since the programs are.
+
+    Every party compiles each program through `compile.artifacts` as the simulator does
+    (through `cache_dir` when given) before SecretFlow compiles it again for its device:
+    so the visibility checks (inputs typed as their roles say, nothing secret made public
+    inside a program) refuse a program here too, and the key and cache hit are real."""
 
     kind = "cluster"
 
-    def __init__(self, spu, me: str, preset, cluster: ClusterConfig | None = None, log=None):
+    def __init__(self, spu, me: str, preset, cluster: ClusterConfig | None = None, log=None, cache_dir: str | Path | None = None):  # fmt: skip
         self._spu, self.me, self.preset, self.cluster = spu, me, preset, cluster
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.log = log or (lambda m: None)
         self.cost = None  # spu 0.9.3 exposes no link statistics to Python (see README)
         self.largest_message_bytes = 0
@@ -133,10 +140,16 @@ class ClusterBackend:
     def compile(self, program) -> ClusterProgram:
         import jax
 
-        from secfwt_jax.compile.artifacts import cache_key, key_payload
-        from secfwt_jax.compile.sim_backend import job_of, num_outputs
+        from secfwt_jax.compile.artifacts import compile_cached, compile_job
+        from secfwt_jax.compile.sim_backend import job_of, num_outputs, secret_arguments
         from secfwt_jax.compile.simulator import hoist_constants
 
+        job = job_of(program)  # the checks raise ValueError("visibility: ...")
+        if self.cache_dir is None:
+            artifact, hit = compile_job(job, self.preset), False
+        else:
+            artifact, hit = compile_cached(job, self.preset, self.cache_dir)
+        seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
         hoisted, constants, out_shape = hoist_constants(
             program.fn, program.args, rewrites=self.preset.rewrites
         )
@@ -160,12 +173,15 @@ class ClusterBackend:
         elements = largest_tensor_elements(program.fn, program.args)
         ring_bytes = FIELD_BITS[self.preset.field] // 8
         self.largest_message_bytes = max(self.largest_message_bytes, message_bound_bytes(elements, ring_bytes))  # fmt: skip
-        key = cache_key(key_payload(job_of(program), self.preset))
-        return ClusterProgram(program.name, spu_fn, constants, key, False, 0.0, outputs)  # fmt: skip
+        return ClusterProgram(program.name, spu_fn, constants, artifact.key, hit, seconds, outputs, secret_arguments(artifact))  # fmt: skip
 
     def run(self, program: ClusterProgram, *args):
+        from secretflow.device import SPUObject
         from secretflow.device.device.spu import SPUCompilerNumReturnsPolicy
 
+        from secfwt_jax.compile.sim_backend import check_arguments
+
+        check_arguments(program.name, program.secret_args, [isinstance(a, SPUObject) for a in args])  # fmt: skip
         call = self.spu(
             program.fn,
             num_returns_policy=SPUCompilerNumReturnsPolicy.FROM_USER,
@@ -253,10 +269,13 @@ def run_party(
     out_dir: Path,
     progress: bool = False,
     resume: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """One party's side of the run; writes `<out_dir>/<party>/report.json`. With `resume`
-    the parties agree in the handshake on the newest checkpoint all of them hold."""
+    the parties agree in the handshake on the newest checkpoint all of them hold. The
+    compile cache is `cache_dir`, else the spec's `output.cache_dir`, else the user's."""
     from secfwt_jax.compile.protocols import preset_of
+    from secfwt_jax.runtime.cli import cache_dir_for
     from secfwt_jax.runtime.cluster import sf_party_session
     from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
     from secfwt_jax.runtime.report import check_output_dir, write_report
@@ -264,6 +283,7 @@ def run_party(
     if party not in spec.parties.compute:
         raise ValueError(f"--party: {party!r} is not a compute party {list(spec.parties.compute)}")
     check_output_dir(out_dir)
+    cache_dir = cache_dir_for(spec, cache_dir, "--cache-dir")
     cluster = _cluster_for(spec, cluster)
     if party == spec.parties.model_owner and private_seed is None:
         private_seed = model_owner_seed(out_dir, party, resume)  # drawn here, by its owner
@@ -274,7 +294,7 @@ def run_party(
         agreed = handshake(spec, party, cluster, held)  # before any secret moves
         if resume and not agreed:
             log(f"--resume: no checkpoint of spec {spec.spec_hash[:12]} held by every party; starting afresh")  # fmt: skip
-        backend = ClusterBackend(spu, party, preset_of(spec), cluster, log)
+        backend = ClusterBackend(spu, party, preset_of(spec), cluster, log, cache_dir)
         report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed).report  # fmt: skip
     report["files"] = write_report(report, out_dir / party)
     return report

@@ -23,6 +23,7 @@ RUNS = [
     "quickstart",
     "cost_analysis",
     "accuracy_study",
+    "privacy_study",
     pytest.param("cluster_walkthrough", marks=pytest.mark.cluster),
 ]
 
