@@ -447,6 +447,32 @@ def _locked(key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def job_of(program) -> CompileJob:
+    """The `CompileJob` of a `secfwt_jax.run.build.ProgramDef` (what the cache key covers)."""
+    return CompileJob(
+        program.name,
+        program.fn,
+        program.args,
+        program.arg_names,
+        program.roles,
+        program.description,
+        program.known_constants,
+    )
+
+
+def num_outputs(program) -> int:
+    """How many top-level outputs a `ProgramDef` returns (a tuple counts its items)."""
+    import jax
+
+    out = jax.eval_shape(program.fn, *program.args)
+    return len(out) if isinstance(out, tuple) else 1
+
+
+def secret_arguments(artifact) -> tuple[bool, ...]:
+    """Whether each argument of a compiled program is secret (`metadata["arguments"]`)."""
+    return tuple(a["visibility"] == "secret" for a in artifact.metadata["arguments"])
+
+
 # ---------------------------------------------------------------------------- running
 def preset_from_metadata(metadata: dict) -> ProtocolPreset:
     fields = {f.name for f in dataclasses.fields(ProtocolPreset)}

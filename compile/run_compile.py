@@ -15,9 +15,8 @@ from secfwt_jax.models.checkpoint import load_tokenizer
 from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
-from .artifacts import Artifact, compile_cached, compile_job, write_artifact
+from .artifacts import Artifact, compile_cached, compile_job, job_of, write_artifact
 from .protocols import preset_of, share_bytes
-from .sim_backend import job_of
 
 
 def public_facts(spec: RunSpec, private_seed: int = 0) -> tuple[build.ModelPublic, object, dict]:

@@ -75,3 +75,16 @@ def check_inputs(input_types: list[str], roles: list[str]) -> list[str]:
         if want != got:
             bad.append(f"input {i} ({role}): policy {want}, compiled {got}")
     return bad
+
+
+def check_arguments(name: str, secret: tuple[bool, ...], shared: list[bool]) -> None:
+    """Refuse, in one line, a run whose arguments are not shared as the program was
+    compiled: a plaintext value in a secret argument would enter SPU as a public input
+    that every party sees; a share in a public one would be opened."""
+    if len(secret) != len(shared):
+        raise ValueError(f"visibility: {name} takes {len(secret)} arguments, got {len(shared)}")
+    for i, (want, got) in enumerate(zip(secret, shared, strict=True)):
+        if want and not got:
+            raise ValueError(f"visibility: {name} argument {i} is secret, but was given in plaintext (share it first)")  # fmt: skip
+        if got and not want:
+            raise ValueError(f"visibility: {name} argument {i} is public, but was given as shares")  # fmt: skip

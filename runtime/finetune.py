@@ -44,6 +44,7 @@ import numpy as np
 from secfwt_jax.compile.protocols import FIELD_BITS, preset_of
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.spec import RunSpec
+from secfwt_jax.runtime.backend import Backend
 from secfwt_jax.runtime.report import check_free_space, expected_output_bytes
 from secfwt_jax.tuning.schedules import make_schedule
 
@@ -180,7 +181,7 @@ class Progress:
 
 def run_finetune(
     spec: RunSpec,
-    backend,
+    backend: Backend,
     seeds: PrivateSeeds,
     *,
     out_dir: Path | None = None,

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from secfwt_jax.compile.protocols import preset_of
-from secfwt_jax.compile.sim_backend import SimBackend
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
 from secfwt_jax.run.spec import RunSpec
 from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
 from secfwt_jax.runtime.report import check_output_dir, write_report
+from secfwt_jax.runtime.sim_backend import SimBackend
 
 
 def run_sim(

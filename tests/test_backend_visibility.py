@@ -9,9 +9,9 @@ import pytest
 
 from secfwt_jax.compile import artifacts
 from secfwt_jax.compile.protocols import preset
-from secfwt_jax.compile.sim_backend import Held, SimBackend
 from secfwt_jax.run.build import ProgramDef
-from secfwt_jax.runtime.cluster_run import ClusterBackend
+from secfwt_jax.runtime.cluster_backend import ClusterBackend
+from secfwt_jax.runtime.sim_backend import Held, SimBackend
 
 PRESET = preset("ABY3")
 
@@ -47,7 +47,9 @@ def test_a_program_that_makes_a_secret_public_is_refused_on_both_backends(tmp_pa
         compiled = real(*args, **kwargs)
         lines = compiled.pphlo_text.splitlines()
         at = next(i for i, line in enumerate(lines) if line.strip().startswith("return"))
-        leak = "    %leak = pphlo.convert %arg0 : (tensor<4x3x!pphlo.secret<f32>>) -> tensor<4x3xf32>"
+        leak = (
+            "    %leak = pphlo.convert %arg0 : (tensor<4x3x!pphlo.secret<f32>>) -> tensor<4x3xf32>"
+        )
         return compiled._replace(pphlo_text="\n".join(lines[:at] + [leak] + lines[at:]))
 
     monkeypatch.setattr(artifacts, "compile_to_pphlo", leaky)
@@ -69,3 +71,11 @@ def test_a_plaintext_value_where_the_program_takes_shares_is_refused_on_both_bac
         sim.run(program, sim.share(Held("bob", x)), sim.share(Held("bob", np.float32(0.5))))
     (out,) = sim.run(program, sim.share(Held("bob", x)), np.float32(0.5))  # shared as compiled
     np.testing.assert_allclose(sim.reveal_to("bob", out).value, 0.5 * x, atol=1e-3)
+
+
+def test_both_backends_meet_the_declared_protocol():
+    from secfwt_jax.runtime.backend import Backend
+
+    for name, backend in backends(None).items():
+        assert isinstance(backend, Backend), name
+    assert not isinstance(object(), Backend)

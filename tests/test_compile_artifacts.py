@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from secfwt_jax.compile import artifacts, protocols, simulator
+from secfwt_jax.compile.artifacts import job_of
 from secfwt_jax.compile.protocols import preset_of
 from secfwt_jax.compile.run_compile import compile_run, run_programs
 from secfwt_jax.compile.session import SimulatorSession
-from secfwt_jax.compile.sim_backend import job_of
 from secfwt_jax.run.spec import load_spec, read_spec_file
 from secfwt_jax.runtime.cli import main
 

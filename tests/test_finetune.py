@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from secfwt_jax.compile import protocols
-from secfwt_jax.compile.sim_backend import Held, PlacementError, SimBackend
 from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.finetune import PrivateSeeds
+from secfwt_jax.runtime.sim_backend import Held, PlacementError, SimBackend
 from secfwt_jax.runtime.sim_run import run_sim
 
 ROOT = Path(__file__).resolve().parents[1]

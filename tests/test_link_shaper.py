@@ -152,9 +152,10 @@ def test_a_large_product_on_a_slow_link_does_not_trip_the_scaled_timeouts(tmp_pa
     import contextlib
     import dataclasses
 
+    from cluster_jobs import JOBS_ENV, big_product_plaintext
+
     from secfwt_jax.runtime.cluster import loopback_cluster
     from secfwt_jax.runtime.cluster_run import _through_relays
-    from secfwt_jax.runtime.jobs_smoke import big_product_plaintext
     from secfwt_jax.runtime.launcher import launch_parties
 
     base, bandwidth = 2.0, 8e6
@@ -163,8 +164,8 @@ def test_a_large_product_on_a_slow_link_does_not_trip_the_scaled_timeouts(tmp_pa
     args = {"n": 1000, "repeat": 500}
     with contextlib.ExitStack() as stack:
         shaped = _through_relays(cluster, LinkProfile(bandwidth, 0.001), stack, None)
-        results = launch_parties(shaped, "secfwt_jax.runtime.jobs_smoke:big_product_job", args,
-                                 timeout_s=400, work_dir=tmp_path)  # fmt: skip
+        results = launch_parties(shaped, "cluster_jobs:big_product_job", args,
+                                 timeout_s=400, work_dir=tmp_path, env=JOBS_ENV)  # fmt: skip
     want = big_product_plaintext(**args)
     message_s = 500_000 * 8 * 8 / bandwidth  # one share of the product, one way
     for r in results.values():

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from cluster_jobs import JOBS_ENV, smoke_plaintext
 
 from secfwt_jax.runtime.cluster import (
     ClusterConfig,
@@ -20,7 +21,6 @@ from secfwt_jax.runtime.cluster import (
     load_cluster_config,
     loopback_cluster,
 )
-from secfwt_jax.runtime.jobs_smoke import smoke_plaintext
 from secfwt_jax.runtime.launcher import PartyFailedError, PartyProcess, launch_parties
 
 PARTIES = ("alice", "bob", "carol")
@@ -182,9 +182,10 @@ def test_three_party_spu_inputs_from_two_pyus():
     t0 = time.monotonic()
     results = launch_parties(
         cluster,
-        "secfwt_jax.runtime.jobs_smoke:smoke_job",
+        "cluster_jobs:smoke_job",
         {"n": 4, "seed": 3, "x_party": "alice", "y_party": "bob"},
         timeout_s=90,
+        env=JOBS_ENV,
         started=procs,
     )
     elapsed = time.monotonic() - t0
@@ -208,9 +209,10 @@ def test_failed_party_raises_promptly_and_kills_everyone(stage, tmp_path):
     with pytest.raises(PartyFailedError) as ei:
         launch_parties(
             cluster,
-            "secfwt_jax.runtime.jobs_smoke:failing_job",
+            "cluster_jobs:failing_job",
             {"fail_party": "bob", "stage": stage},
             timeout_s=45,
+            env=JOBS_ENV,
             started=procs,
             work_dir=tmp_path,  # failed runs keep their logs; keep them out of /tmp
         )
@@ -234,9 +236,10 @@ def test_timeout_kills_every_party(tmp_path):
     with pytest.raises(PartyFailedError, match="timed out"):
         launch_parties(
             cluster,
-            "secfwt_jax.runtime.jobs_smoke:sleep_job",
+            "cluster_jobs:sleep_job",
             {"seconds": 600},
             timeout_s=3,
+            env=JOBS_ENV,
             started=procs,
             work_dir=tmp_path,
         )

@@ -1,7 +1,8 @@
 """The embedded backend: every party of a run in one process, SPU parties as threads.
 
 It implements the placement interface that `secfwt_jax.runtime.finetune` drives (the
-SecretFlow backend in `secfwt_jax.runtime.cluster_backend` implements the same one):
+SecretFlow backend in `secfwt_jax.runtime.cluster_backend` implements the same one; both
+meet `secfwt_jax.runtime.backend.Backend`):
 
     held = backend.at(party, fn, *args)      fn runs at `party` on its own private values
     value = backend.publish(held)            public metadata (shapes, configs) to everyone
@@ -23,10 +24,17 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .artifacts import CompileJob, compile_cached, compile_job
-from .cost import CommCost
-from .protocols import ProtocolPreset
-from .session import SimulatorSession
+from secfwt_jax.compile.artifacts import (
+    compile_cached,
+    compile_job,
+    job_of,
+    num_outputs,
+    secret_arguments,
+)
+from secfwt_jax.compile.cost import CommCost
+from secfwt_jax.compile.protocols import ProtocolPreset
+from secfwt_jax.compile.session import SimulatorSession
+from secfwt_jax.compile.visibility import check_arguments
 
 
 class PlacementError(ValueError):
@@ -61,24 +69,6 @@ class Program:
     secret_args: tuple[bool, ...] = ()  # per argument, from the checked artifact
 
 
-def secret_arguments(artifact) -> tuple[bool, ...]:
-    """Whether each argument of a compiled program is secret (`metadata["arguments"]`)."""
-    return tuple(a["visibility"] == "secret" for a in artifact.metadata["arguments"])
-
-
-def check_arguments(name: str, secret: tuple[bool, ...], shared: list[bool]) -> None:
-    """Refuse, in one line, a run whose arguments are not shared as the program was
-    compiled: a plaintext value in a secret argument would enter SPU as a public input
-    that every party sees; a share in a public one would be opened."""
-    if len(secret) != len(shared):
-        raise ValueError(f"visibility: {name} takes {len(secret)} arguments, got {len(shared)}")
-    for i, (want, got) in enumerate(zip(secret, shared, strict=True)):
-        if want and not got:
-            raise ValueError(f"visibility: {name} argument {i} is secret, but was given in plaintext (share it first)")  # fmt: skip
-        if got and not want:
-            raise ValueError(f"visibility: {name} argument {i} is public, but was given as shares")  # fmt: skip
-
-
 @dataclasses.dataclass
 class RunningCost:
     """Cumulative communication of every SPU run so far (bytes over all parties)."""
@@ -96,27 +86,6 @@ class RunningCost:
         row["runs"] += 1
         row["total_bytes"] += cost.total_bytes
         row["max_rounds"] += cost.max_rounds
-
-
-def job_of(program) -> CompileJob:
-    """The `CompileJob` of a `secfwt_jax.run.build.ProgramDef` (what the cache key covers)."""
-    return CompileJob(
-        program.name,
-        program.fn,
-        program.args,
-        program.arg_names,
-        program.roles,
-        program.description,
-        program.known_constants,
-    )
-
-
-def num_outputs(program) -> int:
-    """How many top-level outputs a `ProgramDef` returns (a tuple counts its items)."""
-    import jax
-
-    out = jax.eval_shape(program.fn, *program.args)
-    return len(out) if isinstance(out, tuple) else 1
 
 
 class SimBackend:

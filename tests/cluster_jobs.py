@@ -1,6 +1,9 @@
-"""Smoke jobs for the PRODUCTION-mode cluster: prove inputs from two parties meet in SPU.
+"""Test jobs for the PRODUCTION-mode cluster: prove inputs from two parties meet in SPU.
 
-``smoke_job`` is what ``launch_parties(cluster, "secfwt_jax.runtime.jobs_smoke:smoke_job")``
+Party processes import a job by module path, so a test that launches one puts this folder
+on the parties' PYTHONPATH (`JOBS_ENV`) and names it ``cluster_jobs:<function>``.
+
+``smoke_job`` is what ``launch_parties(cluster, "cluster_jobs:smoke_job", env=JOBS_ENV)``
 runs in every party: alice's PYU makes ``x``, bob's PYU makes ``y`` (each on its own
 device, so the plaintext never exists in another process), SPU evaluates a jitted JAX
 function of both, and every party reveals the same value. ``smoke_plaintext`` recomputes
@@ -12,14 +15,20 @@ waiting for it: the case the launcher must kill promptly.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from secfwt_jax.runtime.cluster import ClusterConfig, sf_party_session
 
+#: The environment a launch of these jobs gives its party processes.
+JOBS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")) if p)}  # fmt: skip
+
 __all__ = [
+    "JOBS_ENV",
     "big_product_fn",
     "big_product_job",
     "big_product_plaintext",
