@@ -50,8 +50,9 @@ from spu import spu_pb2
 from secfwt_jax.files import file_sha256, write_atomic, write_npz_atomic, write_text_atomic
 
 from . import visibility
+from .compiler import Compiled, canonical_args, compile_to_pphlo, pphlo_input_types
 from .protocols import ProtocolPreset
-from .simulator import Compiled, _canon, compile_to_pphlo, execute, pphlo_input_types
+from .simulator import execute
 
 FORMAT = "secfwt-spu-artifact/1"
 EXECUTABLE, PPHLO, CONSTANTS, METADATA = (
@@ -192,7 +193,7 @@ def key_payload(
     job: CompileJob, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
 ) -> dict:
     """Everything the cache key covers (see module doc)."""
-    inputs, _ = describe_inputs(job, _canon(job.args))
+    inputs, _ = describe_inputs(job, canonical_args(job.args))
     return {
         "format": FORMAT,
         "name": job.name,
@@ -276,7 +277,7 @@ def compile_job(
 ) -> Artifact:
     """Compile ``job`` for ``preset`` (always calls the SPU compiler) with full metadata."""
     copts = copts if copts is not None else spu_pb2.CompilerOptions()
-    args = _canon(job.args)
+    args = canonical_args(job.args)
     inputs, public = describe_inputs(job, args)
     start = time.perf_counter()
     compiled = compile_to_pphlo(
@@ -498,7 +499,7 @@ def run_artifact(
 def artifact_inputs(artifact: Artifact, args: Sequence[Any]) -> tuple[list[Any], list[int]]:
     """(input leaves, SPU visibility of each) for ``args``, checked against the shapes and
     visibilities the artifact's metadata records (one-line ValueError on a mismatch)."""
-    leaves = jax.tree_util.tree_leaves(_canon(args))
+    leaves = jax.tree_util.tree_leaves(canonical_args(args))
     records = [i for i in artifact.metadata["inputs"] if i["arg"] != "constant"]
     if len(leaves) != len(records):
         raise ValueError(f"args: {len(leaves)} leaves for a program with {len(records)} inputs")

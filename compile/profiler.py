@@ -45,6 +45,7 @@ from secfwt_jax.models.classifier import Classifier
 
 from . import network
 from .artifacts import artifact_inputs, preset_from_metadata
+from .compiler import Public, canonical_args, compile_to_pphlo, flat_visibilities, public_mask
 from .cost import OpCost
 from .profile_cases import (  # noqa: F401  (StepShape and the cases are part of this API)
     StepShape,
@@ -55,7 +56,7 @@ from .profile_cases import (  # noqa: F401  (StepShape and the cases are part of
     synthetic_batch,
 )
 from .protocols import ProtocolPreset
-from .simulator import Public, _canon, _flat_vis, compile_to_pphlo, execute, public_mask
+from .simulator import execute
 
 #: Component names in table order; per-layer ones are multiplied by the layer count.
 COMPONENTS = (
@@ -123,12 +124,12 @@ def profile_function(
     """Compile ``fn(*args)`` with the given visibilities, run it once under SPU with
     profiling, and return its cost. Outputs are not reconstructed."""
     p = preset if preset is not None else ProtocolPreset("ABY3")
-    args = _canon(args)
+    args = canonical_args(args)
     mask = public_mask(public, len(args))
     name = name or getattr(fn, "__name__", "program")
     compiled = compile_to_pphlo(fn, args, mask, name=name, rewrites=p.rewrites)
     leaves = jax.tree_util.tree_leaves(args)
-    run = execute(compiled, leaves, _flat_vis(args, mask), p, profile=True, reveal=False)
+    run = execute(compiled, leaves, flat_visibilities(args, mask), p, profile=True, reveal=False)
     cost, wall = run.cost, run.seconds
     return FunctionProfile(
         name, p.name, p.world_size, cost.total_bytes, cost.total_send_actions,

@@ -1,71 +1,52 @@
-"""Run a JAX function under SPU in-process, with per-argument visibility.
+"""The in-process SPU simulator: parties are threads joined by an in-memory link
+(``libspu.link.create_mem``), one ``spu.api.Runtime`` per rank. One `SimulatorSession`
+puts, runs and reveals; everything that runs a program in this process goes through it:
+the backend's persistent session (values stay shares between runs), and the one-shot
+`execute` under `mpc_run`, `artifacts.run_artifact` and the profiler.
 
-Parties are threads joined by an in-memory link (``libspu.link.create_mem``), one
-``spu.api.Runtime`` per rank, as in ``spu.utils.simulation.Simulator``. Unlike the stock
-simulator, each positional argument (a pytree) is either *secret* (secret-shared) or
-*public* (every party holds the plaintext), and the program is compiled with the same
-visibilities, so secret-public ops compile to the cheap ``*_ap`` kernels.
+    s = SimulatorSession(protocols.preset("ABY3"))
+    s.put("theta", theta)                      # secret-shared
+    s.put("z", z, public=True)                 # every party holds the plaintext
+    for i in range(steps):
+        s.run(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "info"])
+        loss = s.reveal("info")["loss"]        # opt-in, per step
+    theta = s.reveal("theta")                  # the tuned result, once
 
-Example::
-
-    from secfwt_jax.compile import protocols, simulator
     res = simulator.mpc_run(f, (x, z), public={1}, preset=protocols.preset("ABY3"),
-                            profile=True)
+                            profile=True)      # compile, share, run, reveal once
     res.outputs, res.cost.total_bytes
 
-Static (non-array) arguments are not supported; close over them or use
-``functools.partial``. Array leaves are canonicalised with ``jnp.asarray`` (float64 ->
-float32, int64 -> int32 unless jax x64 is on) before tracing and sharing.
-
-Trace constants are hoisted into PUBLIC inputs. Arrays that ``fn`` closes over (random
-feature directions, polynomial coefficients, position tables) become constants of its
-jaxpr; :func:`compile_to_pphlo` passes them to the program as extra public arguments
-(``Compiled.constants``, after the caller's arguments) instead of baking them into the
-bytecode. Two reasons: (1) spu 0.9.3b0 miscompiles a ``dot_general`` whose constant
-operand XLA has constant-folded through a transpose into a non-default layout (for
-example ``einsum("bnhd,hdm->bnhm", x, w)`` with a constant ``w`` returned errors of order
-1 to 30; measured here, see tests/test_compile_visibility.py); as a public input the same
-op is exact. (2) The visibility policy wants public inputs such as the random-feature
-directions to be named inputs of the program, which the policy checker can read.
+`run` takes a program compiled by `compiler.compile_to_pphlo` for the same argument
+structure; a named value is a pytree and is stored leaf by leaf as ``name/i``.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from spu import api as spu_api
 from spu import libspu, spu_pb2
-from spu.utils import frontend as spu_fe
 
+from secfwt_jax.files import write_npz_atomic
+
+from .compiler import (
+    Compiled,
+    Public,
+    canonical_args,
+    compile_to_pphlo,
+    flat_visibilities,
+    pphlo_input_types,
+    public_mask,
+)
 from .cost import CommCost, capture_fds, parse_profile_log
-from .precision import DEFAULT_REWRITES, eval_jaxpr_rewritten, validate
 from .protocols import ProtocolPreset, check_shareable, runtime_config
-
-Public = Collection[int] | Sequence[bool]
-
-
-class Compiled(NamedTuple):
-    """A compiled SPU program.
-
-    executable: ``spu_pb2.ExecutableProto`` (``.SerializeToString()`` to store it).
-    pphlo_text: the pphlo MLIR text; secret values are typed ``!pphlo.secret<...>``.
-    output_treedef: pytree structure of the function's output.
-    constants: hoisted trace constants, public inputs that follow the caller's leaves in
-        ``executable.input_names`` (feed them with :func:`constant_shares`).
-    """
-
-    executable: spu_pb2.ExecutableProto
-    pphlo_text: str
-    output_treedef: Any
-    constants: tuple[np.ndarray, ...] = ()
+from .visibility import is_secret_type
 
 
 class MpcResult(NamedTuple):
@@ -76,209 +57,227 @@ class MpcResult(NamedTuple):
     cost: CommCost | None
 
 
-def public_mask(public: Public | None, n_args: int) -> tuple[bool, ...]:
-    """Normalise ``public`` to one bool per positional argument.
+class SimulatorSession:
+    """Per-rank SPU runtimes kept alive; see module doc.
 
-    Accepts a sequence of ``n_args`` bools, or a collection of argument indices.
+    Args:
+        preset: protocol preset (world size, ring, fixed point).
+        profile: log per-op communication on every run; `run` then returns a CommCost.
     """
-    if public is None:
-        return (False,) * n_args
-    items = list(public)
-    if items and all(isinstance(p, bool | np.bool_) for p in items):
-        if len(items) != n_args:
-            raise ValueError(f"public: {len(items)} flags for {n_args} arguments")
-        return tuple(bool(p) for p in items)
-    idx = set()
-    for p in items:
-        if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 <= p < n_args:
-            raise ValueError(f"public: bad argument index {p!r} for {n_args} arguments")
-        idx.add(int(p))
-    return tuple(i in idx for i in range(n_args))
 
+    def __init__(self, preset: ProtocolPreset, profile: bool = False):
+        self.preset = preset
+        self.profile = profile
+        self._io = spu_api.Io(preset.world_size, runtime_config(preset))
+        desc = libspu.link.Desc()
+        for r in range(preset.world_size):
+            desc.add_party(f"id_{r}", f"thread_{r}")
 
-def _canon(args: Sequence[Any]) -> tuple:
-    return tuple(jax.tree_util.tree_map(lambda x: np.asarray(jnp.asarray(x)), a) for a in args)
+        def make_runtime(rank: int) -> spu_api.Runtime:
+            cfg = runtime_config(preset, profile=profile and rank == 0)
+            cfg.enable_pphlo_profile = profile
+            return spu_api.Runtime(libspu.link.create_mem(desc, rank), cfg)
 
+        # Link and runtime set-up talk to the other ranks: build them concurrently.
+        self._runtimes: list[spu_api.Runtime] = _parallel(make_runtime, preset.world_size)
+        self._trees: dict[str, Any] = {}  # name -> treedef
+        self._public: dict[str, bool] = {}
+        self._shapes: dict[str, list[tuple[int, ...]]] = {}  # None for run outputs
 
-def _flat_vis(args: tuple, mask: tuple[bool, ...]) -> list[int]:
-    vis = []
-    for a, pub in zip(args, mask, strict=True):
-        v = spu_pb2.Visibility.VIS_PUBLIC if pub else spu_pb2.Visibility.VIS_SECRET
-        vis += [v] * len(jax.tree_util.tree_leaves(a))
-    return vis
+    # ------------------------------------------------------------------ values
+    def put(self, name: str, value: Any, public: bool = False) -> None:
+        """Share a pytree under ``name`` (secret by default; ``public`` = plaintext)."""
+        raw = jax.tree_util.tree_leaves(value)
+        for path, leaf in zip(_leaf_names(name, value), raw, strict=True):
+            check_shareable(path, leaf, self.preset)  # before any cast hides the problem
+        (value,) = canonical_args([value])
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        vis = spu_pb2.Visibility.VIS_PUBLIC if public else spu_pb2.Visibility.VIS_SECRET
+        for i, leaf in enumerate(leaves):
+            shares = self._io.make_shares(leaf, vis)
+            for rank, rt in enumerate(self._runtimes):
+                rt.set_var(f"{name}/{i}", shares[rank])
+        self._trees[name] = treedef
+        self._public[name] = public
+        self._shapes[name] = [tuple(leaf.shape) for leaf in leaves]
 
+    def delete(self, name: str) -> None:
+        """Forget ``name`` in every rank (its shares are dropped)."""
+        treedef = self._tree(name)
+        for rt in self._runtimes:
+            for i in range(treedef.num_leaves):
+                rt.del_var(f"{name}/{i}")
+        del self._trees[name], self._public[name]
+        self._shapes.pop(name, None)
 
-_CACHE: dict[Any, Compiled] = {}
-_CACHE_MAX = 64
-_CACHE_STATS = {"hits": 0, "misses": 0}
-_CACHE_LOCK = threading.Lock()
+    def dump_shares(self, name: str, paths: Sequence[str | Path]) -> None:
+        """Write each rank's own shares of ``name`` to ``paths[rank]`` (atomically); no
+        rank's file holds anything of another rank's, and nothing is reconstructed."""
+        treedef = self._tree(name)
+        for rank, (rt, path) in enumerate(zip(self._runtimes, paths, strict=True)):
+            arrays = {}
+            for i in range(treedef.num_leaves):
+                share = rt.get_var(f"{name}/{i}")
+                arrays[f"meta_{i}"] = np.frombuffer(share.meta, np.uint8)
+                for j, chunk in enumerate(share.share_chunks):
+                    arrays[f"chunk_{i}_{j}"] = np.frombuffer(chunk, np.uint8)
+            arrays["rank"] = np.asarray(rank)
+            write_npz_atomic(path, arrays, private=True)
 
+    def load_shares(self, name: str, paths: Sequence[str | Path], like: Any) -> None:
+        """Store under ``name`` the shares ``dump_shares`` wrote (a pytree shaped ``like``)."""
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        for rank, (rt, path) in enumerate(zip(self._runtimes, paths, strict=True)):
+            with np.load(path) as f:
+                if int(f["rank"]) != rank or f"meta_{len(leaves) - 1}" not in f.files:
+                    raise ValueError(f"{path}: not rank {rank}'s shares of a {len(leaves)}-leaf value")  # fmt: skip
+                for i in range(len(leaves)):
+                    share = libspu.Share()
+                    share.meta = f[f"meta_{i}"].tobytes()
+                    count = sum(1 for k in f.files if k.startswith(f"chunk_{i}_"))
+                    share.share_chunks = [f[f"chunk_{i}_{j}"].tobytes() for j in range(count)]
+                    rt.set_var(f"{name}/{i}", share)
+        self._trees[name] = treedef
+        self._public[name] = False
+        self._shapes[name] = [tuple(np.shape(leaf)) for leaf in leaves]
 
-def compile_cache_stats() -> dict[str, int]:
-    """Hits/misses/size of the compiled-program cache used by :func:`compile_to_pphlo`."""
-    return {**_CACHE_STATS, "size": len(_CACHE)}
+    def names(self) -> list[str]:
+        return sorted(self._trees)
 
+    def reveal(self, name: str) -> Any:
+        """Reconstruct the pytree ``name`` (numpy leaves). The ONLY way values leave."""
+        treedef = self._tree(name)
+        flat = []
+        for i in range(treedef.num_leaves):
+            shares = [rt.get_var(f"{name}/{i}") for rt in self._runtimes]
+            flat.append(self._io.reconstruct(shares))
+        return jax.tree_util.tree_unflatten(treedef, flat)
 
-def hoist_constants(
-    fn: Callable, args: Sequence[Any], *, rewrites: Sequence[str] = DEFAULT_REWRITES
-) -> tuple[Callable, tuple[np.ndarray, ...], Any]:
-    """Trace ``fn(*args)`` and lift its trace constants out as explicit arguments.
+    def _tree(self, name: str):
+        if name not in self._trees:
+            raise KeyError(f"session has no value {name!r}; have {self.names()}")
+        return self._trees[name]
 
-    Returns ``(program, constants, out_shape)``: ``program(*leaves, *constants)`` takes the
-    flattened leaves of ``args`` followed by ``constants`` (numpy arrays ``fn`` closed over)
-    and returns the flat list of ``fn``'s output leaves (structure: ``out_shape``), with the
-    precision ``rewrites`` applied. Only shapes/dtypes of ``args`` matter (arrays or
-    ``jax.ShapeDtypeStruct``). Feed ``constants`` to SPU as PUBLIC inputs: see the module
-    docstring for the miscompile this avoids. Used by :func:`compile_to_pphlo` and by the
-    SecretFlow backend (``secfwt_jax.runtime.cluster_run``).
-    """
-    rewrites = validate(rewrites)
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    constants = tuple(np.asarray(c) for c in closed.consts)
-    n_leaves = len(jax.tree_util.tree_leaves(args))
+    # ------------------------------------------------------------------ runs
+    def run(
+        self,
+        compiled: Compiled,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        consume: bool = False,
+    ) -> CommCost | None:
+        """Run ``compiled`` on stored values; store its outputs without revealing them.
 
-    def program(*flat):
-        if len(flat) != n_leaves + len(constants):
+        ``input_names`` name the program's positional arguments in order;
+        ``output_names`` name the top-level items of its output (a tuple/list output
+        gets one name per item, any other output one name). With ``consume`` the inputs
+        are deleted as the program takes them (one copy of their shares at a time).
+        Returns the run's CommCost when the session profiles, else None.
+        """
+        exe = compiled.executable
+        in_vars = [f"{n}/{i}" for n in input_names for i in range(self._tree(n).num_leaves)]
+        const = constant_shares(self._io, compiled)
+        if len(in_vars) + len(const) != len(exe.input_names):
             raise ValueError(
-                f"program: expected {n_leaves} leaves + {len(constants)} constants, "
-                f"got {len(flat)} arguments"
+                f"input_names: {len(in_vars)} leaves + {len(const)} constants for a program "
+                f"with {len(exe.input_names)} inputs"
             )
-        consts = list(flat[n_leaves:])
-        return eval_jaxpr_rewritten(closed.jaxpr, consts, *flat[:n_leaves], rewrites=rewrites)
+        self._check_inputs(compiled, input_names)
+        out_trees = _split_outputs(compiled.output_treedef, len(output_names))
+        out_vars = [f"{n}/{i}" for n, t in zip(output_names, out_trees, strict=False) for i in range(t.num_leaves)]  # fmt: skip
 
-    return program, constants, out_shape
+        def party(rank: int):
+            rt = self._runtimes[rank]
+            for src, dst in zip(in_vars, exe.input_names, strict=False):
+                rt.set_var(dst, rt.get_var(src))
+                if consume:
+                    rt.del_var(src)
+            for c, dst in zip(const, exe.input_names[len(in_vars) :], strict=True):
+                rt.set_var(dst, c[rank])
+            rt.run(exe)
+            for src, dst in zip(exe.output_names, out_vars, strict=True):
+                rt.set_var(dst, rt.get_var(src))
+            for name in list(exe.input_names) + list(exe.output_names):
+                rt.del_var(name)
 
+        cost = None
+        if self.profile:
+            with capture_fds() as cap:
+                _parallel(party, self.preset.world_size)
+            cost = parse_profile_log(cap.text, self.preset.world_size)
+        else:
+            _parallel(party, self.preset.world_size)
+        if consume:
+            for name in dict.fromkeys(n for n in input_names if n not in output_names):
+                del self._trees[name], self._public[name]
+                self._shapes.pop(name, None)
+        for name, tree in zip(output_names, out_trees, strict=True):
+            self._trees[name] = tree
+            self._public[name] = False
+            self._shapes[name] = None
+        return cost
 
-def compile_to_pphlo(
-    fn: Callable,
-    args: Sequence[Any],
-    public: Public | None = None,
-    *,
-    name: str | None = None,
-    copts: spu_pb2.CompilerOptions | None = None,
-    rewrites: Sequence[str] = DEFAULT_REWRITES,
-) -> Compiled:
-    """Compile ``fn(*args)`` to SPU bytecode with the given argument visibilities.
-
-    Only shapes/dtypes of ``args`` matter. Results are cached on (fn, name, arg
-    structure/shapes/dtypes, visibilities, compiler options, rewrites) when ``fn`` is
-    hashable. ``rewrites`` name precision rewrites (:mod:`secfwt_jax.compile.precision`).
-    """
-    rewrites = validate(rewrites)
-    args = _canon(args)
-    mask = public_mask(public, len(args))
-    vis = _flat_vis(args, mask)
-    copts = copts if copts is not None else spu_pb2.CompilerOptions()
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    try:
-        key = (fn, name, treedef, tuple((x.shape, x.dtype.str) for x in leaves), tuple(vis),
-               copts.SerializeToString(), rewrites)  # fmt: skip
-        hash(key)
-    except TypeError:
-        key = None
-    with _CACHE_LOCK:
-        if key is not None and key in _CACHE:
-            _CACHE_STATS["hits"] += 1
-            return _CACHE[key]
-    _CACHE_STATS["misses"] += 1
-
-    program, constants, out_shape = hoist_constants(fn, args, rewrites=rewrites)
-    program.__name__ = re.sub(r"\W", "_", name or getattr(fn, "__name__", "program"))
-    const_vis = [spu_pb2.Visibility.VIS_PUBLIC] * len(constants)
-    executable, _ = spu_fe.compile(
-        spu_fe.Kind.JAX,
-        program,
-        (*leaves, *constants),
-        {},
-        [f"in{i}" for i in range(len(vis) + len(constants))],
-        vis + const_vis,
-        lambda outs: [f"out{i}" for i in range(len(outs))],
-        copts=copts,
-    )
-    compiled = Compiled(
-        executable,
-        executable.code.decode("utf-8"),
-        jax.tree_util.tree_structure(out_shape),
-        constants,
-    )
-    if key is not None:
-        with _CACHE_LOCK:
-            if len(_CACHE) >= _CACHE_MAX:
-                _CACHE.pop(next(iter(_CACHE)))
-            _CACHE[key] = compiled
-    return compiled
+    def _check_inputs(self, compiled: Compiled, input_names: Sequence[str]) -> None:
+        """Refuse, in one line, a stored value whose shape or visibility is not what the
+        program was compiled for (SPU itself answers with a C++ stack, or silently
+        computes on a public value where the policy wants a secret)."""
+        types = pphlo_input_types(compiled.pphlo_text)
+        i = 0
+        for name in input_names:
+            shapes = self._shapes.get(name)
+            for leaf in range(self._tree(name).num_leaves):
+                want_secret, want_shape = is_secret_type(types[i]), type_shape(types[i])
+                if self._public[name] and want_secret:
+                    raise ValueError(f"{name}: put as public, but the program reads input {i} as secret")  # fmt: skip
+                if shapes is not None and shapes[leaf] != want_shape:
+                    raise ValueError(f"{name}: leaf {leaf} has shape {list(shapes[leaf])}, the program expects {list(want_shape)} at input {i}")  # fmt: skip
+                i += 1
 
 
-_MAIN_SIG = re.compile(r"func\.func @main\((?P<args>.*?)\)\s*->", re.S)
+def type_shape(pphlo_type: str) -> tuple[int, ...]:
+    """The shape of a pphlo tensor type: ``tensor<2x3x!pphlo.secret<f32>>`` -> (2, 3)."""
+    inner = pphlo_type[pphlo_type.index("<") + 1 :]
+    dims = []
+    for part in inner.split("x"):
+        if not part.isdigit():
+            break
+        dims.append(int(part))
+    return tuple(dims)
 
 
-def pphlo_input_types(pphlo_text: str) -> list[str]:
-    """Types of ``@main``'s arguments in order, e.g. ``["tensor<2x3x!pphlo.secret<f32>>",
-    "tensor<3xf32>"]``. An argument is secret iff its type contains ``!pphlo.secret``."""
-    return list(_input_types(pphlo_text))
+def _leaf_names(name: str, value: Any) -> list[str]:
+    paths, _ = jax.tree_util.tree_flatten_with_path(value)
+    return [name + "".join(str(k) for k in path) for path, _ in paths]
 
 
-@functools.lru_cache(maxsize=64)
-def _input_types(pphlo_text: str) -> tuple[str, ...]:
-    # Cached: a session checks a program's inputs on every run, and a model's text is large.
-    m = _MAIN_SIG.search(pphlo_text)
-    if m is None:
-        raise ValueError("pphlo_text: no func.func @main signature found")
-    return tuple(t.strip() for t in re.findall(r"%arg\d+:\s*([^%]+?)(?=,\s*%arg|\s*$)", m["args"]))
+def _split_outputs(treedef, n: int) -> list:
+    """Treedefs of the top-level items of an output tree (one item if n == 1)."""
+    if n == 1:
+        return [treedef]
+    children = treedef.children()
+    if len(children) != n:
+        raise ValueError(f"output_names: {n} names for an output with {len(children)} items")
+    return children
 
 
-class _Thread(threading.Thread):
-    """Thread that re-raises the target's exception on join()."""
+def _parallel(fn, n: int) -> list:
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
 
-    def run(self):
-        self.exc, self.ret = None, None
+    def target(r):
         try:
-            self.ret = self._target(*self._args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in join
-            self.exc = e
+            results[r] = fn(r)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
 
-    def join(self, timeout=None):
-        super().join(timeout)
-        if self.exc is not None:
-            raise self.exc
-        return self.ret
-
-
-def run_executable(
-    executable: spu_pb2.ExecutableProto,
-    shares: Sequence[Sequence[Any]],
-    p: ProtocolPreset,
-    profile: bool = False,
-) -> list[list[Any]]:
-    """Run once with all ranks as threads; ``shares[i][rank]`` is input i's share.
-
-    Consumes ``shares``: each rank drops its share of an input (sets it to None) once its
-    runtime holds a copy, so a big program peaks at one copy of its inputs' shares, not
-    two (a Llama-7B layer at 32 tokens: 15.3 GB resident, 21.3 GB before).
-
-    Returns ``outs[rank][j]``, rank's share of output j. With ``profile``, every rank
-    logs its pphlo profile and rank 0 also its HAL/MPC profile (see
-    :func:`secfwt_jax.compile.cost.parse_profile_log`).
-    """
-    n = p.world_size
-    desc = libspu.link.Desc()
-    for r in range(n):
-        desc.add_party(f"id_{r}", f"thread_{r}")
-
-    def party(rank: int):
-        cfg = runtime_config(p, profile=profile and rank == 0)
-        cfg.enable_pphlo_profile = profile
-        rt = spu_api.Runtime(libspu.link.create_mem(desc, rank), cfg)
-        for name, s in zip(executable.input_names, shares, strict=True):
-            rt.set_var(name, s[rank])
-            s[rank] = None
-        rt.run(executable)
-        return [rt.get_var(name) for name in executable.output_names]
-
-    jobs = [_Thread(target=party, args=(r,)) for r in range(n)]
-    for j in jobs:
-        j.start()
-    return [j.join() for j in jobs]
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def constant_shares(io: spu_api.Io, compiled: Compiled) -> list[list[Any]]:
@@ -304,27 +303,20 @@ def execute(
     profile: bool = False,
     reveal: bool = True,
 ) -> Execution:
-    """Share, run and (optionally) reveal, once: THE one-shot path under every runner
-    (`mpc_run`, `artifacts.run_artifact`, the profiler). ``leaves`` are the program's
-    input leaves in order, ``visibilities`` one SPU visibility each; the hoisted constants
-    are appended as public inputs here."""
-    io = spu_api.Io(p.world_size, runtime_config(p))
-    for i, x in enumerate(leaves):
-        check_shareable(f"input {i}", x, p)
-    shares = [io.make_shares(np.asarray(x), v) for x, v in zip(leaves, visibilities, strict=True)]
-    shares += constant_shares(io, compiled)
-    cost = None
+    """Share, run and (optionally) reveal, once, in a fresh `SimulatorSession`: the path
+    under `mpc_run`, `artifacts.run_artifact` and the profiler. ``leaves`` are the
+    program's input leaves in order, ``visibilities`` one SPU visibility each; the hoisted
+    constants are appended as public inputs by the session. The inputs are consumed by the
+    run, so a big program peaks at one copy of its inputs' shares (a Llama-7B layer at 32
+    tokens: 15.3 GB resident, against 21.3 GB with two)."""
+    session = SimulatorSession(p, profile=profile)
+    names = [f"input {i}" for i in range(len(leaves))]
+    for name, leaf, vis in zip(names, leaves, visibilities, strict=True):
+        session.put(name, np.asarray(leaf), public=vis == spu_pb2.Visibility.VIS_PUBLIC)
     start = time.perf_counter()
-    if profile:
-        with capture_fds() as cap:
-            outs = run_executable(compiled.executable, shares, p, profile=True)
-        cost = parse_profile_log(cap.text, p.world_size)
-    else:
-        outs = run_executable(compiled.executable, shares, p)
+    cost = session.run(compiled, names, ["output"], consume=True)
     seconds = time.perf_counter() - start
-    flat = None
-    if reveal:
-        flat = [io.reconstruct([outs[r][j] for r in range(p.world_size)]) for j in range(len(outs[0]))]  # fmt: skip
+    flat = jax.tree_util.tree_leaves(session.reveal("output")) if reveal else None
     return Execution(flat, cost, seconds)
 
 
@@ -351,9 +343,12 @@ def mpc_run(
         MpcResult(outputs with fn's output structure and numpy leaves, CommCost or None).
     """
     p = preset if preset is not None else ProtocolPreset("ABY3")
-    args = _canon(args)
+    args = canonical_args(args)
     mask = public_mask(public, len(args))
     compiled = compile_to_pphlo(fn, args, mask, name=name, rewrites=p.rewrites)
     leaves = jax.tree_util.tree_leaves(args)
-    run = execute(compiled, leaves, _flat_vis(args, mask), p, profile=profile)
+    run = execute(compiled, leaves, flat_visibilities(args, mask), p, profile=profile)
     return MpcResult(jax.tree_util.tree_unflatten(compiled.output_treedef, run.outputs), run.cost)
+
+
+__all__ = ["Execution", "MpcResult", "SimulatorSession", "constant_shares", "execute", "mpc_run"]

@@ -129,7 +129,7 @@ class ClusterBackend:
             num_outputs,
             secret_arguments,
         )
-        from secfwt_jax.compile.simulator import hoist_constants
+        from secfwt_jax.compile.compiler import hoist_constants
 
         job = job_of(program)  # the checks raise ValueError("visibility: ...")
         if self.cache_dir is None:

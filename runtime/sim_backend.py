@@ -33,7 +33,7 @@ from secfwt_jax.compile.artifacts import (
 )
 from secfwt_jax.compile.cost import CommCost
 from secfwt_jax.compile.protocols import ProtocolPreset
-from secfwt_jax.compile.session import SimulatorSession
+from secfwt_jax.compile.simulator import SimulatorSession
 from secfwt_jax.compile.visibility import check_arguments
 
 

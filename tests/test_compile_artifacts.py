@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from secfwt_jax.compile import artifacts, protocols, simulator
+from secfwt_jax.compile import artifacts, compiler, protocols
 from secfwt_jax.compile.artifacts import job_of
 from secfwt_jax.compile.protocols import preset_of
 from secfwt_jax.compile.run_compile import compile_run, run_programs
-from secfwt_jax.compile.session import SimulatorSession
+from secfwt_jax.compile.simulator import SimulatorSession
 from secfwt_jax.run.spec import load_spec, read_spec_file
 from secfwt_jax.runtime.cli import main
 
@@ -31,13 +31,13 @@ def tiny_spec(*overrides: str):
 def spu_compile_calls(monkeypatch):
     """Counts calls into the SPU compiler (spu.utils.frontend.compile)."""
     calls = []
-    real = simulator.spu_fe.compile
+    real = compiler.spu_fe.compile
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(simulator.spu_fe, "compile", counting)
+    monkeypatch.setattr(compiler.spu_fe, "compile", counting)
     return calls
 
 
@@ -120,7 +120,7 @@ def test_loaded_artifact_runs_and_matches_a_fresh_compile(tmp_path):
     z = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32), z)
     args = (theta, frozen, features, labels, z, np.float32(0.05))
 
-    fresh = simulator.compile_to_pphlo(program.fn, args, {4, 5}, name=program.name, rewrites=preset.rewrites)  # fmt: skip
+    fresh = compiler.compile_to_pphlo(program.fn, args, {4, 5}, name=program.name, rewrites=preset.rewrites)  # fmt: skip
     session = SimulatorSession(preset)
     for name, value, public in zip(program.arg_names, args, [0, 0, 0, 0, 1, 1], strict=True):
         session.put(name, value, public=bool(public))

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from secfwt_jax.compile import protocols, simulator
-from secfwt_jax.compile.session import SimulatorSession
+from secfwt_jax.compile import compiler, protocols, simulator
+from secfwt_jax.compile.simulator import SimulatorSession
 
 
 def test_constant_operand_of_batched_einsum_is_exact():
@@ -20,9 +20,9 @@ def test_constant_operand_of_batched_einsum_is_exact():
     def f(x):
         return jnp.einsum("nhd,hdm->nhm", x, w)
 
-    comp = simulator.compile_to_pphlo(f, (x,))
+    comp = compiler.compile_to_pphlo(f, (x,))
     assert len(comp.constants) == 1 and comp.constants[0].shape == (2, 4, 5)
-    types = simulator.pphlo_input_types(comp.pphlo_text)
+    types = compiler.pphlo_input_types(comp.pphlo_text)
     assert "!pphlo.secret" in types[0] and "!pphlo.secret" not in types[1]
     got = simulator.mpc_run(f, (x,), preset=protocols.preset("SEMI2K")).outputs
     np.testing.assert_allclose(got, np.einsum("nhd,hdm->nhm", x, w), atol=1e-3)
@@ -49,7 +49,7 @@ def test_session_keeps_values_shared_across_runs(name):
     theta = rng.standard_normal((4, 3)).astype(np.float32)
     x = rng.standard_normal((5, 4)).astype(np.float32)
     lr = np.float32(0.1)
-    comp = simulator.compile_to_pphlo(_step, (theta, x, lr), public={2})
+    comp = compiler.compile_to_pphlo(_step, (theta, x, lr), public={2})
     s = SimulatorSession(protocols.preset(name), profile=True)
     s.put("theta", theta)
     s.put("x", x)

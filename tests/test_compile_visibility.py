@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax
 
-from secfwt_jax.compile import simulator, visibility
+from secfwt_jax.compile import compiler, visibility
 from secfwt_jax.compile.run_compile import run_programs
 from secfwt_jax.run.spec import load_spec
 
@@ -15,7 +15,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 def _compiled_step():
     step = run_programs(load_spec(TINY, ["tuning.trainable={kind: bitfit}"])).step
-    comp = simulator.compile_to_pphlo(step.fn, step.args, public={4, 5})
+    comp = compiler.compile_to_pphlo(step.fn, step.args, public={4, 5})
     roles = [
         r for a, r in zip(step.args, ["trainable", "frozen", "data", "labels", "directions", "step_size"], strict=True)
         for _ in jax.tree_util.tree_leaves(a)
@@ -25,7 +25,7 @@ def _compiled_step():
 
 def test_spsa_step_inputs_follow_policy_and_nothing_is_declassified():
     comp, roles = _compiled_step()
-    types = simulator.pphlo_input_types(comp.pphlo_text)
+    types = compiler.pphlo_input_types(comp.pphlo_text)
     assert visibility.check_inputs(types, roles) == []
     assert visibility.find_declassifications(comp.pphlo_text) == []
     # a wrong role assignment is caught
@@ -37,7 +37,7 @@ def test_checker_flags_a_leaky_program():
     comp, _ = _compiled_step()
     lines = comp.pphlo_text.splitlines()
     ret = next(i for i, ln in enumerate(lines) if ln.strip().startswith("return"))
-    sig = simulator.pphlo_input_types(comp.pphlo_text)
+    sig = compiler.pphlo_input_types(comp.pphlo_text)
     secret_arg = next(i for i, t in enumerate(sig) if "!pphlo.secret" in t)
     public_t = sig[secret_arg].replace("!pphlo.secret<f32>", "f32")
     leak = f"    %leak = pphlo.convert %arg{secret_arg} : ({sig[secret_arg]}) -> {public_t}"

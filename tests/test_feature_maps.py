@@ -154,7 +154,7 @@ def test_every_layer_runs_the_same_trig_program():
     # Each layer's own bound max_j |w_j| varies by ~10%, across the thresholds of one
     # more doubling; the shared bound gives every layer the same ops (and cost), which
     # the bench's layer extrapolation assumes.
-    from secfwt_jax.compile import simulator
+    from secfwt_jax.compile import compiler
     from secfwt_jax.models.feature_maps import cheapest_degree, direction_bound, max_norm
 
     cfg = AttentionConfig(kind="rfa", variant="l2", trig="poly", num_features=64)
@@ -163,7 +163,7 @@ def test_every_layer_runs_the_same_trig_program():
     assert cheapest_degree(own[lo]) != cheapest_degree(own[hi]) or num_doublings(own[lo], 8) != num_doublings(own[hi], 8)  # fmt: skip
     x = np.random.default_rng(0).normal(size=(1, 4, 1, 64)).astype(np.float32)
     mask = np.ones((1, 4), np.float32)
-    texts = [simulator.compile_to_pphlo(lambda q, k, layer=layer: rfa_features(q, k, mask, cfg, layer), (x, x)).pphlo_text for layer in (lo, hi)]  # fmt: skip
+    texts = [compiler.compile_to_pphlo(lambda q, k, layer=layer: rfa_features(q, k, mask, cfg, layer), (x, x)).pphlo_text for layer in (lo, hi)]  # fmt: skip
     assert texts[0].count("pphlo.multiply") == texts[1].count("pphlo.multiply")
     assert direction_bound(0, 1, 64, 64, 1.0) == max(own)
     assert (

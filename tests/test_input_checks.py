@@ -5,8 +5,8 @@ an insecure SEMI2K Beaver source is refused where every cluster session starts."
 import numpy as np
 import pytest
 
-from secfwt_jax.compile import artifacts, protocols, simulator, visibility
-from secfwt_jax.compile.session import SimulatorSession, type_shape
+from secfwt_jax.compile import artifacts, compiler, protocols, simulator, visibility
+from secfwt_jax.compile.simulator import SimulatorSession, type_shape
 from secfwt_jax.runtime.cluster import loopback_cluster, sf_party_session
 
 SEMI2K = protocols.preset("SEMI2K")
@@ -46,7 +46,7 @@ def test_one_shot_runs_check_their_inputs_too():
 
 def _double():
     x = np.zeros((2, 3), np.float32)
-    return simulator.compile_to_pphlo(lambda a: a * 2, (x,), public=None, name="double")
+    return compiler.compile_to_pphlo(lambda a: a * 2, (x,), public=None, name="double")
 
 
 def test_a_public_value_fed_to_a_secret_input_is_refused():

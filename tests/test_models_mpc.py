@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from secfwt_jax.compile import protocols, simulator
+from secfwt_jax.compile import compiler, protocols, simulator
 from secfwt_jax.models.attention import random_feature_attention
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
@@ -157,7 +157,7 @@ def test_l2_poly_rfa_program_has_no_trig_clip_and_no_spu_trig():
     def attention(q, k, v):
         return random_feature_attention(q, k, v, mask, RFA, layer=0)
 
-    text = simulator.compile_to_pphlo(attention, (q, k, v)).pphlo_text
+    text = compiler.compile_to_pphlo(attention, (q, k, v)).pphlo_text
     for op in ("pphlo.greater", "pphlo.sine", "pphlo.cosine", "pphlo.select"):
         assert op not in text, op
     assert text.count("= pphlo.less ") == 2
@@ -176,7 +176,7 @@ def test_secret_token_types_are_looked_up_without_spus_gather_loop(type_vocab):
     ids = (np.arange(48).reshape(3, 16) % type_vocab).astype(np.int32)
     lookup = lambda p, i: emb.apply(p, i)  # noqa: E731
     np.testing.assert_allclose(lookup(params, ids), np.asarray(params["params"]["embedding"])[ids], atol=1e-7)  # fmt: skip
-    text = simulator.compile_to_pphlo(lookup, (params, ids)).pphlo_text
+    text = compiler.compile_to_pphlo(lookup, (params, ids)).pphlo_text
     assert "pphlo.while" not in text and "gather" not in text
     res = simulator.mpc_run(lookup, (params, ids), preset=protocols.preset("ABY3"), profile=True)
     np.testing.assert_allclose(res.outputs, np.asarray(params["params"]["embedding"])[ids], atol=1e-5)  # fmt: skip

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from secfwt_jax.compile import cost, protocols, simulator
+from secfwt_jax.compile import compiler, cost, protocols, simulator
 
 ATOL = 1e-3
 
@@ -54,17 +54,17 @@ def test_mixed_visibility_public_arg_is_public():
     def f(x, params):
         return x @ params["w"] + params["b"]
 
-    comp = simulator.compile_to_pphlo(f, (x, params), public={1})
-    types = simulator.pphlo_input_types(comp.pphlo_text)
+    comp = compiler.compile_to_pphlo(f, (x, params), public={1})
+    types = compiler.pphlo_input_types(comp.pphlo_text)
     assert len(types) == 3  # x, then params leaves in pytree order (b, w)
     assert "!pphlo.secret" in types[0]
     assert all("!pphlo.secret" not in t for t in types[1:]), types
     # bool-mask form compiles to the same program
-    comp2 = simulator.compile_to_pphlo(f, (x, params), public=(False, True))
+    comp2 = compiler.compile_to_pphlo(f, (x, params), public=(False, True))
     assert comp2.pphlo_text == comp.pphlo_text
     # all-secret differs
-    all_secret = simulator.compile_to_pphlo(f, (x, params))
-    assert all("!pphlo.secret" in t for t in simulator.pphlo_input_types(all_secret.pphlo_text))
+    all_secret = compiler.compile_to_pphlo(f, (x, params))
+    assert all("!pphlo.secret" in t for t in compiler.pphlo_input_types(all_secret.pphlo_text))
 
     res = simulator.mpc_run(f, (x, params), public={1}, preset=protocols.preset("SEMI2K"))
     np.testing.assert_allclose(res.outputs, np.asarray(f(x, params)), atol=ATOL, rtol=0)
@@ -76,11 +76,11 @@ def test_float64_inputs_and_compile_cache():
     def g(x, w):
         return x @ w
 
-    before = simulator.compile_cache_stats()
+    before = compiler.compile_cache_stats()
     p = protocols.preset("SEMI2K")
     r1 = simulator.mpc_run(g, (x.astype(np.float64), w), public={1}, preset=p)
     r2 = simulator.mpc_run(g, (x, w), public={1}, preset=p)
-    after = simulator.compile_cache_stats()
+    after = compiler.compile_cache_stats()
     assert after["misses"] - before["misses"] == 1  # f64 canonicalises to f32: same program
     assert after["hits"] - before["hits"] >= 1
     for r in (r1, r2):
@@ -169,9 +169,9 @@ def test_bad_preset_raises_naming_field():
 
 def test_bad_public_spec():
     with pytest.raises(ValueError, match="public"):
-        simulator.public_mask({2}, 2)
+        compiler.public_mask({2}, 2)
     with pytest.raises(ValueError, match="public"):
-        simulator.public_mask((True,), 2)
+        compiler.public_mask((True,), 2)
 
 
 def test_compile_layer_does_not_import_secretflow():
