@@ -1,9 +1,9 @@
 """Compiled SPU programs as files on disk, with metadata and a content-addressed cache.
 
-    job = CompileJob("spsa_step", step, (theta, frozen, batch, z, lr),
+    job = ProgramDef("spsa_step", step, (theta, frozen, batch, z, lr),
                      ("trainable", "frozen", "batch", "z", "step_size"),
                      ("trainable", "weights", batch_roles, "directions", "step_size"),
-                     description={...})
+                     description={...})          # secfwt_jax.run.program
     art, hit = compile_cached(job, protocols.preset("ABY3"), cache_dir)
     art = load_artifact(cache_dir / art.key)         # runs like a fresh Compiled:
     outputs = run_artifact(art, (theta, frozen, batch, z, lr))
@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,6 +48,7 @@ from google.protobuf import json_format
 from spu import spu_pb2
 
 from secfwt_jax.files import file_sha256, write_atomic, write_npz_atomic, write_text_atomic
+from secfwt_jax.run.program import ProgramDef
 
 from . import visibility
 from .compiler import Compiled, canonical_args, compile_to_pphlo, pphlo_input_types
@@ -63,43 +64,9 @@ EXECUTABLE, PPHLO, CONSTANTS, METADATA = (
 )
 VERSIONED_PACKAGES = ("jax", "jaxlib", "spu", "flax", "optax", "secfwt-jax")
 
-Role = str | Callable[[str], str]
-
 
 class ArtifactError(ValueError):
     """An artifact directory is missing, partial or corrupt (one-line message)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileJob:
-    """One function to compile, with example arguments and the visibility policy's roles.
-
-    name: program name ("spsa_step"). fn: a JAX-traceable function of positional pytrees.
-    args: example arguments (only shapes/dtypes reach the program; closed-over arrays of
-    ``fn`` become hoisted public constants). arg_names: one name per argument. roles: per
-    argument, a role of :mod:`secfwt_jax.compile.visibility` or ``f(leaf_path) -> role``;
-    the role fixes the visibility, and all leaves of one argument must share it.
-    description: JSON-ready facts that fix the program besides input shapes (model,
-    trainable set, eps, ...); it goes into the cache key and the metadata.
-    known_constants: label -> (public role, array) for arrays ``fn`` closes over; a hoisted
-    constant equal to one of them gets that role and label in the metadata (else the role
-    "constant").
-    """
-
-    name: str
-    fn: Callable
-    args: tuple
-    arg_names: tuple[str, ...]
-    roles: tuple[Role, ...]
-    description: dict = dataclasses.field(default_factory=dict)
-    known_constants: dict = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = len(self.args)
-        if len(self.arg_names) != n or len(self.roles) != n:
-            raise ValueError(
-                f"job {self.name}: {n} args, {len(self.arg_names)} names, {len(self.roles)} roles"
-            )
 
 
 class Artifact(NamedTuple):
@@ -159,7 +126,7 @@ def leaf_paths(tree: Any) -> list[str]:
     return ["/".join(_key_name(k) for k in path) for path, _ in flat]
 
 
-def describe_inputs(job: CompileJob, args: tuple) -> tuple[list[dict], tuple[bool, ...]]:
+def describe_inputs(job: ProgramDef, args: tuple) -> tuple[list[dict], tuple[bool, ...]]:
     """Per-leaf input records (name, arg, shape, dtype, visibility, role) and the public
     flag of each positional argument."""
     inputs, public = [], []
@@ -190,7 +157,7 @@ def compiler_options_dict(copts: spu_pb2.CompilerOptions) -> dict:
 
 
 def key_payload(
-    job: CompileJob, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
+    job: ProgramDef, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
 ) -> dict:
     """Everything the cache key covers (see module doc)."""
     inputs, _ = describe_inputs(job, canonical_args(job.args))
@@ -273,7 +240,7 @@ def _identify_constant(c: np.ndarray, known: dict) -> tuple[str | None, str]:
 
 
 def compile_job(
-    job: CompileJob, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
+    job: ProgramDef, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
 ) -> Artifact:
     """Compile ``job`` for ``preset`` (always calls the SPU compiler) with full metadata."""
     copts = copts if copts is not None else spu_pb2.CompilerOptions()
@@ -396,7 +363,7 @@ def load_artifact(directory: str | Path) -> Artifact:
 
 
 def compile_cached(
-    job: CompileJob,
+    job: ProgramDef,
     preset: ProtocolPreset,
     cache_dir: str | Path,
     copts: spu_pb2.CompilerOptions | None = None,
@@ -446,19 +413,6 @@ def _locked(key: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def job_of(program) -> CompileJob:
-    """The `CompileJob` of a `secfwt_jax.run.build.ProgramDef` (what the cache key covers)."""
-    return CompileJob(
-        program.name,
-        program.fn,
-        program.args,
-        program.arg_names,
-        program.roles,
-        program.description,
-        program.known_constants,
-    )
 
 
 def num_outputs(program) -> int:

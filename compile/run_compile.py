@@ -15,7 +15,7 @@ from secfwt_jax.models.checkpoint import load_tokenizer
 from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
-from .artifacts import Artifact, compile_cached, compile_job, job_of, write_artifact
+from .artifacts import Artifact, compile_cached, compile_job, write_artifact
 from .protocols import preset_of, share_bytes
 
 
@@ -53,7 +53,7 @@ def compile_run(
     preset = preset_of(spec)
     results = []
     for program in run_programs(spec).needed(spec.tuning.method):
-        job = job_of(program)
+        job = program
         if cache_dir is None:
             artifact, hit = compile_job(job, preset), False
         else:
@@ -100,7 +100,7 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
     calls = run_calls(spec, programs)
     rows = []
     for program in programs:
-        job = job_of(program)
+        job = program
         artifact, _ = compile_cached(job, preset, cache_dir) if cache_dir is not None else (compile_job(job, preset), False)  # fmt: skip
         prof = profile_artifact(artifact, program.args, preset)
         top = sorted(prof.per_op.items(), key=lambda kv: -kv[1].bytes)[:5]

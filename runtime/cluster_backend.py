@@ -125,13 +125,12 @@ class ClusterBackend:
         from secfwt_jax.compile.artifacts import (
             compile_cached,
             compile_job,
-            job_of,
             num_outputs,
             secret_arguments,
         )
         from secfwt_jax.compile.compiler import hoist_constants
 
-        job = job_of(program)  # the checks raise ValueError("visibility: ...")
+        job = program  # the checks raise ValueError("visibility: ...")
         if self.cache_dir is None:
             artifact, hit = compile_job(job, self.preset), False
         else:

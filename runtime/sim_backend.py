@@ -27,7 +27,6 @@ from typing import Any
 from secfwt_jax.compile.artifacts import (
     compile_cached,
     compile_job,
-    job_of,
     num_outputs,
     secret_arguments,
 )
@@ -151,7 +150,7 @@ class SimBackend:
 
     # ------------------------------------------------------------------ programs
     def compile(self, program) -> Program:
-        job = job_of(program)
+        job = program
         if self.cache_dir is None:
             artifact, hit = compile_job(job, self.preset), False
         else:
@@ -195,6 +194,5 @@ __all__ = [
     "RunningCost",
     "Secret",
     "SimBackend",
-    "job_of",
     "num_outputs",
 ]

@@ -35,7 +35,7 @@ def test_both_backends_compile_the_checked_artifact_under_one_key(tmp_path):
     first = sim.compile(PROGRAM)
     second = cluster.compile(PROGRAM)
     assert not first.cache_hit and second.cache_hit  # the cluster read what the simulator stored
-    assert second.key == first.key == artifacts.compile_job(artifacts.CompileJob(*[getattr(PROGRAM, f) for f in ("name", "fn", "args", "arg_names", "roles", "description", "known_constants")]), PRESET).key  # fmt: skip
+    assert second.key == first.key == artifacts.compile_job(PROGRAM, PRESET).key  # fmt: skip
     assert first.secret_args == second.secret_args == (True, False)
 
 

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from secfwt_jax.compile import artifacts, compiler, protocols
-from secfwt_jax.compile.artifacts import job_of
 from secfwt_jax.compile.protocols import preset_of
 from secfwt_jax.compile.run_compile import compile_run, run_programs
 from secfwt_jax.compile.simulator import SimulatorSession
+from secfwt_jax.run.program import ProgramDef
 from secfwt_jax.run.spec import load_spec, read_spec_file
 from secfwt_jax.runtime.cli import main
 
@@ -41,14 +41,14 @@ def spu_compile_calls(monkeypatch):
     return calls
 
 
-def _affine_job(shape=(3, 2), description=None) -> artifacts.CompileJob:
+def _affine_job(shape=(3, 2), description=None) -> ProgramDef:
     w = np.arange(6, dtype=np.float32).reshape(3, 2) / 7  # closed over -> hoisted constant
 
     def affine(x, lr):
         return {"y": x @ w[: x.shape[1]] * lr, "s": jnp.sum(x)}
 
     x = np.zeros(shape, np.float32)
-    return artifacts.CompileJob(
+    return ProgramDef(
         "affine", affine, (x, np.float32(0)), ("x", "lr"), ("data", "step_size"),
         description or {"what": "affine"}, {"w": ("projection", w)},
     )  # fmt: skip
@@ -108,7 +108,7 @@ def test_loaded_artifact_runs_and_matches_a_fresh_compile(tmp_path):
     spec = tiny_spec("tuning.trainable={kind: bitfit}", "tuning.spsa.num_directions=2")
     program = run_programs(spec).step
     preset = preset_of(spec)
-    art, _ = artifacts.compile_cached(job_of(program), preset, tmp_path)
+    art, _ = artifacts.compile_cached(program, preset, tmp_path)
     loaded = artifacts.load_artifact(tmp_path / art.key)
     rng = np.random.default_rng(0)
     theta, frozen, features, labels, z, _ = program.args

@@ -7,6 +7,7 @@ import pytest
 
 from secfwt_jax.compile import artifacts, compiler, protocols, simulator, visibility
 from secfwt_jax.compile.simulator import SimulatorSession, type_shape
+from secfwt_jax.run.program import ProgramDef
 from secfwt_jax.runtime.cluster import loopback_cluster, sf_party_session
 
 SEMI2K = protocols.preset("SEMI2K")
@@ -74,7 +75,7 @@ def test_pphlo_type_shapes_parse():
 
 def test_a_program_that_declassifies_does_not_compile(monkeypatch):
     monkeypatch.setattr(visibility, "find_declassifications", lambda text: ["%7 = pphlo.convert %3"])  # fmt: skip
-    job = artifacts.CompileJob("leaky", lambda a: a + 1, (np.zeros(2, np.float32),), ("x",), ("data",))  # fmt: skip
+    job = ProgramDef("leaky", lambda a: a + 1, (np.zeros(2, np.float32),), ("x",), ("data",))  # fmt: skip
     with pytest.raises(ValueError, match="visibility: leaky computes a public value from a secret in 1 place"):  # fmt: skip
         artifacts.compile_job(job, SEMI2K)
 

@@ -44,6 +44,7 @@ from secfwt_jax.models import checkpoint
 from secfwt_jax.models.classifier import Classifier, cross_entropy_loss
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
+from secfwt_jax.run.program import ProgramDef
 from secfwt_jax.run.spec import RunSpec, SpecError
 from secfwt_jax.tuning import spsa
 from secfwt_jax.tuning.sets import TuningProblem, build_problem, layer_index
@@ -404,20 +405,6 @@ def public_data_shapes(spec: RunSpec, tokenizer, vocab_size: int) -> dict[str, A
 
 
 # ---------------------------------------------------------------------- programs
-@dataclasses.dataclass(frozen=True)
-class ProgramDef:
-    """One function to run under SPU: example arguments (zeros of the right shapes) and,
-    per argument, a name and a visibility-policy role (`secfwt_jax.compile.visibility`)."""
-
-    name: str
-    fn: Callable
-    args: tuple
-    arg_names: tuple[str, ...]
-    roles: tuple[Any, ...]
-    description: dict
-    known_constants: dict = dataclasses.field(default_factory=dict)
-
-
 def _batch_role(path: str) -> str:
     return "data"
 
