@@ -15,7 +15,8 @@ from secfwt_jax.models.checkpoint import load_tokenizer
 from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
-from .artifacts import Artifact, compile_cached, compile_job, write_artifact
+from .artifacts import compile_cached, write_artifact
+from .compiler import Artifact, compile_job
 from .protocols import preset_of, share_bytes
 
 
@@ -53,11 +54,10 @@ def compile_run(
     preset = preset_of(spec)
     results = []
     for program in run_programs(spec).needed(spec.tuning.method):
-        job = program
         if cache_dir is None:
-            artifact, hit = compile_job(job, preset), False
+            artifact, hit = compile_job(program, preset), False
         else:
-            artifact, hit = compile_cached(job, preset, cache_dir)
+            artifact, hit = compile_cached(program, preset, cache_dir)
         if out is not None:
             write_artifact(artifact, out / program.name)
         results.append((artifact, hit))
@@ -100,8 +100,7 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
     calls = run_calls(spec, programs)
     rows = []
     for program in programs:
-        job = program
-        artifact, _ = compile_cached(job, preset, cache_dir) if cache_dir is not None else (compile_job(job, preset), False)  # fmt: skip
+        artifact, _ = compile_cached(program, preset, cache_dir) if cache_dir is not None else (compile_job(program, preset), False)  # fmt: skip
         prof = profile_artifact(artifact, program.args, preset)
         top = sorted(prof.per_op.items(), key=lambda kv: -kv[1].bytes)[:5]
         row = {"program": program.name, "key": artifact.key, "calls": calls[program.name],

@@ -122,19 +122,14 @@ class ClusterBackend:
     def compile(self, program) -> ClusterProgram:
         import jax
 
-        from secfwt_jax.compile.artifacts import (
-            compile_cached,
-            compile_job,
-            num_outputs,
-            secret_arguments,
-        )
-        from secfwt_jax.compile.compiler import hoist_constants
+        from secfwt_jax.compile.artifacts import compile_cached, num_outputs, secret_arguments
+        from secfwt_jax.compile.compiler import compile_job, hoist_constants
 
-        job = program  # the checks raise ValueError("visibility: ...")
+        # the checks (compile.visibility) raise ValueError("visibility: ...")
         if self.cache_dir is None:
-            artifact, hit = compile_job(job, self.preset), False
+            artifact, hit = compile_job(program, self.preset), False
         else:
-            artifact, hit = compile_cached(job, self.preset, self.cache_dir)
+            artifact, hit = compile_cached(program, self.preset, self.cache_dir)
         seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
         hoisted, constants, out_shape = hoist_constants(
             program.fn, program.args, rewrites=self.preset.rewrites

@@ -37,7 +37,7 @@ JOB = "secfwt_jax.runtime.cluster_run:finetune_job"
 
 def handshake_facts(spec: RunSpec) -> dict[str, Any]:
     """What every party must agree on before any secret moves."""
-    from secfwt_jax.compile.artifacts import versions
+    from secfwt_jax.compile.compiler import versions
 
     p = spec.protocol
     return {"spec_hash": spec.spec_hash, "protocol": f"{p.name} {p.field} {p.fxp_fraction_bits}",

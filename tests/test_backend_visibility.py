@@ -1,13 +1,14 @@
-"""Both backends compile every program through the checked artifact of `compile.artifacts`
-(the same key, a real cache hit) and refuse the same mistakes: a compiled program that
-makes a secret public, and a plaintext value given where the program takes shares."""
+"""Both backends compile every program through `compile.compiler.compile_job` (its
+visibility checks, the same key, a real cache hit through `compile.artifacts`) and refuse
+the same mistakes: a compiled program that makes a secret public, and a plaintext value
+given where the program takes shares."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from secfwt_jax.compile import artifacts
+from secfwt_jax.compile import compiler
 from secfwt_jax.compile.protocols import preset
 from secfwt_jax.run.build import ProgramDef
 from secfwt_jax.runtime.cluster_backend import ClusterBackend
@@ -35,12 +36,12 @@ def test_both_backends_compile_the_checked_artifact_under_one_key(tmp_path):
     first = sim.compile(PROGRAM)
     second = cluster.compile(PROGRAM)
     assert not first.cache_hit and second.cache_hit  # the cluster read what the simulator stored
-    assert second.key == first.key == artifacts.compile_job(PROGRAM, PRESET).key  # fmt: skip
+    assert second.key == first.key == compiler.compile_job(PROGRAM, PRESET).key  # fmt: skip
     assert first.secret_args == second.secret_args == (True, False)
 
 
 def test_a_program_that_makes_a_secret_public_is_refused_on_both_backends(tmp_path, monkeypatch):
-    real = artifacts.compile_to_pphlo
+    real = compiler.compile_to_pphlo
 
     def leaky(*args, **kwargs):
         """What a compiler that declassified the secret input would emit."""
@@ -52,7 +53,7 @@ def test_a_program_that_makes_a_secret_public_is_refused_on_both_backends(tmp_pa
         )
         return compiled._replace(pphlo_text="\n".join(lines[:at] + [leak] + lines[at:]))
 
-    monkeypatch.setattr(artifacts, "compile_to_pphlo", leaky)
+    monkeypatch.setattr(compiler, "compile_to_pphlo", leaky)
     for name, backend in backends(tmp_path / "cache").items():
         with pytest.raises(ValueError, match="visibility: scaled computes a public value from a secret in 1 place"):  # fmt: skip
             backend.compile(PROGRAM)

@@ -56,19 +56,19 @@ def _affine_job(shape=(3, 2), description=None) -> ProgramDef:
 
 def test_cache_key_changes_with_shape_config_protocol_and_version(monkeypatch):
     aby3 = protocols.preset("ABY3")
-    key = artifacts.cache_key(artifacts.key_payload(_affine_job(), aby3))
-    assert key == artifacts.cache_key(artifacts.key_payload(_affine_job(), aby3))  # stable
+    key = compiler.cache_key(compiler.key_payload(_affine_job(), aby3))
+    assert key == compiler.cache_key(compiler.key_payload(_affine_job(), aby3))  # stable
     assert len(key) == 64
     others = [
-        artifacts.key_payload(_affine_job(shape=(4, 2)), aby3),
-        artifacts.key_payload(_affine_job(description={"what": "other"}), aby3),
-        artifacts.key_payload(_affine_job(), protocols.preset("ABY3", fxp_fraction_bits=20)),
-        artifacts.key_payload(_affine_job(), protocols.preset("SEMI2K")),
+        compiler.key_payload(_affine_job(shape=(4, 2)), aby3),
+        compiler.key_payload(_affine_job(description={"what": "other"}), aby3),
+        compiler.key_payload(_affine_job(), protocols.preset("ABY3", fxp_fraction_bits=20)),
+        compiler.key_payload(_affine_job(), protocols.preset("SEMI2K")),
     ]
-    bumped = {**artifacts.versions(), "spu": "9.9"}
-    monkeypatch.setattr(artifacts, "versions", lambda: bumped)
-    others.append(artifacts.key_payload(_affine_job(), aby3))
-    keys = {artifacts.cache_key(p) for p in others}
+    bumped = {**compiler.versions(), "spu": "9.9"}
+    monkeypatch.setattr(compiler, "versions", lambda: bumped)
+    others.append(compiler.key_payload(_affine_job(), aby3))
+    keys = {compiler.cache_key(p) for p in others}
     assert key not in keys and len(keys) == len(others)
 
 

@@ -5,7 +5,7 @@ an insecure SEMI2K Beaver source is refused where every cluster session starts."
 import numpy as np
 import pytest
 
-from secfwt_jax.compile import artifacts, compiler, protocols, simulator, visibility
+from secfwt_jax.compile import compiler, protocols, simulator, visibility
 from secfwt_jax.compile.simulator import SimulatorSession, type_shape
 from secfwt_jax.run.program import ProgramDef
 from secfwt_jax.runtime.cluster import loopback_cluster, sf_party_session
@@ -77,7 +77,7 @@ def test_a_program_that_declassifies_does_not_compile(monkeypatch):
     monkeypatch.setattr(visibility, "find_declassifications", lambda text: ["%7 = pphlo.convert %3"])  # fmt: skip
     job = ProgramDef("leaky", lambda a: a + 1, (np.zeros(2, np.float32),), ("x",), ("data",))  # fmt: skip
     with pytest.raises(ValueError, match="visibility: leaky computes a public value from a secret in 1 place"):  # fmt: skip
-        artifacts.compile_job(job, SEMI2K)
+        compiler.compile_job(job, SEMI2K)
 
 
 def test_semi2k_with_a_trusted_first_party_is_refused_before_any_session_starts():
