@@ -130,13 +130,16 @@ def load_artifact(directory: str | Path) -> Artifact:
 def compile_cached(
     job: ProgramDef,
     preset: ProtocolPreset,
-    cache_dir: str | Path,
+    cache_dir: str | Path | None,
     copts: spu_pb2.CompilerOptions | None = None,
 ) -> tuple[Artifact, bool]:
     """(artifact, cache hit?) for ``job``; compiles and stores only on a miss.
 
     The entry lives in ``cache_dir / key``. A corrupt or partial entry is replaced.
+    Without a ``cache_dir`` it always compiles (and stores nothing).
     """
+    if cache_dir is None:
+        return compile_job(job, preset, copts), False
     cache_dir = Path(cache_dir)
     key = cache_key(key_payload(job, preset, copts))
     entry = cache_dir / key

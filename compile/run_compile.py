@@ -16,7 +16,7 @@ from secfwt_jax.run import build
 from secfwt_jax.run.spec import RunSpec
 
 from .artifacts import compile_cached, write_artifact
-from .compiler import Artifact, compile_job
+from .compiler import Artifact
 from .protocols import preset_of, share_bytes
 
 
@@ -54,10 +54,7 @@ def compile_run(
     preset = preset_of(spec)
     results = []
     for program in run_programs(spec).needed(spec.tuning.method):
-        if cache_dir is None:
-            artifact, hit = compile_job(program, preset), False
-        else:
-            artifact, hit = compile_cached(program, preset, cache_dir)
+        artifact, hit = compile_cached(program, preset, cache_dir)
         if out is not None:
             write_artifact(artifact, out / program.name)
         results.append((artifact, hit))
@@ -100,7 +97,7 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
     calls = run_calls(spec, programs)
     rows = []
     for program in programs:
-        artifact, _ = compile_cached(program, preset, cache_dir) if cache_dir is not None else (compile_job(program, preset), False)  # fmt: skip
+        artifact, _ = compile_cached(program, preset, cache_dir)
         prof = profile_artifact(artifact, program.args, preset)
         top = sorted(prof.per_op.items(), key=lambda kv: -kv[1].bytes)[:5]
         row = {"program": program.name, "key": artifact.key, "calls": calls[program.name],

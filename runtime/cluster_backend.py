@@ -123,13 +123,10 @@ class ClusterBackend:
         import jax
 
         from secfwt_jax.compile.artifacts import compile_cached, num_outputs, secret_arguments
-        from secfwt_jax.compile.compiler import compile_job, hoist_constants
+        from secfwt_jax.compile.compiler import hoist_constants
 
         # the checks (compile.visibility) raise ValueError("visibility: ...")
-        if self.cache_dir is None:
-            artifact, hit = compile_job(program, self.preset), False
-        else:
-            artifact, hit = compile_cached(program, self.preset, self.cache_dir)
+        artifact, hit = compile_cached(program, self.preset, self.cache_dir)
         seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
         hoisted, constants, out_shape = hoist_constants(
             program.fn, program.args, rewrites=self.preset.rewrites

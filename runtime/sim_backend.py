@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from secfwt_jax.compile.artifacts import compile_cached, num_outputs, secret_arguments
-from secfwt_jax.compile.compiler import compile_job
 from secfwt_jax.compile.cost import CommCost
 from secfwt_jax.compile.protocols import ProtocolPreset
 from secfwt_jax.compile.simulator import SimulatorSession
@@ -146,10 +145,7 @@ class SimBackend:
 
     # ------------------------------------------------------------------ programs
     def compile(self, program) -> Program:
-        if self.cache_dir is None:
-            artifact, hit = compile_job(program, self.preset), False
-        else:
-            artifact, hit = compile_cached(program, self.preset, self.cache_dir)
+        artifact, hit = compile_cached(program, self.preset, self.cache_dir)
         seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
         return Program(program.name, artifact.compiled, artifact.key, hit, seconds, num_outputs(program), secret_arguments(artifact))  # fmt: skip
 
