@@ -37,6 +37,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-rows", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--methods", nargs="+", default=list(privacy_study.METHODS), choices=privacy_study.METHODS)  # fmt: skip
+    parser.add_argument(
+        "--clip-spsa", type=float, default=1.0, help="clip on each projected gradient"
+    )
+    parser.add_argument(
+        "--clip-sgd", type=float, default=1.0, help="clip on each gradient's L2 norm"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_accuracy.json")  # fmt: skip
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "dp_accuracy.png")
     args = parser.parse_args(argv)
@@ -44,7 +51,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="encode: truncated")
     config = privacy_study.StudyConfig(
         train_rows=args.train_rows, epsilons=tuple(args.epsilons), seeds=tuple(args.seeds),
-        steps=args.steps,
+        steps=args.steps, methods=tuple(args.methods), clip_spsa=args.clip_spsa,
+        clip_sgd=args.clip_sgd,
     )  # fmt: skip
     start = time.perf_counter()
     study = privacy_study.run_study(load_spec(args.spec, args.overrides), config)
