@@ -111,6 +111,9 @@ def balanced_splits(labels: np.ndarray, sizes: tuple[int, ...], seed: int) -> li
 
 def prepare(spec: RunSpec, config: StudyConfig, log: Callable[[str], None] = print) -> StudyData:
     """Load the corpus and the model, split, and run the frozen trunk once per row."""
+    if spec.model.architecture is not None:
+        raise ValueError("privacy study: needs a checkpoint (an inline model's trunk differs per seed)")  # fmt: skip
+
     tokenizer = load_tokenizer(spec.resolve(spec.model.tokenizer_path))
     head = build.head_config(spec, tokenizer)
     data = build.load_data(spec)
@@ -124,9 +127,6 @@ def prepare(spec: RunSpec, config: StudyConfig, log: Callable[[str], None] = pri
             classifier, params = build.load_model(spec, head, private_seed=seed, log=lambda m: None)
             problems[seed] = sets.build_problem(trainable, classifier, params, seed=seed)
         return problems[seed]
-
-    if spec.model.architecture is not None:
-        raise ValueError("privacy study: needs a checkpoint (an inline model's trunk differs per seed)")  # fmt: skip
 
     def features(rows: np.ndarray) -> dict:
         batch = encode([data.texts[i] for i in rows], data.labels[rows], tokenizer,

@@ -74,7 +74,7 @@ def dp_spsa_train(
     without noise (clipped, not private): the audit's positive control."""
     import jax
 
-    from .privacy import dp_spsa_step, noise_draw, poisson_batch
+    from .privacy import dp_spsa_step, noise_draw, sampled_batch
     from .spsa import directions
 
     num_rows = len(next(iter(rows.values())))
@@ -96,8 +96,7 @@ def dp_spsa_train(
     )
     rng = np.random.default_rng([private_seed, 29])
     for i in range(steps):
-        index, included = poisson_batch(rng, num_rows, rate, max_rows)
-        batch = {name: value[index] for name, value in rows.items()} | {"included": included}
+        batch = sampled_batch(rng, rows, rate, max_rows)
         z = directions(seed, i, theta, k, spsa_config.directions)
         theta, _ = step(theta, batch, z, noise_draw(rng, k))
     return theta

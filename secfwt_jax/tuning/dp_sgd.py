@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from secfwt_jax.tuning.privacy import poisson_batch
+from secfwt_jax.tuning.privacy import sampled_batch
 from secfwt_jax.tuning.spsa import LossFn, PyTree
 
 
@@ -90,8 +90,7 @@ def dp_sgd_train(
     )
     rng = np.random.default_rng([private_seed, 31])
     for _ in range(steps):
-        index, included = poisson_batch(rng, num_rows, rate, max_rows)
-        batch = {name: value[index] for name, value in rows.items()} | {"included": included}
+        batch = sampled_batch(rng, rows, rate, max_rows)
         theta = step(theta, batch, rng.standard_normal(size).astype(np.float32))
     return theta
 

@@ -185,6 +185,15 @@ def poisson_batch(
     return index, included
 
 
+def sampled_batch(rng: np.random.Generator, rows: dict, rate: float, max_rows: int) -> dict:
+    """One step's Poisson batch of `rows` ({name: [n, ...]}), gathered and padded to
+    `max_rows`, with its `included` marks (`poisson_batch`): what a plaintext private run
+    feeds its step."""
+    num_rows = len(next(iter(rows.values())))
+    index, included = poisson_batch(rng, num_rows, rate, max_rows)
+    return {name: value[index] for name, value in rows.items()} | {"included": included}
+
+
 def noise_draw(rng: np.random.Generator, num_directions: int) -> np.ndarray:
     """n [K] ~ N(0, 1) for one step, from the data owner's PRIVATE rng."""
     return rng.standard_normal(num_directions).astype(np.float32)
@@ -247,4 +256,5 @@ __all__ = [
     "padded_rows",
     "per_example_projected_gradients",
     "poisson_batch",
+    "sampled_batch",
 ]
