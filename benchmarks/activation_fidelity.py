@@ -9,7 +9,7 @@ model.gelu=relu] --out DIR`; missing ones are skipped and say so). About 5 minut
 cores. Writes benchmarks/results/activation_fidelity.json and prints markdown.
 
 1. MPC cost of one GeLU element, ABY3 and SEMI2K FM64, for each `ModelConfig.gelu_impl`.
-2. The bundled all-MiniLM-L6-v2 with the main job's attention (RFA l2, poly, m = 32) and
+2. The bundled all-MiniLM-L6-v2 with the main run's attention (RFA l2, poly, m = 32) and
    each GeLU, before and after the model owner's adaptation (an adapted checkpoint runs
    with the attention its secfwt_adaptation.json records, e.g. m = 16), against the
    original model (softmax, exact GeLU), on the bundled sentiment corpus at the main
@@ -17,7 +17,7 @@ cores. Writes benchmarks/results/activation_fidelity.json and prints markdown.
    - the cosine of the mean-pooled sentence embeddings with the original's (500 test rows);
    - frozen-feature probe accuracy on the same stratified 500-row test split (seed 13): a
      logistic regression (scikit-learn, C = 1 on standardised features) trained on
-     k = 24 per class (the main job's 48 examples; mean and range over 5 draws) and on
+     k = 24 per class (the main run's 48 examples; mean and range over 5 draws) and on
      k = 256 per class (how much the features themselves lost).
 """
 
@@ -134,7 +134,7 @@ def markdown(costs: list[dict], models: list[dict]) -> str:
 
 def adapted_attention(path: Path) -> AttentionConfig:
     """The attention settings an adapted checkpoint was made for (its secfwt_adaptation.json;
-    the main job's when the file is absent)."""
+    the main run's when the file is absent)."""
     record = adaptation_record(path)
     return MAIN_JOB_RFA if record is None else AttentionConfig(**record["attention"])
 

@@ -65,7 +65,9 @@ def measure(name: str, cfg: AttentionConfig | None, seq: int) -> dict:
     args = qkv(seq)
     fn = head_fn(cfg, seq)
     start = time.perf_counter()
-    res = simulator.mpc_run(fn, args, preset=protocols.preset("SEMI2K"), profile=True, name=name)
+    res = simulator.mpc_execute(
+        fn, args, preset=protocols.preset("SEMI2K"), profile=True, name=name
+    )
     seconds = time.perf_counter() - start
     plain = np.asarray(fn(*args))
     cost = res.cost

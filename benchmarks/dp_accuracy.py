@@ -1,5 +1,5 @@
 """The utility price of differential privacy: test accuracy and a membership audit against
-epsilon, for DP-SPSA and DP-SGD on the main job's model and trainable set.
+epsilon, for DP-SPSA and DP-SGD on the main run's model and trainable set.
 
     .venv/bin/python benchmarks/dp_accuracy.py      # ~8 min on 2 cores, CPU
 

@@ -44,7 +44,7 @@ from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.cluster_run import launch_local, load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
 from secfwt_jax.runtime.launcher import PartyFailedError, PartyProcess
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="secfwt-fault-") as tmp:
         base = Path(tmp)
         spec = load_spec(args.spec, overrides)
-        reference = run_sim(spec, seeds=PrivateSeeds(args.private_seed), out_dir=base / "sim", progress=False, log=lambda m: None)  # fmt: skip
+        reference = finetune_in_simulator(spec, seeds=PrivateSeeds(args.private_seed), out_dir=base / "sim", progress=False, log=lambda m: None)  # fmt: skip
         want = load_theta(reference["tuned_params"]["path"])
         jobs = []
         for j in range(args.jobs):

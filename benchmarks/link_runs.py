@@ -2,7 +2,7 @@
 network model's estimate for the same programs.
 
 For each run spec (the tiny preset, and the shipped MiniLM spec at reduced size) this
-  1. profiles the run's programs (`compile.run_compile.profile_run`: bytes and rounds per
+  1. profiles the run's programs (`compile.spec_programs.profile_run`: bytes and rounds per
      call, times the calls the run makes), which is what `compile/network.py` turns into
      seconds;
   2. launches the spec on three loopback SecretFlow parties with every link through the
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from secfwt_jax.compile.network import NetworkModel
-from secfwt_jax.compile.run_compile import input_share_bytes, profile_run
+from secfwt_jax.compile.spec_programs import input_share_bytes, profile_run
 from secfwt_jax.files import write_json_atomic
 from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.cluster_run import launch_local
@@ -39,7 +39,7 @@ from secfwt_jax.runtime.link_shaper import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The runs: (name, spec, overrides). The MiniLM spec is the shipped main job, reduced to
+#: The runs: (name, spec, overrides). The MiniLM spec is the shipped main run, reduced to
 #: 2 training and 2 test examples at 8 tokens, 2 steps of 4 directions, so that an edge
 #: link finishes in minutes; the model is the whole real 6-layer MiniLM.
 RUNS = {

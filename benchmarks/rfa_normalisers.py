@@ -6,7 +6,7 @@ Trigonometric random features are not positive, so the normaliser of a query can
 zero; in fixed point (2^-18 absolute precision, feature errors of about 6e-5) a small
 normaliser turns into a large relative error of that token's attention output, and the
 MPC forward drifts from plaintext. This prints, for the bundled all-MiniLM-L6-v2 and each
-given (adapted) checkpoint, under the main job's attention (l2, poly, m = 32; an adapted
+given (adapted) checkpoint, under the main run's attention (l2, poly, m = 32; an adapted
 checkpoint under the attention its secfwt_adaptation.json records) on 64 real sentences
 at 16 tokens: the smallest |normaliser| over real query tokens and heads, per layer
 (`tuning.adaptation.rfa_normaliser_floor`, which `secfwt adapt` also checks). Seconds on
@@ -62,7 +62,7 @@ def mpc_drift(clf, params, batch) -> None:
     """Per sentence: smallest |normaliser| (any layer, head, real token) and the largest
     |MPC - plaintext| of the final hidden states, the 6 worst sentences and the median."""
     from secfwt_jax.compile import protocols
-    from secfwt_jax.compile.simulator import mpc_run
+    from secfwt_jax.compile.simulator import mpc_execute
 
     real = np.asarray(batch["attention_mask"], bool)
     den = np.abs(np.asarray(rfa_normalisers(clf, params, layer_states(clf, params, batch), batch["attention_mask"])))  # fmt: skip
@@ -71,7 +71,7 @@ def mpc_drift(clf, params, batch) -> None:
     num_layers = clf.config.num_layers
     fn = lambda p, b: clf.lower_hidden({clf.trunk_name: p}, b, num_layers=num_layers)[0]  # noqa: E731
     want = np.asarray(jax.jit(fn)(trunk, batch))
-    got = mpc_run(fn, (trunk, batch), preset=protocols.preset("ABY3")).outputs
+    got = mpc_execute(fn, (trunk, batch), preset=protocols.preset("ABY3")).outputs
     drift = np.where(real[:, :, None], np.abs(got - want), 0.0).max(axis=(1, 2))
     worst = np.argsort(drift)[::-1][:6]
     print(f"  MPC drift (max |MPC - plaintext| of the final hidden states): median {np.median(drift):.1e}")  # fmt: skip

@@ -34,7 +34,7 @@ def main() -> None:
     rows = {}
     for impl in ("exact", "piecewise", "piecewise_lite", "relu"):
         fn = silu_fn(impl)
-        res = simulator.mpc_run(lambda v, fn=fn: fn(v), (x,), preset=protocols.preset("ABY3"), profile=True)  # fmt: skip
+        res = simulator.mpc_execute(lambda v, fn=fn: fn(v), (x,), preset=protocols.preset("ABY3"), profile=True)  # fmt: skip
         cost = res.cost
         line_err = float(np.max(np.abs(np.asarray(fn(grid)) - np.asarray(jax.nn.silu(grid)))))
         rows[impl] = {

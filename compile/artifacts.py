@@ -1,13 +1,13 @@
 """Compiled SPU programs as files on disk, with metadata and a content-addressed cache.
 
-    job = ProgramDef("spsa_step", step, (theta, frozen, batch, z, lr),
+    definition = ProgramDef("spsa_step", step, (theta, frozen, batch, z, lr),
                      ("trainable", "frozen", "batch", "z", "step_size"),
                      ("trainable", "weights", batch_roles, "directions", "step_size"),
                      description={...})          # secfwt_jax.run.program
-    art, hit = compile_cached(job, protocols.preset("ABY3"), cache_dir)
+    art, hit = compile_cached(definition, protocols.preset("ABY3"), cache_dir)
     art = load_artifact(cache_dir / art.key)         # runs like a fresh Compiled:
-    outputs = run_artifact(art, (theta, frozen, batch, z, lr))
-    SimulatorSession(preset).run(art, [...], [...])  # or keep values shared between runs
+    outputs = execute_artifact(art, (theta, frozen, batch, z, lr))
+    SimulatorSession(preset).execute(art, [...], [...])  # or keep values shared between runs
 
 An artifact directory holds four files (see docs/compile.md, "Artifacts and the cache"):
 
@@ -50,7 +50,7 @@ from .compiler import (
     ArtifactError,
     cache_key,
     canonical_args,
-    compile_job,
+    compile_program,
     decode_treedef,
     key_payload,
 )
@@ -128,20 +128,20 @@ def load_artifact(directory: str | Path) -> Artifact:
 
 
 def compile_cached(
-    job: ProgramDef,
+    definition: ProgramDef,
     preset: ProtocolPreset,
     cache_dir: str | Path | None,
     copts: spu_pb2.CompilerOptions | None = None,
 ) -> tuple[Artifact, bool]:
-    """(artifact, cache hit?) for ``job``; compiles and stores only on a miss.
+    """(artifact, cache hit?) for ``definition``; compiles and stores only on a miss.
 
     The entry lives in ``cache_dir / key``. A corrupt or partial entry is replaced.
     Without a ``cache_dir`` it always compiles (and stores nothing).
     """
     if cache_dir is None:
-        return compile_job(job, preset, copts), False
+        return compile_program(definition, preset, copts), False
     cache_dir = Path(cache_dir)
-    key = cache_key(key_payload(job, preset, copts))
+    key = cache_key(key_payload(definition, preset, copts))
     entry = cache_dir / key
     hit = _cached(entry, key)
     if hit is not None:
@@ -151,7 +151,7 @@ def compile_cached(
         hit = _cached(entry, key)
         if hit is not None:
             return hit, True
-        artifact = compile_job(job, preset, copts)
+        artifact = compile_program(definition, preset, copts)
         write_artifact(artifact, entry)
     return load_artifact(entry), False
 
@@ -204,7 +204,7 @@ def preset_from_metadata(metadata: dict) -> ProtocolPreset:
     return ProtocolPreset(**kw)
 
 
-def run_artifact(
+def execute_artifact(
     artifact: Artifact, args: Sequence[Any], preset: ProtocolPreset | None = None
 ) -> Any:
     """Run ``artifact`` once in the in-process simulator on ``args``; reveal the outputs.

@@ -414,7 +414,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench"))
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+def command(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Measure, extrapolate, print; write bench.json, bench.md and bench.png under --out."""
     check_writable_dir(args.out, "--out")  # before minutes of measuring
     args.out.mkdir(parents=True, exist_ok=True)
@@ -474,7 +474,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return command(parser.parse_args(argv))
 
 
 __all__ = [
@@ -484,7 +484,7 @@ __all__ = [
     "measure_parts",
     "goals",
     "main",
-    "run",
+    "command",
     "SHAPES",
     "ROWS",
 ]

@@ -21,7 +21,7 @@ example ``einsum("bnhd,hdm->bnhm", x, w)`` with a constant ``w`` returned errors
 op is exact. (2) The visibility policy wants public inputs such as the random-feature
 directions to be named inputs of the program, which the policy checker can read.
 
-`compile_job` is the checked front end: it compiles a `ProgramDef` for a preset, refuses a
+`compile_program` is the checked front end: it compiles a `ProgramDef` for a preset, refuses a
 program whose inputs are not typed as their roles say or that computes a public value from
 a secret (`compile.visibility`), and returns an `Artifact` with its metadata and cache key:
 the sha256 of a canonical JSON (sorted keys, no spaces) of the program name, its
@@ -228,7 +228,7 @@ def _input_types(pphlo_text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in re.findall(r"%arg\d+:\s*([^%]+?)(?=,\s*%arg|\s*$)", m["args"]))
 
 
-FORMAT = "secfwt-spu-artifact/1"
+FORMAT = "secfwt-spu-artifact/2"
 VERSIONED_PACKAGES = ("jax", "jaxlib", "spu", "flax", "optax", "secfwt-jax")
 
 
@@ -293,11 +293,11 @@ def leaf_paths(tree: Any) -> list[str]:
     return ["/".join(_key_name(k) for k in path) for path, _ in flat]
 
 
-def describe_inputs(job: ProgramDef, args: tuple) -> tuple[list[dict], tuple[bool, ...]]:
+def describe_inputs(definition: ProgramDef, args: tuple) -> tuple[list[dict], tuple[bool, ...]]:
     """Per-leaf input records (name, arg, shape, dtype, visibility, role) and the public
     flag of each positional argument."""
     inputs, public = [], []
-    for arg, arg_name, role in zip(args, job.arg_names, job.roles, strict=True):
+    for arg, arg_name, role in zip(args, definition.arg_names, definition.roles, strict=True):
         vis_of_arg = set()
         for path, leaf in zip(leaf_paths(arg), jax.tree_util.tree_leaves(arg), strict=True):
             leaf_role = role(path) if callable(role) else role
@@ -324,14 +324,14 @@ def compiler_options_dict(copts: spu_pb2.CompilerOptions) -> dict:
 
 
 def key_payload(
-    job: ProgramDef, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
+    definition: ProgramDef, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
 ) -> dict:
     """Everything the cache key covers (see module doc)."""
-    inputs, _ = describe_inputs(job, canonical_args(job.args))
+    inputs, _ = describe_inputs(definition, canonical_args(definition.args))
     return {
         "format": FORMAT,
-        "name": job.name,
-        "job": job.description,
+        "name": definition.name,
+        "description": definition.description,
         "inputs": [{k: v for k, v in i.items() if k != "arg"} for i in inputs],
         "protocol": {k: v for k, v in preset.to_dict().items() if k != "trust"},
         "compiler_options": compiler_options_dict(copts or spu_pb2.CompilerOptions()),
@@ -406,20 +406,20 @@ def _identify_constant(c: np.ndarray, known: dict) -> tuple[str | None, str]:
     return None, "constant"
 
 
-def compile_job(
-    job: ProgramDef, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
+def compile_program(
+    definition: ProgramDef, preset: ProtocolPreset, copts: spu_pb2.CompilerOptions | None = None
 ) -> Artifact:
-    """Compile ``job`` for ``preset`` (always calls the SPU compiler) with full metadata."""
+    """Compile ``definition`` for ``preset`` (always calls the SPU compiler) with full metadata."""
     copts = copts if copts is not None else spu_pb2.CompilerOptions()
-    args = canonical_args(job.args)
-    inputs, public = describe_inputs(job, args)
+    args = canonical_args(definition.args)
+    inputs, public = describe_inputs(definition, args)
     start = time.perf_counter()
     compiled = compile_to_pphlo(
-        job.fn, args, public, name=job.name, copts=copts, rewrites=preset.rewrites
+        definition.fn, args, public, name=definition.name, copts=copts, rewrites=preset.rewrites
     )
     seconds = time.perf_counter() - start
     for i, c in enumerate(compiled.constants):
-        label, role = _identify_constant(c, job.known_constants)
+        label, role = _identify_constant(c, definition.known_constants)
         inputs.append({
             "name": f"constant/{i}", "arg": "constant", "shape": list(c.shape),
             "dtype": c.dtype.name, "visibility": "public", "role": role, "label": label,
@@ -430,7 +430,7 @@ def compile_job(
         raise ValueError(f"visibility: {mismatches[0]}")
     for record, program_name in zip(inputs, compiled.executable.input_names, strict=True):
         record["program_name"] = program_name
-    out_shapes = jax.eval_shape(job.fn, *args)
+    out_shapes = jax.eval_shape(definition.fn, *args)
     outputs = [
         {"name": p or "output", "program_name": n, "shape": list(s.shape), "dtype": s.dtype.name}
         for p, n, s in zip(
@@ -440,16 +440,16 @@ def compile_job(
     ]  # fmt: skip
     leaks = visibility.find_declassifications(compiled.pphlo_text)
     if leaks:  # the policy: nothing secret may become public inside a program
-        raise ValueError(f"visibility: {job.name} computes a public value from a secret in {len(leaks)} place(s), first: {leaks[0][:160]}")  # fmt: skip
-    payload = key_payload(job, preset, copts)
+        raise ValueError(f"visibility: {definition.name} computes a public value from a secret in {len(leaks)} place(s), first: {leaks[0][:160]}")  # fmt: skip
+    payload = key_payload(definition, preset, copts)
     metadata = {
         "format": FORMAT,
         "key": cache_key(payload),
-        "name": job.name,
-        "job": job.description,
+        "name": definition.name,
+        "description": definition.description,
         "arguments": [
             {"name": n, "visibility": "public" if p else "secret"}
-            for n, p in zip(job.arg_names, public, strict=True)
+            for n, p in zip(definition.arg_names, public, strict=True)
         ],
         "inputs": inputs,
         "outputs": outputs,
@@ -473,7 +473,7 @@ __all__ = [
     "ArtifactError",
     "Compiled",
     "cache_key",
-    "compile_job",
+    "compile_program",
     "decode_treedef",
     "encode_treedef",
     "key_payload",

@@ -2,17 +2,17 @@
 (``libspu.link.create_mem``), one ``spu.api.Runtime`` per rank. One `SimulatorSession`
 puts, runs and reveals; everything that runs a program in this process goes through it:
 the backend's persistent session (values stay shares between runs), and the one-shot
-`execute` under `mpc_run`, `artifacts.run_artifact` and the profiler.
+`execute` under `mpc_execute`, `artifacts.execute_artifact` and the profiler.
 
     s = SimulatorSession(protocols.preset("ABY3"))
     s.put("theta", theta)                      # secret-shared
     s.put("z", z, public=True)                 # every party holds the plaintext
     for i in range(steps):
-        s.run(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "info"])
+        s.execute(compiled, ["theta", "frozen", "batch", "z", "lr"], ["theta", "info"])
         loss = s.reveal("info")["loss"]        # opt-in, per step
     theta = s.reveal("theta")                  # the tuned result, once
 
-    res = simulator.mpc_run(f, (x, z), public={1}, preset=protocols.preset("ABY3"),
+    res = simulator.mpc_execute(f, (x, z), public={1}, preset=protocols.preset("ABY3"),
                             profile=True)      # compile, share, run, reveal once
     res.outputs, res.cost.total_bytes
 
@@ -159,7 +159,7 @@ class SimulatorSession:
         return self._trees[name]
 
     # ------------------------------------------------------------------ runs
-    def run(
+    def execute(
         self,
         compiled: Compiled,
         input_names: Sequence[str],
@@ -304,7 +304,7 @@ def execute(
     reveal: bool = True,
 ) -> Execution:
     """Share, run and (optionally) reveal, once, in a fresh `SimulatorSession`: the path
-    under `mpc_run`, `artifacts.run_artifact` and the profiler. ``leaves`` are the
+    under `mpc_execute`, `artifacts.execute_artifact` and the profiler. ``leaves`` are the
     program's input leaves in order, ``visibilities`` one SPU visibility each; the hoisted
     constants are appended as public inputs by the session. The inputs are consumed by the
     run, so a big program peaks at one copy of its inputs' shares (a Llama-7B layer at 32
@@ -314,13 +314,13 @@ def execute(
     for name, leaf, vis in zip(names, leaves, visibilities, strict=True):
         session.put(name, np.asarray(leaf), public=vis == spu_pb2.Visibility.VIS_PUBLIC)
     start = time.perf_counter()
-    cost = session.run(compiled, names, ["output"], consume=True)
+    cost = session.execute(compiled, names, ["output"], consume=True)
     seconds = time.perf_counter() - start
     flat = jax.tree_util.tree_leaves(session.reveal("output")) if reveal else None
     return Execution(flat, cost, seconds)
 
 
-def mpc_run(
+def mpc_execute(
     fn: Callable,
     args: Sequence[Any],
     public: Public | None = None,
@@ -351,4 +351,11 @@ def mpc_run(
     return MpcResult(jax.tree_util.tree_unflatten(compiled.output_treedef, run.outputs), run.cost)
 
 
-__all__ = ["Execution", "MpcResult", "SimulatorSession", "constant_shares", "execute", "mpc_run"]
+__all__ = [
+    "Execution",
+    "MpcResult",
+    "SimulatorSession",
+    "constant_shares",
+    "execute",
+    "mpc_execute",
+]

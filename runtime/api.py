@@ -154,10 +154,10 @@ def finetune(
 
         parties = launch_local(spec, str(path), list(overrides), seed, out, resume=resume)
         return ClusterResult(Path(out or spec.output_dir), parties)
-    from secfwt_jax.runtime.sim_run import run_sim
+    from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
     seeds = None if seed is None else PrivateSeeds(seed)
-    report = run_sim(spec, seeds=seeds, cache_dir=_cache(spec, cache_dir), out_dir=out, log=log, progress=progress, resume=resume)  # fmt: skip
+    report = finetune_in_simulator(spec, seeds=seeds, cache_dir=_cache(spec, cache_dir), out_dir=out, log=log, progress=progress, resume=resume)  # fmt: skip
     return FinetuneResult.from_report(report, Path(out or spec.output_dir))
 
 
@@ -166,7 +166,7 @@ def compile_programs(
 ) -> list[CompiledProgram]:
     """`secfwt compile`: every program a run of `spec` executes as an SPU artifact (through the cache
     `finetune` uses); with `out`, each also written to `out/<program>/`."""
-    from secfwt_jax.compile.run_compile import compile_run
+    from secfwt_jax.compile.spec_programs import compile_run
 
     target = Path(out) if out is not None else None
     return [
@@ -181,7 +181,7 @@ def profile(spec: RunSpec, *, cache_dir: str | Path | None = None, log: Callable
     """Bytes and rounds of every program of `spec` and of the whole run, measured by
     running each compiled program once in the simulator on zeros (cost depends on shapes
     only)."""
-    from secfwt_jax.compile.run_compile import profile_run
+    from secfwt_jax.compile.spec_programs import profile_run
 
     prof = profile_run(spec, _cache(spec, cache_dir), log=log)
     programs = tuple(

@@ -27,7 +27,7 @@ def _finetune(args: argparse.Namespace) -> int:
     """Fine-tune as the run spec says: simulator (embedded default) or SecretFlow parties."""
     from secfwt_jax.run.spec import load_spec
     from secfwt_jax.runtime.finetune import PrivateSeeds
-    from secfwt_jax.runtime.sim_run import run_sim, summary_lines
+    from secfwt_jax.runtime.sim_run import finetune_in_simulator, summary_lines
 
     spec = load_spec(args.spec, args.set)
     if args.backend:
@@ -39,7 +39,7 @@ def _finetune(args: argparse.Namespace) -> int:
         raise ValueError("--link: shaped links are for a cluster run (--backend cluster); the simulator has no links")  # fmt: skip
     seeds = None if given is None else PrivateSeeds(given)  # None: drawn from the OS
     cache = cache_dir_for(spec, args.cache_dir, "--cache-dir")
-    report = run_sim(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
+    report = finetune_in_simulator(spec, seeds=seeds, cache_dir=cache, out_dir=Path(args.out) if args.out else None, resume=args.resume)  # fmt: skip
     print("\n".join(summary_lines(report)))
     return 0
 
@@ -75,7 +75,7 @@ def _party(args: argparse.Namespace) -> int:
     """One party of the spec's cluster, on its own host."""
     from secfwt_jax.run.spec import load_spec
     from secfwt_jax.runtime.cluster import load_cluster_config
-    from secfwt_jax.runtime.cluster_run import run_party
+    from secfwt_jax.runtime.cluster_run import finetune_as_party
 
     spec = load_spec(args.spec, args.set)
     cluster_file = args.cluster or spec.resolve(spec.backend.cluster)
@@ -83,7 +83,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError("--cluster: a party needs the cluster file (or backend.cluster in the spec)")  # fmt: skip
     cluster = load_cluster_config(cluster_file)
     out = Path(args.out) if args.out else spec.output_dir
-    report = run_party(spec, args.party, cluster, _given_seed(args), out, progress=True, resume=args.resume, cache_dir=args.cache_dir)  # fmt: skip
+    report = finetune_as_party(spec, args.party, cluster, _given_seed(args), out, progress=True, resume=args.resume, cache_dir=args.cache_dir)  # fmt: skip
     print(json.dumps({k: report[k] for k in ("party", "spec_hash", "programs", "files")}))
     return 0
 
@@ -155,7 +155,7 @@ def _check_out_dir(out: Path) -> None:
 def _compile(args: argparse.Namespace) -> int:
     """The run's programs as SPU artifacts, through the same cache `finetune` uses."""
     from secfwt_jax.compile.protocols import preset_of
-    from secfwt_jax.compile.run_compile import compile_run
+    from secfwt_jax.compile.spec_programs import compile_run
     from secfwt_jax.run.spec import load_spec
 
     out = Path(args.out)
@@ -173,7 +173,7 @@ def _compile(args: argparse.Namespace) -> int:
             f"(secret {secret}), outputs {len(meta['outputs'])} -> {out / meta['name']}"
         )
     if args.profile:
-        from secfwt_jax.compile.run_compile import profile_run
+        from secfwt_jax.compile.spec_programs import profile_run
         from secfwt_jax.files import write_json_atomic
 
         print("profile (one call of each program on zeros; cost depends on shapes only):")
@@ -201,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache = comp.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
     cache.add_argument("--no-cache", action="store_true", help="always compile; no cache")
-    comp.set_defaults(run=_compile)
+    comp.set_defaults(handler=_compile)
     imp = sub.add_parser("import-gguf", help="write a GGUF file (Llama) as a Hugging Face checkpoint directory")  # fmt: skip
     imp.add_argument("file", help="the .gguf file (bundled:smollm2 for the shipped SmolLM2-135M-Instruct)")  # fmt: skip
     imp.add_argument("--out", required=True, help="directory to write (new or empty)")
-    imp.set_defaults(run=_import_gguf)
+    imp.set_defaults(handler=_import_gguf)
     fine = sub.add_parser("finetune", help="fine-tune a checkpoint on a data owner's file under MPC (run spec)")  # fmt: skip
     fine.add_argument("spec", help="run spec (YAML), see configs/")
     fine.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. tuning.steps=5")  # fmt: skip
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests and reproducing figures only (default: 128 bits from the OS, kept 0600 in <out>/<model owner>/private_seed)")  # fmt: skip
     fine.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
     fine.add_argument("--link", choices=sorted(PROFILES), help=LINK_HELP)
-    fine.set_defaults(run=_finetune)
+    fine.set_defaults(handler=_finetune)
     adapt = sub.add_parser("adapt", help="model owner: adapt the checkpoint to RFA (and model.gelu) on public text (plaintext)")  # fmt: skip
     adapt.add_argument("spec", help="run spec (its model section: checkpoint, attention, adapted_checkpoint)")  # fmt: skip
     adapt.add_argument("--text", default="bundled:sentiment", help="public unlabelled text: CSV/TSV/JSONL")  # fmt: skip
@@ -229,12 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of that term in the loss (default 1.0; 0 turns it off)")  # fmt: skip
     adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     adapt.add_argument("--out", help="output directory (default: the spec's model.adapted_checkpoint)")  # fmt: skip
-    adapt.set_defaults(run=_adapt)
+    adapt.set_defaults(handler=_adapt)
     bench = sub.add_parser("bench", help="MPC cost benchmark: bytes, rounds, LAN/WAN by row, shape and protocol (JSON, markdown, PNG)")  # fmt: skip
     from secfwt_jax.compile import bench as bench_module
 
     bench_module.add_arguments(bench)
-    bench.set_defaults(run=bench_module.run)
+    bench.set_defaults(handler=bench_module.command)
     cl = sub.add_parser("cluster", help="SecretFlow cluster commands")
     cl_sub = cl.add_subparsers(dest="cluster_command", required=True)
     launch = cl_sub.add_parser("launch", help="run the spec's parties as processes on this host (loopback)")  # fmt: skip
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests and reproducing figures only (default: 128 bits from the OS, kept 0600 in <out>/<model owner>/private_seed)")  # fmt: skip
     launch.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
     launch.add_argument("--link", choices=sorted(PROFILES), help=LINK_HELP)
-    launch.set_defaults(run=_cluster_launch)
+    launch.set_defaults(handler=_cluster_launch)
     party = sub.add_parser("party", help="run one party of a SecretFlow cluster (real deployment)")
     party.add_argument("spec", help="run spec (YAML), the same file at every party")
     party.add_argument("--party", required=True, help="this party's name")
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--private-seed", type=int, help="the model owner's private seed, for tests only (default: 128 bits from the OS)")  # fmt: skip
     party.add_argument("--resume", action="store_true", help="restart from the newest checkpoint every party holds (same spec; the model owner reuses its saved seed, or give the same --private-seed again)")  # fmt: skip
     party.add_argument("--cache-dir", help="compile cache (default $SECFWT_CACHE_DIR or ~/.cache/secfwt/compile)")  # fmt: skip
-    party.set_defaults(run=_party)
+    party.set_defaults(handler=_party)
     return parser
 
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps: must be >= 1")
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        return args.run(args)
+        return args.handler(args)
     except Terminated:
         print("secfwt: stopped by SIGTERM; cleaned up (any party processes this command started are stopped, and a cluster launch's temporary private-seed file is removed)", file=sys.stderr)  # fmt: skip
         return 128 + signal.SIGTERM

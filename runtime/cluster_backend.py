@@ -4,7 +4,7 @@ SecretFlow devices, one process per party.
 An owner's function runs in that owner's process only (a SecretFlow PYU), secrets live in
 the SPU device, and a value reaches a party's driver only if that party owns it or it was
 published as public metadata. `runtime.cluster_run` opens the session and drives
-`runtime.finetune.run_finetune` with it.
+`runtime.finetune.finetune_on` with it.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class ClusterBackend:
         self.largest_message_bytes = max(self.largest_message_bytes, message_bound_bytes(elements, ring_bytes))  # fmt: skip
         return ClusterProgram(program.name, spu_fn, constants, artifact.key, hit, seconds, outputs, secret_arguments(artifact))  # fmt: skip
 
-    def run(self, program: ClusterProgram, *args):
+    def execute(self, program: ClusterProgram, *args):
         from secretflow.device import SPUObject
         from secretflow.device.device.spu import SPUCompilerNumReturnsPolicy
 

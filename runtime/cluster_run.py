@@ -3,7 +3,7 @@
     secfwt cluster launch RUN.yaml            all parties as processes on loopback
     secfwt party RUN.yaml --party NAME        one party on its own host (real deployment)
 
-Every party process runs `runtime.finetune.run_finetune` with a `ClusterBackend`: an owner's
+Every party process runs `runtime.finetune.finetune_on` with a `ClusterBackend`: an owner's
 function runs in that owner's process only (a SecretFlow PYU), secrets live in the SPU
 device, and a value reaches a party's driver only if that party owns it or it was
 published as public metadata. The programs are the ones `run.build` makes for every
@@ -94,7 +94,7 @@ def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
     return dataclasses.replace(cluster, spu_runtime_extra=extra, allow_insecure_beaver=allow)
 
 
-def run_party(
+def finetune_as_party(
     spec: RunSpec,
     party: str,
     cluster: ClusterConfig,
@@ -110,7 +110,7 @@ def run_party(
     from secfwt_jax.compile.protocols import preset_of
     from secfwt_jax.runtime.cli import cache_dir_for
     from secfwt_jax.runtime.cluster import sf_party_session
-    from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
+    from secfwt_jax.runtime.finetune import PrivateSeeds, finetune_on, model_owner_seed
     from secfwt_jax.runtime.report import check_output_dir, write_report
 
     if party not in spec.parties.compute:
@@ -130,7 +130,7 @@ def run_party(
         from secfwt_jax.runtime.cluster_backend import ClusterBackend
 
         backend = ClusterBackend(spu, party, preset_of(spec), cluster, log, cache_dir)
-        report = run_finetune(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed).report  # fmt: skip
+        report = finetune_on(spec, backend, seeds, out_dir=out_dir, progress=progress, log=log, resume_step=agreed).report  # fmt: skip
     report["files"] = write_report(report, out_dir / party)
     return report
 
@@ -144,13 +144,13 @@ def finetune_job(
     private_seed_dir: str | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """The launcher's per-party entry (`party_main`): run_party, return a short summary."""
+    """The launcher's per-party entry (`party_main`): finetune_as_party, return a short summary."""
     spec = load_spec(spec_path, overrides)
     seed = None
     seed_file = Path(private_seed_dir or os.environ.get(PARTY_WORK_DIR_ENV, ".")) / f"{party}.private_seed"  # fmt: skip
     if seed_file.is_file():  # written for the model owner alone
         seed = int(seed_file.read_text())
-    report = run_party(spec, party, cluster, seed, Path(out_dir), resume=resume)
+    report = finetune_as_party(spec, party, cluster, seed, Path(out_dir), resume=resume)
     mpc = report["mpc"]
     return {
         "party": party,
@@ -234,4 +234,4 @@ def summary_json(results: dict[str, Any]) -> str:
     return "\n".join(f"{party}: {json.dumps(r)}" for party, r in results.items())
 
 
-__all__ = ["JOB", "finetune_job", "launch_local", "load_theta", "run_party"]
+__all__ = ["JOB", "finetune_job", "launch_local", "load_theta", "finetune_as_party"]

@@ -1,6 +1,6 @@
 """`secfwt finetune`: one run, written once, driven on any backend.
 
-`run_finetune(spec, backend, ...)` is the whole job. Every party's process runs it (on a
+`finetune_on(spec, backend, ...)` is the whole job. Every party's process runs it (on a
 SecretFlow cluster) or one process plays every party (the in-process simulator). The data
 flow is the same on both, and the backend enforces it:
 
@@ -24,7 +24,7 @@ flow is the same on both, and the backend enforces it:
 
 With `checkpoint.every`, each party writes its own shares of theta every N steps
 (`run.checkpoints`); `resume_step` restarts the SPSA loop from such a step, which every
-party must hold (the cluster handshake and `run_sim` pick the newest common one).
+party must hold (the cluster handshake and `finetune_in_simulator` pick the newest common one).
 
 The returned report holds what THIS process may know: on a cluster the data owner's report
 has the losses and accuracies, the others' do not.
@@ -179,7 +179,7 @@ class Progress:
         self.bar.close()
 
 
-def run_finetune(
+def finetune_on(
     spec: RunSpec,
     backend: Backend,
     seeds: PrivateSeeds,
@@ -257,7 +257,7 @@ def run_finetune(
         bar = Progress(len(train_x) + len(eval_x), "frozen trunk (MPC, once)", progress)
 
         def through(program, x):
-            (h,) = backend.run(program, lower_s, x)
+            (h,) = backend.execute(program, lower_s, x)
             bar.update(backend.cost, None)
             return h
 
@@ -269,7 +269,7 @@ def run_finetune(
     t = mark("trunk", t)
 
     def evaluate(theta_secret) -> Any:
-        preds = [backend.reveal_to(do, backend.run(compiled["predict"], theta_secret, frozen_s, x)[0]) for x in eval_x]  # fmt: skip
+        preds = [backend.reveal_to(do, backend.execute(compiled["predict"], theta_secret, frozen_s, x)[0]) for x in eval_x]  # fmt: skip
         return backend.at(do, _accuracy, data_h, *preds)
 
     # 7: before.
@@ -375,13 +375,13 @@ class _Loop:
             lr = np.float32(schedule(i))  # public
             if plan is None:
                 c = i % len(train_x)
-                theta_s, loss_s = backend.run(step_program, theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
+                theta_s, loss_s = backend.execute(step_program, theta_s, frozen_s, train_x[c], train_y[c], z, lr)  # fmt: skip
             else:  # the data owner's private sample and noise enter as its secrets
                 from secfwt_jax.run.privacy import data_owner_draws
 
                 draws_h = backend.at(do, data_owner_draws, self.dp_seed_h, i, plan, num_returns=3)
                 pick_s, included_s, noise_s = (backend.share(h) for h in draws_h)
-                theta_s, loss_s = backend.run(step_program, theta_s, frozen_s, *train_x, *train_y, pick_s, included_s, z, noise_s, lr)  # fmt: skip
+                theta_s, loss_s = backend.execute(step_program, theta_s, frozen_s, *train_x, *train_y, pick_s, included_s, z, noise_s, lr)  # fmt: skip
             loss = None
             if spec.parties.reveal_loss:
                 held = backend.reveal_to(do, loss_s)
@@ -464,7 +464,7 @@ def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
     for g in range(spec.tuning.steps):
         candidates = backend.publish(backend.at(do, cmaes.ask, es_h))  # public by design
         k = g % len(train_x)
-        (loss_s,) = backend.run(compiled["population_loss"], {"z": candidates}, frozen_s, train_x[k], train_y[k])  # fmt: skip
+        (loss_s,) = backend.execute(compiled["population_loss"], {"z": candidates}, frozen_s, train_x[k], train_y[k])  # fmt: skip
         held = backend.reveal_to(do, loss_s)
         es_h = backend.at(do, cmaes.tell, es_h, candidates, held)
         losses_held.append(backend.at(do, lambda x: float(np.min(x)), held))
@@ -474,4 +474,4 @@ def _cma(spec, backend, compiled, frozen_s, train_x, train_y, data_h, bar):
     return backend.share(best_h), losses_held
 
 
-__all__ = ["PRIVATE_SEED_FILE", "PrivateSeeds", "model_owner_seed", "run_finetune"]
+__all__ = ["PRIVATE_SEED_FILE", "PrivateSeeds", "model_owner_seed", "finetune_on"]

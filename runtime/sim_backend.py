@@ -8,7 +8,7 @@ meet `secfwt_jax.runtime.backend.Backend`):
     value = backend.publish(held)            public metadata (shapes, configs) to everyone
     value = backend.local(held)              the value, if this process is its owner
     secret = backend.share(held)             the owner's value -> secret shares
-    outs = backend.run(program, *args)       an SPU program on shares and public values
+    outs = backend.execute(program, *args)       an SPU program on shares and public values
     held = backend.reveal_to(party, secret)  a result to one party only
 
 Owners' functions run in this process, but the placement is still enforced: a function
@@ -149,7 +149,7 @@ class SimBackend:
         seconds = 0.0 if hit else float(artifact.metadata["compile_seconds"])
         return Program(program.name, artifact.compiled, artifact.key, hit, seconds, num_outputs(program), secret_arguments(artifact))  # fmt: skip
 
-    def run(self, program: Program, *args: Any) -> tuple[Secret, ...]:
+    def execute(self, program: Program, *args: Any) -> tuple[Secret, ...]:
         held = next((a for a in args if isinstance(a, Held)), None)
         if held is not None:
             raise PlacementError(f"{held.party}'s private value must be shared before SPU reads it")  # fmt: skip
@@ -163,7 +163,7 @@ class SimBackend:
                 self.session.put(name, arg, public=True)
                 names.append(name)
         outs = [self._fresh() for _ in range(program.num_outputs)]
-        cost = self.session.run(program.compiled, names, outs)
+        cost = self.session.execute(program.compiled, names, outs)
         self.cost.add(program.name, cost)
         for name, arg in zip(names, args, strict=True):
             if not isinstance(arg, Secret):

@@ -17,12 +17,12 @@ from secfwt_jax.compile.protocols import preset_of
 from secfwt_jax.run import build, checkpoints
 from secfwt_jax.run.reference import agreement, plaintext_reference, relative_gap
 from secfwt_jax.run.spec import RunSpec
-from secfwt_jax.runtime.finetune import PrivateSeeds, model_owner_seed, run_finetune
+from secfwt_jax.runtime.finetune import PrivateSeeds, finetune_on, model_owner_seed
 from secfwt_jax.runtime.report import check_output_dir, write_report
 from secfwt_jax.runtime.sim_backend import SimBackend
 
 
-def run_sim(
+def finetune_in_simulator(
     spec: RunSpec,
     *,
     seeds: PrivateSeeds | None = None,
@@ -43,7 +43,7 @@ def run_sim(
     log(f"run {spec.name} ({spec.spec_hash[:12]}): {spec.tuning.method} on {preset.name} {preset.field}, simulator with {preset.world_size} parties")  # fmt: skip
     step = resume_step(spec, out_dir, "sim", spec.parties.compute, log) if resume else 0
     backend = SimBackend(preset, cache_dir=cache_dir)
-    done = run_finetune(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress, resume_step=step)  # fmt: skip
+    done = finetune_on(spec, backend, seeds, out_dir=out_dir, log=log, progress=progress, resume_step=step)  # fmt: skip
     report, owners = done.report, done.owners
     if spec.evaluation.plaintext_reference:
         log("operator: plaintext reference (reads both owners' secrets; simulator only)")

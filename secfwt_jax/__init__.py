@@ -40,7 +40,7 @@ _NAMES = {
     "Classifier": "secfwt_jax.models.classifier",
     "load_pretrained": "secfwt_jax.models.checkpoint",
     # Any JAX function under SPU (the simulator), revealed.
-    "mpc_run": "secfwt_jax.compile.simulator",
+    "mpc_execute": "secfwt_jax.compile.simulator",
 }
 
 __all__ = sorted(_NAMES)

@@ -1,4 +1,4 @@
-"""Both backends compile every program through `compile.compiler.compile_job` (its
+"""Both backends compile every program through `compile.compiler.compile_program` (its
 visibility checks, the same key, a real cache hit through `compile.artifacts`) and refuse
 the same mistakes: a compiled program that makes a secret public, and a plaintext value
 given where the program takes shares."""
@@ -36,7 +36,7 @@ def test_both_backends_compile_the_checked_artifact_under_one_key(tmp_path):
     first = sim.compile(PROGRAM)
     second = cluster.compile(PROGRAM)
     assert not first.cache_hit and second.cache_hit  # the cluster read what the simulator stored
-    assert second.key == first.key == compiler.compile_job(PROGRAM, PRESET).key  # fmt: skip
+    assert second.key == first.key == compiler.compile_program(PROGRAM, PRESET).key  # fmt: skip
     assert first.secret_args == second.secret_args == (True, False)
 
 
@@ -65,12 +65,12 @@ def test_a_plaintext_value_where_the_program_takes_shares_is_refused_on_both_bac
     for backend in backends(tmp_path / "cache").values():
         program = backend.compile(PROGRAM)
         with pytest.raises(ValueError, match=r"visibility: scaled argument 0 is secret, but was given in plaintext"):  # fmt: skip
-            backend.run(program, x, np.float32(0.5))
+            backend.execute(program, x, np.float32(0.5))
     sim = SimBackend(PRESET)
     program = sim.compile(PROGRAM)
     with pytest.raises(ValueError, match="argument 1 is public, but was given as shares"):
-        sim.run(program, sim.share(Held("bob", x)), sim.share(Held("bob", np.float32(0.5))))
-    (out,) = sim.run(program, sim.share(Held("bob", x)), np.float32(0.5))  # shared as compiled
+        sim.execute(program, sim.share(Held("bob", x)), sim.share(Held("bob", np.float32(0.5))))
+    (out,) = sim.execute(program, sim.share(Held("bob", x)), np.float32(0.5))  # shared as compiled
     np.testing.assert_allclose(sim.reveal_to("bob", out).value, 0.5 * x, atol=1e-3)
 
 

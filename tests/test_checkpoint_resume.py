@@ -16,7 +16,7 @@ from secfwt_jax.run.reference import relative_gap
 from secfwt_jax.run.spec import SpecError, load_spec
 from secfwt_jax.runtime.cluster_run import load_theta
 from secfwt_jax.runtime.finetune import PRIVATE_SEED_FILE, PrivateSeeds
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -74,7 +74,7 @@ def test_cma_runs_refuse_checkpoints():
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     spec = load_spec(TINY, OVERRIDES)
-    report = run_sim(spec, out_dir=out, progress=False, cache_dir=_cache_of(out))  # the model owner draws its seed  # fmt: skip
+    report = finetune_in_simulator(spec, out_dir=out, progress=False, cache_dir=_cache_of(out))  # the model owner draws its seed  # fmt: skip
     return spec, report, out
 
 
@@ -124,7 +124,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(uninterrupted, tmp_
     for step in (3, 4):
         checkpoints.meta_path(out, "carol", step).unlink()
     # no seed given: the model owner reads the one it saved, so the inline weights match
-    resumed = run_sim(spec, out_dir=out, progress=False, resume=True)
+    resumed = finetune_in_simulator(spec, out_dir=out, progress=False, resume=True)
     assert resumed["resumed_from_step"] == 2
     assert relative_gap(load_theta(resumed["tuned_params"]["path"]), final) < 1e-3
     np.testing.assert_allclose(resumed["mpc"]["losses"], report["mpc"]["losses"], atol=1e-2)
@@ -145,7 +145,9 @@ def test_a_damaged_share_file_falls_back_to_the_newest_intact_step(uninterrupted
     truncated = checkpoints.shares_path(copy, "alice", 3)
     truncated.write_bytes(truncated.read_bytes()[:100])
     lines = []
-    resumed = run_sim(spec, out_dir=copy, progress=False, resume=True, log=lines.append)
+    resumed = finetune_in_simulator(
+        spec, out_dir=copy, progress=False, resume=True, log=lines.append
+    )
     assert resumed["resumed_from_step"] == 2
     named = [line for line in lines if "does not match the digest" in line]
     assert any(str(flipped) in line for line in named) and any(str(truncated) in line for line in named)  # fmt: skip
@@ -160,7 +162,9 @@ def test_resume_with_another_private_seed_is_refused_before_any_work(uninterrupt
     shutil.copytree(out, copy)
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     with pytest.raises(ValueError) as info:
-        run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=copy, progress=False, resume=True)
+        finetune_in_simulator(
+            spec, seeds=PrivateSeeds(SEED), out_dir=copy, progress=False, resume=True
+        )
     message = str(info.value)
     assert "\n" not in message and "other private inputs at alice" in message
     assert str(checkpoints.meta_path(copy, "alice", STEPS)) in message
@@ -195,7 +199,7 @@ def test_resume_with_another_spec_starts_afresh_and_says_so(uninterrupted, tmp_p
     _, _, out = uninterrupted
     other = load_spec(TINY, ["tuning.steps=1", "checkpoint.every=1"])
     lines = []
-    report = run_sim(other, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "o", progress=False,
+    report = finetune_in_simulator(other, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "o", progress=False,
                      resume=True, log=lines.append)  # fmt: skip
     assert report["resumed_from_step"] == 0
     assert any("--resume: no checkpoint" in line for line in lines)
@@ -203,7 +207,7 @@ def test_resume_with_another_spec_starts_afresh_and_says_so(uninterrupted, tmp_p
 
 def test_result_kept_as_shares_is_written_by_each_party_for_itself(tmp_path):
     spec = load_spec(TINY, ["tuning.steps=1", "parties.result_to=shares"])
-    report = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path, progress=False)
+    report = finetune_in_simulator(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path, progress=False)
     assert "tuned_params" not in report and not list(tmp_path.rglob("tuned_params.npz"))
     assert sorted(report["tuned_shares"]) == list(PARTIES)
     assert all(Path(p).is_file() for p in report["tuned_shares"].values())

@@ -24,7 +24,7 @@ from secfwt_jax.runtime.cluster_run import launch_local, load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
 from secfwt_jax.runtime.launcher import PartyFailedError
 from secfwt_jax.runtime.liveness import tls_refusal
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -183,7 +183,7 @@ def test_a_job_over_mutual_tls_gives_the_simulators_result(tmp_path):
     # the SPU ports were up while the job ran, and none served a message without TLS
     assert set(seen["connected"]) == set(ports)
     assert not [a for a in seen["answers"] if a.startswith(b"HTTP")], seen["answers"][:3]
-    sim = run_sim(load_spec(TINY), seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)  # fmt: skip
+    sim = finetune_in_simulator(load_spec(TINY), seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)  # fmt: skip
     tuned = load_theta(results["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(sim["tuned_params"]["path"])) < 1e-3
 

@@ -13,8 +13,8 @@ import yaml
 
 from secfwt_jax.compile import artifacts, compiler, protocols
 from secfwt_jax.compile.protocols import preset_of
-from secfwt_jax.compile.run_compile import compile_run, run_programs
 from secfwt_jax.compile.simulator import SimulatorSession
+from secfwt_jax.compile.spec_programs import compile_run, programs_of_run
 from secfwt_jax.run.program import ProgramDef
 from secfwt_jax.run.spec import load_spec, read_spec_file
 from secfwt_jax.runtime.cli import main
@@ -106,7 +106,7 @@ def test_corrupt_cache_entry_is_detected_and_recompiled(tmp_path, spu_compile_ca
 
 def test_loaded_artifact_runs_and_matches_a_fresh_compile(tmp_path):
     spec = tiny_spec("tuning.trainable={kind: bitfit}", "tuning.spsa.num_directions=2")
-    program = run_programs(spec).step
+    program = programs_of_run(spec).step
     preset = preset_of(spec)
     art, _ = artifacts.compile_cached(program, preset, tmp_path)
     loaded = artifacts.load_artifact(tmp_path / art.key)
@@ -124,10 +124,10 @@ def test_loaded_artifact_runs_and_matches_a_fresh_compile(tmp_path):
     session = SimulatorSession(preset)
     for name, value, public in zip(program.arg_names, args, [0, 0, 0, 0, 1, 1], strict=True):
         session.put(name, value, public=bool(public))
-    session.run(fresh, list(program.arg_names), ["theta_fresh", "loss_fresh"])
-    session.run(loaded, list(program.arg_names), ["theta_loaded", "loss_loaded"])
+    session.execute(fresh, list(program.arg_names), ["theta_fresh", "loss_fresh"])
+    session.execute(loaded, list(program.arg_names), ["theta_loaded", "loss_loaded"])
     np.testing.assert_allclose(session.reveal("loss_loaded"), session.reveal("loss_fresh"), atol=1e-4)  # fmt: skip
-    _, loss_run = artifacts.run_artifact(loaded, args)  # one-shot runner
+    _, loss_run = artifacts.execute_artifact(loaded, args)  # one-shot runner
     _, plain_loss = program.fn(*args)
     np.testing.assert_allclose(loss_run, plain_loss, atol=5e-3)
     assert loaded.metadata["declassifications"] == 0

@@ -24,17 +24,17 @@ def test_constant_operand_of_batched_einsum_is_exact():
     assert len(comp.constants) == 1 and comp.constants[0].shape == (2, 4, 5)
     types = compiler.pphlo_input_types(comp.pphlo_text)
     assert "!pphlo.secret" in types[0] and "!pphlo.secret" not in types[1]
-    got = simulator.mpc_run(f, (x,), preset=protocols.preset("SEMI2K")).outputs
+    got = simulator.mpc_execute(f, (x,), preset=protocols.preset("SEMI2K")).outputs
     np.testing.assert_allclose(got, np.einsum("nhd,hdm->nhm", x, w), atol=1e-3)
 
 
 def test_tanh_rewrite_is_accurate_and_spu_tanh_is_not():
     x = np.linspace(-9, 9, 121).astype(np.float32)
     p = protocols.preset("SEMI2K")  # default rewrites include tanh_exp
-    got = simulator.mpc_run(jnp.tanh, (x,), preset=p).outputs
+    got = simulator.mpc_execute(jnp.tanh, (x,), preset=p).outputs
     assert np.abs(got - np.tanh(x)).max() < 1e-4
     raw = protocols.preset("SEMI2K", rewrites=())
-    got_raw = simulator.mpc_run(jnp.tanh, (x,), preset=raw).outputs
+    got_raw = simulator.mpc_execute(jnp.tanh, (x,), preset=raw).outputs
     assert np.abs(got_raw - np.tanh(x)).max() > 1e-3  # why the rewrite exists
 
 
@@ -56,7 +56,7 @@ def test_session_keeps_values_shared_across_runs(name):
     s.put("lr", lr, public=True)
     want = theta
     for _ in range(3):
-        cost = s.run(comp, ["theta", "x", "lr"], ["theta", "info"])
+        cost = s.execute(comp, ["theta", "x", "lr"], ["theta", "info"])
         want = want - lr * want
     assert cost.total_bytes > 0 and len(cost.per_party_bytes) == protocols.WORLD_SIZE[name]
     np.testing.assert_allclose(s.reveal("theta"), want, atol=1e-3)
@@ -64,7 +64,7 @@ def test_session_keeps_values_shared_across_runs(name):
     with pytest.raises(KeyError, match="nope"):
         s.reveal("nope")
     with pytest.raises(ValueError, match="input_names"):
-        s.run(comp, ["theta", "x"], ["theta", "info"])
+        s.execute(comp, ["theta", "x"], ["theta", "info"])
 
 
 def test_cluster_refuses_trusted_first_party_beaver():

@@ -7,14 +7,14 @@ from pathlib import Path
 import jax
 
 from secfwt_jax.compile import compiler, visibility
-from secfwt_jax.compile.run_compile import run_programs
+from secfwt_jax.compile.spec_programs import programs_of_run
 from secfwt_jax.run.spec import load_spec
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _compiled_step():
-    step = run_programs(load_spec(TINY, ["tuning.trainable={kind: bitfit}"])).step
+    step = programs_of_run(load_spec(TINY, ["tuning.trainable={kind: bitfit}"])).step
     comp = compiler.compile_to_pphlo(step.fn, step.args, public={4, 5})
     roles = [
         r for a, r in zip(step.args, ["trainable", "frozen", "data", "labels", "directions", "step_size"], strict=True)

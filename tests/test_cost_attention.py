@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from secfwt_jax.compile import profiler, protocols
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.simulator import mpc_execute
 from secfwt_jax.models.feature_maps import project, random_directions
 from secfwt_jax.models.mpc_ops import heads_matmul, pack_group_size, packed_matmul
 
@@ -69,5 +69,5 @@ def test_packed_scores_cost_one_matmul_of_rounds_and_the_same_bytes_under_aby3()
     assert looped.rounds >= 12 * 2  # the loop: >= 2 rounds per (batch, head)
     assert packed.rounds <= 4
     assert profiler.profile_function(einsum, (q, k), (), preset).rounds <= 4
-    got = mpc_run(lambda a, b: heads_matmul(a, b, spec), (q, k), preset=preset).outputs
+    got = mpc_execute(lambda a, b: heads_matmul(a, b, spec), (q, k), preset=preset).outputs
     np.testing.assert_allclose(got, jax.jit(lambda a, b: jnp.einsum(spec, a, b))(q, k), atol=1e-3)

@@ -69,7 +69,7 @@ def test_by_parts_refuses_a_row_that_is_not_a_forward(tmp_path):
     args = parser.parse_args(["--shapes", "tiny", "--seqs", "8", "--by-parts",
                               "--rows", "forward_rfa", "spsa_rfa_poly", "--out", str(tmp_path)])  # fmt: skip
     with pytest.raises(ValueError, match=r"^--by-parts: .*--rows has spsa_rfa_poly$"):
-        bench.run(args, log=lambda _: None)
+        bench.command(args, log=lambda _: None)
     assert not (tmp_path / "bench.json").exists()
 
 
@@ -78,7 +78,7 @@ def test_run_writes_json_markdown_and_goals(tmp_path):
     bench.add_arguments(parser)
     args = parser.parse_args(["--shapes", "tiny", "--seqs", "8", "--protocols", "ABY3",
                               "--rows", "forward_rfa", "spsa_rfa_poly", "--out", str(tmp_path)])  # fmt: skip
-    assert bench.run(args, log=lambda _: None) == 0
+    assert bench.command(args, log=lambda _: None) == 0
     payload = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["row"]: r for r in payload["results"]}
     assert set(rows) == {"forward_rfa", "spsa_rfa_poly"}
@@ -100,7 +100,7 @@ def test_gelu_rfa_features_and_softmax_exp_options_reach_every_row(tmp_path):
     cheap_args = ["--gelu", "relu", "--rfa-features", "8", "--softmax-exp", "poly"]
     for name, extra in (("default", ["--softmax-exp", "exact"]), ("cheap", cheap_args)):
         args = parser.parse_args([*common, *extra, "--out", str(tmp_path / name)])
-        assert bench.run(args, log=lambda _: None) == 0
+        assert bench.command(args, log=lambda _: None) == 0
         payload = json.loads((tmp_path / name / "bench.json").read_text())
         runs[name] = {r["row"]: r for r in payload["results"]}
     cheap, default = runs["cheap"], runs["default"]
@@ -124,7 +124,7 @@ def test_every_trainable_set_steps_for_at_most_two_forwards(tmp_path):
     bench.add_arguments(parser)
     args = parser.parse_args(["--shapes", "tiny", "--seqs", "8", "--protocols", "ABY3", "--rows",
                               "forward_rfa", "--sets", "--out", str(tmp_path)])  # fmt: skip
-    assert bench.run(args, log=lambda _: None) == 0
+    assert bench.command(args, log=lambda _: None) == 0
     payload = json.loads((tmp_path / "bench.json").read_text())
     ratios = {r["set"]: r["step_over_two_forwards"] for r in payload["sets"]}
     assert set(ratios) == set(profile_cases.SET_KINDS)

@@ -10,7 +10,7 @@ import pytest
 
 from secfwt_jax.compile import profiler, protocols
 from secfwt_jax.compile.profile_cases import spsa_update
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.simulator import mpc_execute
 from secfwt_jax.tuning import spsa
 
 TARGET = {"w": np.array([1.0, -2.0, 0.5, 4.0], np.float32), "b": np.array([[3.0]], np.float32)}
@@ -87,7 +87,7 @@ def test_rademacher_update_is_free_under_aby3_and_matches_plaintext():
         args = (theta, z, loss_pm, lr)
         cost[kind] = profiler.profile_function(fn, args, (1, 3), preset, name=kind).total_bytes
         if kind == "rademacher":
-            got = mpc_run(fn, args, (1, 3), preset).outputs
+            got = mpc_execute(fn, args, (1, 3), preset).outputs
             want = jax.jit(fn)(*args)
             for g, w in zip(
                 jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True

@@ -18,7 +18,7 @@ from secfwt_jax.runtime.cluster_run import launch_local, load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
 from secfwt_jax.runtime.launcher import PartyFailedError, PartyProcess
 from secfwt_jax.runtime.liveness import LOST_PEER_EXIT, PeerWatch, answers
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -157,7 +157,9 @@ def test_a_killed_party_stops_the_others_and_resume_finishes_the_run(tmp_path):
     assert all(r["resumed_from_step"] >= kill_step - 1 for r in resumed.values())
     assert len({r["resumed_from_step"] for r in resumed.values()}) == 1
     assert len(resumed["bob"]["losses"]) == STEPS
-    reference = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False)
+    reference = finetune_in_simulator(
+        spec, seeds=PrivateSeeds(SEED), out_dir=tmp_path / "sim", progress=False
+    )
     tuned = load_theta(resumed["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(reference["tuned_params"]["path"])) < 1e-3
 

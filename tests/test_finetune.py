@@ -10,7 +10,7 @@ from secfwt_jax.compile import protocols
 from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.finetune import PrivateSeeds
 from secfwt_jax.runtime.sim_backend import Held, PlacementError, SimBackend
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -21,7 +21,7 @@ CSV = ROOT / "tests" / "data" / "sentiment_small.csv"
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     spec = load_spec(TINY)
-    report = run_sim(spec, seeds=PrivateSeeds(11), cache_dir=out / "cache", out_dir=out, progress=False)  # fmt: skip
+    report = finetune_in_simulator(spec, seeds=PrivateSeeds(11), cache_dir=out / "cache", out_dir=out, progress=False)  # fmt: skip
     return spec, report, out
 
 
@@ -47,7 +47,7 @@ def test_the_report_holds_spec_hash_costs_keys_and_curves(tiny_run):
 def test_compile_profile_predicts_the_runs_bytes_exactly(tiny_run):
     """`secfwt compile --profile` runs each cached artifact once on zeros: bytes depend on
     shapes only, so calls x bytes per call is what the run measured, to the byte."""
-    from secfwt_jax.compile.run_compile import profile_run
+    from secfwt_jax.compile.spec_programs import profile_run
 
     spec, report, out = tiny_run
     prof = profile_run(spec, out / "cache", log=lambda m: None)
@@ -68,7 +68,7 @@ def test_tuned_parameters_are_written_only_at_the_receiver(tiny_run):
 
 def test_a_second_run_hits_the_compile_cache(tiny_run, tmp_path):
     spec, first, out = tiny_run
-    again = run_sim(spec.replace(tuning={**spec.tuning.model_dump(), "steps": 1}), seeds=PrivateSeeds(11),
+    again = finetune_in_simulator(spec.replace(tuning={**spec.tuning.model_dump(), "steps": 1}), seeds=PrivateSeeds(11),
                     cache_dir=out / "cache", out_dir=tmp_path, progress=False)  # fmt: skip
     assert all(p["cache_hit"] for p in again["programs"].values())
     assert {k: p["key"] for k, p in again["programs"].items()} == {k: p["key"] for k, p in first["programs"].items()}  # fmt: skip
@@ -156,7 +156,9 @@ def test_roberta_and_gpt2_checkpoints_tune_through_finetune(kind, head, trainabl
         f"tuning.trainable={{kind: {trainable}, lora_rank: 2}}", "tuning.steps=2",
         "data.max_len=16", "evaluation.mpc_examples=4", "evaluation.batch_size=8",
     ])  # fmt: skip
-    report = run_sim(spec, seeds=PrivateSeeds(5), out_dir=tmp_path / "out", progress=False)
+    report = finetune_in_simulator(
+        spec, seeds=PrivateSeeds(5), out_dir=tmp_path / "out", progress=False
+    )
     assert set(report["programs"]) == {"predict", "spsa_step"}
     ref = report["plaintext_reference"]
     assert ref["relative_param_gap"] < 1e-3
@@ -226,7 +228,7 @@ def test_cma_es_prompt_tuning_runs_through_the_same_command(tmp_path, where):
         "tuning.cma={population: 3, sigma0: 1.0}", "tuning.steps=2", "parties.result_to=data_owner",
         "evaluation.mpc_examples=4", "evaluation.batch_size=4",
     ])  # fmt: skip
-    report = run_sim(spec, seeds=PrivateSeeds(2), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
+    report = finetune_in_simulator(spec, seeds=PrivateSeeds(2), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
     trunk = {"trunk", "trunk_eval"} if where == "deep" else set()
     assert set(report["programs"]) == {"predict", "population_loss"} | trunk
     assert len(report["mpc"]["losses"]) == 2  # the best candidate's loss per generation, to bob

@@ -13,7 +13,7 @@ from secfwt_jax.run.reference import relative_gap
 from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.cluster_run import launch_local, load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 pytestmark = pytest.mark.cluster
 
@@ -26,7 +26,9 @@ SEED = 23
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
     spec = load_spec(TINY)
-    sim = run_sim(spec, seeds=PrivateSeeds(SEED), out_dir=base / "sim", progress=False)
+    sim = finetune_in_simulator(
+        spec, seeds=PrivateSeeds(SEED), out_dir=base / "sim", progress=False
+    )
     work = base / "work"
     results = launch_local(spec, str(TINY), [], SEED, out_dir=base / "cluster", timeout_s=600, work_dir=work)  # fmt: skip
     return spec, sim, results, base

@@ -17,7 +17,7 @@ import pytest
 from scipy.special import erf
 
 from secfwt_jax.compile import profiler, protocols
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.simulator import mpc_execute
 from secfwt_jax.models.config import ModelConfig
 from secfwt_jax.models.encoder import activation_fn
 from secfwt_jax.models.mpc_ops import GELU_BOUND, gelu_piecewise
@@ -67,7 +67,7 @@ def test_piecewise_gelu_costs_a_fifth_of_the_exact_form_under_aby3(sample):
 
 @pytest.mark.parametrize("protocol", ["ABY3", "SEMI2K"])
 def test_piecewise_gelu_under_mpc_equals_plaintext(protocol, sample):
-    got = mpc_run(gelu_piecewise, (sample,), preset=protocols.preset(protocol)).outputs
+    got = mpc_execute(gelu_piecewise, (sample,), preset=protocols.preset(protocol)).outputs
     want = np.asarray(jax.jit(gelu_piecewise)(sample))
     assert np.abs(got - want).max() < 1e-4
     assert np.abs(got - gelu_erf(sample.astype(np.float64))).max() < 8e-4
@@ -100,7 +100,7 @@ def test_gelu_stand_ins_cost_a_fifth_of_piecewise_under_aby3(impl, max_bytes, sa
 @pytest.mark.parametrize("impl", ["relu", "quad"])
 def test_gelu_stand_ins_under_mpc_equal_plaintext(impl, sample):
     fn = activation_fn("gelu", impl)
-    got = mpc_run(fn, (sample,), preset=protocols.preset("ABY3")).outputs
+    got = mpc_execute(fn, (sample,), preset=protocols.preset("ABY3")).outputs
     want = np.asarray(jax.jit(fn)(sample))
     assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 

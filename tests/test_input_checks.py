@@ -42,7 +42,7 @@ def test_the_bound_follows_the_ring_and_fraction_bits():
 
 def test_one_shot_runs_check_their_inputs_too():
     with pytest.raises(ValueError, match="input 0: NaN"):
-        simulator.mpc_run(lambda x: x * 2, (np.array([np.nan], np.float32),), preset=SEMI2K)
+        simulator.mpc_execute(lambda x: x * 2, (np.array([np.nan], np.float32),), preset=SEMI2K)
 
 
 def _double():
@@ -54,16 +54,16 @@ def test_a_public_value_fed_to_a_secret_input_is_refused():
     session = SimulatorSession(SEMI2K)
     session.put("x", np.ones((2, 3), np.float32), public=True)
     with pytest.raises(ValueError, match="x: put as public, but the program reads input 0 as secret"):  # fmt: skip
-        session.run(_double(), ["x"], ["y"])
+        session.execute(_double(), ["x"], ["y"])
 
 
 def test_a_shape_mismatch_is_one_line_not_a_cpp_stack():
     session = SimulatorSession(SEMI2K)
     session.put("x", np.ones((3, 2), np.float32))
     with pytest.raises(ValueError, match=r"x: leaf 0 has shape \[3, 2\], the program expects \[2, 3\]"):  # fmt: skip
-        session.run(_double(), ["x"], ["y"])
+        session.execute(_double(), ["x"], ["y"])
     session.put("x", np.ones((2, 3), np.float32))
-    session.run(_double(), ["x"], ["y"])
+    session.execute(_double(), ["x"], ["y"])
     np.testing.assert_allclose(session.reveal("y"), 2 * np.ones((2, 3)), atol=1e-4)
 
 
@@ -77,7 +77,7 @@ def test_a_program_that_declassifies_does_not_compile(monkeypatch):
     monkeypatch.setattr(visibility, "find_declassifications", lambda text: ["%7 = pphlo.convert %3"])  # fmt: skip
     job = ProgramDef("leaky", lambda a: a + 1, (np.zeros(2, np.float32),), ("x",), ("data",))  # fmt: skip
     with pytest.raises(ValueError, match="visibility: leaky computes a public value from a secret in 1 place"):  # fmt: skip
-        compiler.compile_job(job, SEMI2K)
+        compiler.compile_program(job, SEMI2K)
 
 
 def test_semi2k_with_a_trusted_first_party_is_refused_before_any_session_starts():

@@ -128,7 +128,7 @@ def test_a_job_through_shaped_links_gives_the_direct_result(tmp_path):
     from secfwt_jax.run.spec import load_spec
     from secfwt_jax.runtime.cluster_run import launch_local, load_theta
     from secfwt_jax.runtime.finetune import PrivateSeeds
-    from secfwt_jax.runtime.sim_run import run_sim
+    from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     overrides = ["tuning.steps=1", "evaluation.mpc_examples=4"]
@@ -138,7 +138,9 @@ def test_a_job_through_shaped_links_gives_the_direct_result(tmp_path):
                            work_dir=tmp_path / "work", link="lan", relays=relays)  # fmt: skip
     relayed = relays[0].relayed()
     assert len(relayed) == 12 and all(sum(d.values()) > 0 for name, d in relayed.items() if name.startswith("spu")), relayed  # fmt: skip
-    reference = run_sim(spec, seeds=PrivateSeeds(7), out_dir=tmp_path / "sim", progress=False)
+    reference = finetune_in_simulator(
+        spec, seeds=PrivateSeeds(7), out_dir=tmp_path / "sim", progress=False
+    )
     tuned = load_theta(results["alice"]["tuned_params"]["path"])
     assert relative_gap(tuned, load_theta(reference["tuned_params"]["path"])) < 1e-3
 

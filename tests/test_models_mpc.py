@@ -108,7 +108,7 @@ def test_forward_compiles_and_matches_plaintext_under_spu(family, attention, pro
         return clf.logits(params, batch)
 
     plain = np.asarray(jax.jit(forward)(params, batch))
-    res = simulator.mpc_run(forward, (params, batch), preset=protocols.preset(protocol))
+    res = simulator.mpc_execute(forward, (params, batch), preset=protocols.preset(protocol))
     mpc = np.asarray(res.outputs)
     err = np.abs(mpc - plain)
     print(
@@ -140,7 +140,9 @@ def test_a_llama_deep_prompt_over_cached_layers_matches_plaintext_under_spu():
     plain = np.asarray(jax.jit(forward)(z, problem.frozen, cached))
     bare = np.asarray(forward({"z": np.zeros(8, np.float32)}, problem.frozen, cached))
     assert np.abs(plain - bare).max() > 0.05  # the prompt moves the scores
-    res = simulator.mpc_run(forward, (z, problem.frozen, cached), preset=protocols.preset("ABY3"))
+    res = simulator.mpc_execute(
+        forward, (z, problem.frozen, cached), preset=protocols.preset("ABY3")
+    )
     err = np.abs(np.asarray(res.outputs) - plain)
     print(f"llama deep prompt: max abs err {err.max():.2e}, max |logit| {np.abs(plain).max():.2f}")  # fmt: skip
     assert np.all(err <= ATOL + RTOL * np.abs(plain)), (err.max(), plain)
@@ -161,7 +163,7 @@ def test_l2_poly_rfa_program_has_no_trig_clip_and_no_spu_trig():
     for op in ("pphlo.greater", "pphlo.sine", "pphlo.cosine", "pphlo.select"):
         assert op not in text, op
     assert text.count("= pphlo.less ") == 2
-    res = simulator.mpc_run(attention, (q, k, v), preset=protocols.preset("SEMI2K"))
+    res = simulator.mpc_execute(attention, (q, k, v), preset=protocols.preset("SEMI2K"))
     np.testing.assert_allclose(res.outputs, attention(q, k, v), atol=1e-3)
 
 
@@ -178,7 +180,9 @@ def test_secret_token_types_are_looked_up_without_spus_gather_loop(type_vocab):
     np.testing.assert_allclose(lookup(params, ids), np.asarray(params["params"]["embedding"])[ids], atol=1e-7)  # fmt: skip
     text = compiler.compile_to_pphlo(lookup, (params, ids)).pphlo_text
     assert "pphlo.while" not in text and "gather" not in text
-    res = simulator.mpc_run(lookup, (params, ids), preset=protocols.preset("ABY3"), profile=True)
+    res = simulator.mpc_execute(
+        lookup, (params, ids), preset=protocols.preset("ABY3"), profile=True
+    )
     np.testing.assert_allclose(res.outputs, np.asarray(params["params"]["embedding"])[ids], atol=1e-5)  # fmt: skip
     assert res.cost.max_rounds <= 3
 
@@ -194,7 +198,7 @@ def test_sum_of_squares_matches_plaintext_and_the_gram_path_sends_less(rows):
     expected = (x.astype(np.float64) ** 2).sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(sum_of_squares(x)), expected, rtol=1e-5)
     preset = protocols.preset("ABY3")
-    out = simulator.mpc_run(sum_of_squares, (x,), preset=preset).outputs
+    out = simulator.mpc_execute(sum_of_squares, (x,), preset=preset).outputs
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     ours = profiler.profile_function(sum_of_squares, (x,), (), preset).total_bytes
     elementwise = profiler.profile_function(
@@ -219,8 +223,8 @@ def test_rms_norm_survives_massive_activations_under_spu():
     boost[1, 5] = 16400.0 / x[1, 5]  # made inside the program: inputs are bounded by 8192
     weight = rng.uniform(0.5, 1.5, 64).astype(np.float32)
     plain = np.asarray(rms_norm(x * boost, weight, 1e-5))
-    mpc = np.asarray(simulator.mpc_run(lambda a, w: rms_norm(a * boost, w, 1e-5), (x, weight)).outputs)  # fmt: skip
+    mpc = np.asarray(simulator.mpc_execute(lambda a, w: rms_norm(a * boost, w, 1e-5), (x, weight)).outputs)  # fmt: skip
     np.testing.assert_allclose(mpc, plain, atol=3e-3, rtol=3e-3)  # row 2: fixed point's precision
-    naive = np.asarray(simulator.mpc_run(lambda a: sum_of_squares(a * boost), (x,)).outputs)
+    naive = np.asarray(simulator.mpc_execute(lambda a: sum_of_squares(a * boost), (x,)).outputs)
     exact = np.sum((x[1] * boost[1]).astype(np.float64) ** 2)
     assert abs(naive[1, 0] - exact) > 0.01 * exact  # the hazard is real: the plain sum wraps

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from secfwt_jax.compile import protocols
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.simulator import mpc_execute
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
 from secfwt_jax.run.reference import relative_gap
 from secfwt_jax.run.spec import load_spec
 from secfwt_jax.runtime.finetune import PrivateSeeds
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 MODEL = ModelConfig(
@@ -35,7 +35,7 @@ MODEL = ModelConfig(
 def test_spsa_steps_under_mpc_track_plaintext(protocol, parties, tmp_path):
     spec = load_spec(TINY, [f"protocol.name={protocol}", f"parties.compute={parties}",
                             "tuning.spsa.eps=0.01"])  # fmt: skip
-    ref = run_sim(spec, seeds=PrivateSeeds(0), out_dir=tmp_path, progress=False, log=lambda m: None)["plaintext_reference"]  # fmt: skip
+    ref = finetune_in_simulator(spec, seeds=PrivateSeeds(0), out_dir=tmp_path, progress=False, log=lambda m: None)["plaintext_reference"]  # fmt: skip
     assert ref["relative_param_gap"] < 1e-3
     assert ref["max_loss_gap"] < 1e-2
     # The bar must not hold trivially: the steps really move the parameters, by much more
@@ -75,7 +75,7 @@ def test_forward_logits_under_mpc_match_plaintext(family, attention, protocol):
     params["classifier"]["kernel"] = params["classifier"]["kernel"] * 50
     batch = synthetic_batch(config.vocab_size, seed=1)
     preset = protocols.preset(protocol)
-    got = mpc_run(classifier.logits, (params, batch), preset=preset).outputs
+    got = mpc_execute(classifier.logits, (params, batch), preset=preset).outputs
     want = np.asarray(jax.jit(classifier.logits)(params, batch))
     assert np.abs(want).max() > 0.5
     assert relative_gap({"x": got}, {"x": want}) < 1e-3

@@ -64,13 +64,15 @@ def test_notebook_runs_at_small_size(name, monkeypatch, tmp_path):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' temporary outputs
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    km = _kernel_manager()
     client = NotebookClient(
-        nb,
-        km=_kernel_manager(),
-        timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(NOTEBOOKS)}},
+        nb, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(NOTEBOOKS)}}
     )
-    client.execute()  # raises CellExecutionError (with the cell and traceback) if a cell fails
+    try:
+        client.execute()  # raises CellExecutionError (with the cell and traceback) if a cell fails
+    finally:  # nbclient leaves a kernel it was handed running (1.3 GB and its threads)
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]  # fmt: skip
     assert not errors

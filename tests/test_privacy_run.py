@@ -13,7 +13,7 @@ from secfwt_jax.run.reference import relative_gap
 from secfwt_jax.run.spec import SpecError, load_spec
 from secfwt_jax.runtime.cluster_run import launch_local, load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
-from secfwt_jax.runtime.sim_run import run_sim
+from secfwt_jax.runtime.sim_run import finetune_in_simulator
 from secfwt_jax.tuning import privacy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def private_spec(*extra: str):
 def first(tmp_path_factory):
     spec = private_spec("evaluation.plaintext_reference=true")
     out = tmp_path_factory.mktemp("dp-first")
-    return spec, run_sim(spec, seeds=PrivateSeeds(2, 5), out_dir=out, progress=False, log=lambda m: None)  # fmt: skip
+    return spec, finetune_in_simulator(spec, seeds=PrivateSeeds(2, 5), out_dir=out, progress=False, log=lambda m: None)  # fmt: skip
 
 
 def test_mpc_equals_the_plaintext_mechanism_given_the_same_draws(first):
@@ -60,11 +60,13 @@ def test_a_resumed_private_run_ends_where_the_uninterrupted_run_ends(tmp_path):
 
     spec = private_spec("tuning.steps=4", "checkpoint.every=1", "checkpoint.keep=10")
     quiet = {"progress": False, "log": lambda m: None}
-    whole = run_sim(spec, out_dir=tmp_path, **quiet)  # both owners draw their own seeds
+    whole = finetune_in_simulator(
+        spec, out_dir=tmp_path, **quiet
+    )  # both owners draw their own seeds
     final = load_theta(whole["tuned_params"]["path"])
     for step in (3, 4):  # the model owner lost its newest checkpoints: the common step is 2
         checkpoints.meta_path(tmp_path, spec.parties.model_owner, step).unlink()
-    resumed = run_sim(spec, out_dir=tmp_path, resume=True, **quiet)
+    resumed = finetune_in_simulator(spec, out_dir=tmp_path, resume=True, **quiet)
     assert resumed["resumed_from_step"] == 2
     assert relative_gap(load_theta(resumed["tuned_params"]["path"]), final) < 1e-3
     np.testing.assert_allclose(resumed["mpc"]["losses"], whole["mpc"]["losses"], atol=1e-2)
@@ -122,7 +124,7 @@ def test_on_three_parties_the_sample_and_noise_stay_with_the_data_owner(first, t
     seed_file = tmp_path / "cluster" / "bob" / "private_seed"
     seed = int(seed_file.read_text())
     assert results["bob"]["privacy"]["epsilon"] == pytest.approx(results["alice"]["privacy"]["epsilon"])  # fmt: skip
-    sim = run_sim(spec, seeds=PrivateSeeds(2, seed), out_dir=tmp_path / "sim", progress=False, log=lambda m: None)  # fmt: skip
+    sim = finetune_in_simulator(spec, seeds=PrivateSeeds(2, seed), out_dir=tmp_path / "sim", progress=False, log=lambda m: None)  # fmt: skip
     theta = load_theta(results["alice"]["tuned_params"]["path"])
     assert relative_gap(theta, load_theta(sim["tuned_params"]["path"])) < 1e-3
     assert seed != 5 and relative_gap(theta, load_theta(first[1]["tuned_params"]["path"])) > 1e-3

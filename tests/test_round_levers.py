@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from secfwt_jax.compile import profiler, protocols
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.simulator import mpc_execute
 from secfwt_jax.models.classifier import cross_entropy
 from secfwt_jax.models.mpc_ops import (
     divide_pow2,
@@ -115,7 +115,7 @@ def test_under_mpc_equals_plaintext(name, protocol, positives):
     x = positives
     if name.endswith("signed"):
         x = np.where(np.arange(x.size) % 2 == 0, x, -x).astype(np.float32)
-    got = mpc_run(fn, (x,), preset=protocols.preset(protocol)).outputs
+    got = mpc_execute(fn, (x,), preset=protocols.preset(protocol)).outputs
     want = true(x.astype(np.float64))
     assert np.all(np.abs(got - want) <= 1e-4 * np.abs(want) + 6 * ULP)
     plain = np.asarray(jax.jit(fn)(x))
@@ -124,7 +124,7 @@ def test_under_mpc_equals_plaintext(name, protocol, positives):
 
 def test_log_under_mpc_equals_plaintext():
     x = np.exp(np.random.default_rng(1).uniform(0, np.log(255), 512)).astype(np.float32)
-    got = mpc_run(lambda v: log_pow2(v, 0, 8), (x,), preset=protocols.preset("ABY3")).outputs
+    got = mpc_execute(lambda v: log_pow2(v, 0, 8), (x,), preset=protocols.preset("ABY3")).outputs
     assert np.abs(got - np.log(x.astype(np.float64))).max() < 2e-5
 
 
@@ -155,7 +155,7 @@ def test_cross_entropy_matches_log_softmax_in_fewer_rounds():
     assert abs(float(cross_entropy(many, many_labels)) - float(ref7)) < 2e-5
 
     aby3 = protocols.preset("ABY3")
-    got = mpc_run(cross_entropy, (logits, labels), preset=aby3).outputs
+    got = mpc_execute(cross_entropy, (logits, labels), preset=aby3).outputs
     assert abs(float(got) - float(reference)) < 1e-4
     cheap = profiler.profile_function(cross_entropy, (logits, labels), (), aby3, name="ce")
     spu = profiler.profile_function(
@@ -184,7 +184,7 @@ def test_max_last_axis_is_the_max_with_ties_and_padding(n):
 def test_max_last_axis_under_mpc_in_fewer_rounds():
     x = np.random.default_rng(0).normal(size=(96, 16)).astype(np.float32)
     aby3 = protocols.preset("ABY3")
-    got = mpc_run(max_last_axis, (x,), preset=aby3).outputs
+    got = mpc_execute(max_last_axis, (x,), preset=aby3).outputs
     assert np.abs(got - x.max(-1, keepdims=True)).max() < 2 * ULP
     ours = profiler.profile_function(max_last_axis, (x,), (), aby3, name="max_r4")
     spu = profiler.profile_function(lambda v: jnp.max(v, -1, keepdims=True), (x,), (), aby3, name="max_spu")  # fmt: skip
@@ -204,7 +204,7 @@ def test_packed_batch_dot_rewrite_same_values_fewer_rounds():
     for rewrites in [("tanh_exp", "erf_exp"), ("tanh_exp", "erf_exp", "packed_batch_dot")]:
         p = protocols.preset("ABY3", rewrites=rewrites)
         prof = profiler.profile_function(population, (x, w), (), p, name="pop")
-        runs[rewrites[-1]] = (prof, mpc_run(population, (x, w), preset=p).outputs)
+        runs[rewrites[-1]] = (prof, mpc_execute(population, (x, w), preset=p).outputs)
     (loop, loop_out), (packed, packed_out) = runs["erf_exp"], runs["packed_batch_dot"]
     assert packed.total_bytes == loop.total_bytes
     assert packed.rounds <= loop.rounds - 5  # 2 matmuls, one looped matmul's rounds each
@@ -260,7 +260,7 @@ def test_divide_pow2_is_the_quotient_to_1e6_and_one_op_shorter(signed):
     got = np.asarray(jax.jit(fn)(num, den), np.float64)
     assert np.all(np.abs(got - want) <= 1.2e-6 * np.abs(want) + 1e-7)
     aby3 = protocols.preset("ABY3")
-    mpc = mpc_run(fn, (num, den), preset=aby3).outputs
+    mpc = mpc_execute(fn, (num, den), preset=aby3).outputs
     # fixed point holds den to an ulp: relative ULP / |den| on the quotient, as for SPU's
     bound = (1e-4 + 4 * ULP / np.abs(den)) * np.abs(want) + 8 * ULP * (1 + np.abs(num) / np.abs(den))  # fmt: skip
     assert np.all(np.abs(mpc - want) <= bound)

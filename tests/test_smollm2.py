@@ -80,7 +80,7 @@ REDUCED = ["model.num_layers=1", "data.k=1", "data.max_len=36", "data.test_size=
 
 
 def test_the_shipped_llm_spec_runs_under_mpc_reduced(tmp_path):
-    """configs/smollm2_sentiment.yaml through `run_sim` (ABY3, three simulated parties),
+    """configs/smollm2_sentiment.yaml through `finetune_in_simulator` (ABY3, three simulated parties),
     cut to its first layer and a handful of examples: the model owner's GGUF weights and
     the data owner's chat-templated text enter as shares, LoRA on the top layer moves, MPC
     predictions equal plaintext, and the tuned factors reach the model owner only."""
@@ -89,10 +89,10 @@ def test_the_shipped_llm_spec_runs_under_mpc_reduced(tmp_path):
     from secfwt_jax.run.spec import load_spec
     from secfwt_jax.runtime.cluster_run import load_theta
     from secfwt_jax.runtime.finetune import PrivateSeeds
-    from secfwt_jax.runtime.sim_run import run_sim
+    from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "smollm2_sentiment.yaml", REDUCED)  # fmt: skip
-    report = run_sim(spec, seeds=PrivateSeeds(3), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
+    report = finetune_in_simulator(spec, seeds=PrivateSeeds(3), out_dir=tmp_path, progress=False, log=lambda m: None)  # fmt: skip
     ref = report["plaintext_reference"]
     assert ref["agreement_before"] == 1.0 and ref["agreement_after"] == 1.0
     # The projected gradient is a loss difference over 2 eps = 2e-3: FM64's loss resolution
@@ -121,13 +121,13 @@ def test_the_shipped_llm_spec_runs_on_three_secretflow_parties_reduced(tmp_path)
     from secfwt_jax.run.spec import load_spec
     from secfwt_jax.runtime.cluster_run import launch_local, load_theta
     from secfwt_jax.runtime.finetune import PrivateSeeds
-    from secfwt_jax.runtime.sim_run import run_sim
+    from secfwt_jax.runtime.sim_run import finetune_in_simulator
 
     path = Path(__file__).resolve().parents[1] / "configs" / "smollm2_sentiment.yaml"
     spec = load_spec(path, REDUCED)
     results = launch_local(spec, str(path), REDUCED, 3, out_dir=tmp_path / "parties", timeout_s=800,
                            work_dir=tmp_path / "work")  # fmt: skip
-    sim = run_sim(spec, seeds=PrivateSeeds(3), out_dir=tmp_path / "sim", progress=False, log=lambda m: None)  # fmt: skip
+    sim = finetune_in_simulator(spec, seeds=PrivateSeeds(3), out_dir=tmp_path / "sim", progress=False, log=lambda m: None)  # fmt: skip
     keys = {k: v["key"] for k, v in sim["programs"].items()}
     assert all(r["programs"] == keys for r in results.values())
     assert results["bob"]["accuracy_after"] is not None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from secfwt_jax.compile import profiler, protocols
-from secfwt_jax.compile.simulator import mpc_run
+from secfwt_jax.compile.simulator import mpc_execute
 from secfwt_jax.models.attention import attend, softmax_attention
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.mpc_ops import EXP_CLIP, exp_nonpositive
@@ -55,7 +55,7 @@ def test_exp_nonpositive_costs_about_half_of_spus_exp_under_aby3(scores):
 def test_exp_nonpositive_under_mpc_equals_plaintext(protocol, scores):
     # The 4 squarings multiply each truncation's error (2^-18) by up to 16: measured 1.4e-4
     # at most, against 8.7e-5 for SPU's PADE exp against exp.
-    got = mpc_run(exp_nonpositive, (scores,), preset=protocols.preset(protocol)).outputs
+    got = mpc_execute(exp_nonpositive, (scores,), preset=protocols.preset(protocol)).outputs
     want = np.asarray(jax.jit(exp_nonpositive)(scores))
     assert np.abs(got - want).max() < 2e-4
     assert np.abs(got - np.exp(scores.astype(np.float64))).max() < 2e-4
@@ -80,7 +80,7 @@ def test_softmax_attention_with_the_poly_exp_matches_exact(causal):
 def test_softmax_attention_with_the_poly_exp_under_mpc_equals_plaintext():
     q, k, v, mask = _qkv()
     fn = lambda a, b, c, m: softmax_attention(a, b, c, m, exp="poly")  # noqa: E731
-    got = mpc_run(fn, (q, k, v, mask), preset=protocols.preset("ABY3")).outputs
+    got = mpc_execute(fn, (q, k, v, mask), preset=protocols.preset("ABY3")).outputs
     want = np.asarray(jax.jit(fn)(q, k, v, mask))
     assert np.abs(got - want).max() < 1e-3
 

@@ -37,7 +37,7 @@ def test_secret_inputs_match_plaintext(name, world):
     p = protocols.preset(name)
     assert p.world_size == world
     x, w = _data()
-    res = simulator.mpc_run(affine, (x, w), preset=p)
+    res = simulator.mpc_execute(affine, (x, w), preset=p)
     want = affine(x, w)
     assert res.cost is None
     assert set(res.outputs) == {"y", "x2"}
@@ -66,7 +66,7 @@ def test_mixed_visibility_public_arg_is_public():
     all_secret = compiler.compile_to_pphlo(f, (x, params))
     assert all("!pphlo.secret" in t for t in compiler.pphlo_input_types(all_secret.pphlo_text))
 
-    res = simulator.mpc_run(f, (x, params), public={1}, preset=protocols.preset("SEMI2K"))
+    res = simulator.mpc_execute(f, (x, params), public={1}, preset=protocols.preset("SEMI2K"))
     np.testing.assert_allclose(res.outputs, np.asarray(f(x, params)), atol=ATOL, rtol=0)
 
 
@@ -78,8 +78,8 @@ def test_float64_inputs_and_compile_cache():
 
     before = compiler.compile_cache_stats()
     p = protocols.preset("SEMI2K")
-    r1 = simulator.mpc_run(g, (x.astype(np.float64), w), public={1}, preset=p)
-    r2 = simulator.mpc_run(g, (x, w), public={1}, preset=p)
+    r1 = simulator.mpc_execute(g, (x.astype(np.float64), w), public={1}, preset=p)
+    r2 = simulator.mpc_execute(g, (x, w), public={1}, preset=p)
     after = compiler.compile_cache_stats()
     assert after["misses"] - before["misses"] == 1  # f64 canonicalises to f32: same program
     assert after["hits"] - before["hits"] >= 1
@@ -95,9 +95,9 @@ def test_profile_deterministic_and_secret_public_cheaper():
     p = protocols.preset("SEMI2K")
     a, _ = _data(3)
     b = a[::-1].copy()
-    ss1 = simulator.mpc_run(_mul, (a, b), preset=p, profile=True)
-    ss2 = simulator.mpc_run(_mul, (a, b), preset=p, profile=True)
-    sp = simulator.mpc_run(_mul, (a, b), public={1}, preset=p, profile=True)
+    ss1 = simulator.mpc_execute(_mul, (a, b), preset=p, profile=True)
+    ss2 = simulator.mpc_execute(_mul, (a, b), preset=p, profile=True)
+    sp = simulator.mpc_execute(_mul, (a, b), public={1}, preset=p, profile=True)
     c1, c2, cp = ss1.cost, ss2.cost, sp.cost
     np.testing.assert_allclose(ss1.outputs, a * b, atol=ATOL, rtol=0)
     np.testing.assert_allclose(sp.outputs, a * b, atol=ATOL, rtol=0)
@@ -121,8 +121,8 @@ def test_profile_deterministic_and_secret_public_cheaper():
 def test_profile_aby3_totals_deterministic():
     p = protocols.preset("ABY3")
     a, w = _data(4)
-    r1 = simulator.mpc_run(affine, (a, w), preset=p, profile=True)
-    r2 = simulator.mpc_run(affine, (a, w), preset=p, profile=True)
+    r1 = simulator.mpc_execute(affine, (a, w), preset=p, profile=True)
+    r2 = simulator.mpc_execute(affine, (a, w), preset=p, profile=True)
     assert len(r1.cost.per_party_bytes) == 3
     # ABY3 picks truncation helpers at random per run: only sums over parties repeat
     assert r1.cost.total_bytes == r2.cost.total_bytes > 0

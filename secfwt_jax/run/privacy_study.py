@@ -7,7 +7,7 @@ trainable set, sampler, accountant and delta.
 
 The spec gives the model (its checkpoint, attention and fresh linear head from each
 seed's private seed), the corpus, max_len and the SPSA directions; the study sizes the
-data itself, because differential privacy needs thousands of rows where the MPC main job
+data itself, because differential privacy needs thousands of rows where the MPC main run
 trains on 48. The frozen trunk runs once per row, in plaintext (`cache_trunk`).
 
 Splits of the data owner's file, each class-balanced and disjoint:
@@ -62,7 +62,7 @@ class StudyConfig:
     clip_sgd: float = 1.0  # on each row's gradient, L2
     # Each method's step size is the best of its grid on the validation rows, at
     # `select_at_epsilon` and the first seed; every other cell then uses it.
-    spsa_step_sizes: tuple[float, ...] = (0.05, 0.2, 0.5)  # 0.05 is the main job's
+    spsa_step_sizes: tuple[float, ...] = (0.05, 0.2, 0.5)  # 0.05 is the main run's
     sgd_step_sizes: tuple[float, ...] = (0.2, 1.0, 3.0)
     select_at_epsilon: float = 2.0
     clipped_baseline: bool = True  # also run each method clipped but without noise

@@ -30,7 +30,7 @@ def public_facts(spec: RunSpec, private_seed: int = 0) -> tuple[build.ModelPubli
     return public, head, data_public
 
 
-def run_programs(spec: RunSpec, private_seed: int = 0) -> build.RunPrograms:
+def programs_of_run(spec: RunSpec, private_seed: int = 0) -> build.RunPrograms:
     """The run's programs as the model owner would build them before any data arrives."""
     public, head, data_public = public_facts(spec, private_seed)
     return build.build_programs(spec, public, head, data_public)
@@ -53,7 +53,7 @@ def compile_run(
     `out`, also write each as `out/<program>/`. Returns (artifact, cache hit) per program."""
     preset = preset_of(spec)
     results = []
-    for program in run_programs(spec).needed(spec.tuning.method):
+    for program in programs_of_run(spec).needed(spec.tuning.method):
         artifact, hit = compile_cached(program, preset, cache_dir)
         if out is not None:
             write_artifact(artifact, out / program.name)
@@ -115,4 +115,4 @@ def profile_run(spec: RunSpec, cache_dir: str | Path | None, log=print) -> dict:
             "input_share_bytes_per_party": inputs, "network_s_without_compute": nets}  # fmt: skip
 
 
-__all__ = ["compile_run", "profile_run", "run_calls", "run_programs"]
+__all__ = ["compile_run", "profile_run", "run_calls", "programs_of_run"]
