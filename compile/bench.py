@@ -4,19 +4,30 @@ issue-9 goals as ratios. A benchmark: it prints and writes figures, it asserts n
     secfwt bench --shapes roberta-base --seqs 128 --protocols ABY3 --out bench/
     python benchmarks/bench.py ...                                   # the same, as a script
 
-Rows (every one a real SPU program from :mod:`secfwt_jax.compile.profile_cases`, random
-weights, synthetic one-hot data, K = 1 SPSA direction; trainable = every non-embedding
-weight unless the row says otherwise):
+Rows. Each row but two is a run spec: the shipped base `configs/bench.yaml` plus the row's
+overrides (`row_overrides`: shape, depth, sequence, batch, attention, GeLU, trainable set,
+protocol), built by the one builder (`run.build`) into the very program `secfwt finetune`
+compiles and runs (the same artifact and cache key), with random weights drawn by the
+model owner and K = 1 SPSA direction; bench.json records each row's overrides, so
+`secfwt compile configs/bench.yaml --profile --set ...` reproduces it alone. The two
+exceptions (`EXCEPTIONS`) are backprop, which no run spec does; they are built by hand in
+:mod:`secfwt_jax.compile.profile_cases` on the same model:
 
-    sft_adam           MPC backprop (jax.grad) + Adam, softmax attention (the paper's SFT)
-    bp_prompt          MPC backprop prompt tuning (50-token prompt in a 500-d subspace), Adam
-    spsa_softmax       SPSA, softmax attention
-    spsa_rfa_exact     SPSA, RFA (l2, m = 64), exact sin/cos
-    spsa_rfa_poly      SPSA, RFA (l2, m = 64), bounded polynomial sin/cos
-    cma_generation     one CMA-ES generation (population 20 public prompts), RFA poly
-    spsa_cached_trunk  SPSA on the top layer + head over cached trunk activations, RFA poly
-    forward_softmax    one forward (logits), softmax
-    forward_rfa        one forward (logits), RFA poly
+    sft_adam           exception: MPC backprop (jax.grad) + Adam, softmax (the paper's SFT)
+    bp_prompt          exception: backprop prompt tuning (50 tokens, 500-d subspace), Adam
+    spsa_softmax       the run's spsa_step, softmax, every weight but the embeddings trained
+    spsa_rfa_exact     the same, RFA (l2, m = 64), exact sin/cos
+    spsa_rfa_poly      the same, RFA (l2, m = 64), bounded polynomial sin/cos
+    cma_generation     the run's population_loss: one CMA-ES generation (20 public prompt
+                       candidates of 50 tokens in a 500-d subspace), RFA poly
+    spsa_cached_trunk  the run's spsa_step with a cached trunk (top layer + head), RFA poly
+    forward_softmax    the run's predict: one forward and the argmax, softmax
+    forward_rfa        the same, RFA poly
+
+Against the hand-built cases these rows replaced (2026-12-06, tiny shape, 8 tokens,
+ABY3): the SPSA step +0.3% bytes and +1 round (it takes the labels apart and returns the
+loss only), predict +48 rounds (the argmax and one-hot of a run's predictions), the CMA-ES
+generation +0.2% bytes and +3 rounds, the cached-trunk step -2 rounds.
 
 SPSA rows use the project's cheap settings: Rademacher directions (free update) and the
 piecewise GeLU (the model default); ``--directions gaussian`` measures the product update.
@@ -44,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +67,7 @@ from secfwt_jax.models.attention import random_feature_attention, softmax_attent
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import GELU_IMPLS, AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
+from secfwt_jax.run.spec import load_spec
 
 from . import network, profile_cases, profiler, protocols
 
@@ -127,20 +140,84 @@ ROWS: dict[str, AttentionConfig] = {
 KEYS = ("total_bytes", "rounds", "compute_s")
 
 
+#: The base run spec every spec row overrides (`configs/bench.yaml`).
+BASE_SPEC = Path(__file__).resolve().parents[1] / "configs" / "bench.yaml"
+#: Rows no run spec expresses, measured on a hand-built case, and why.
+EXCEPTIONS: dict[str, str] = {
+    "sft_adam": "backprop + Adam: no run spec backpropagates (the paper's SFT baseline)",
+    "bp_prompt": "backprop prompt tuning: no run spec backpropagates",
+}
+#: Spec rows: the run program each one measures (`run.build.RunPrograms`).
+ROW_PROGRAM = {
+    "spsa_softmax": "step", "spsa_rfa_exact": "step", "spsa_rfa_poly": "step",
+    "spsa_cached_trunk": "step", "cma_generation": "population_loss",
+    "forward_softmax": "predict", "forward_rfa": "predict",
+}  # fmt: skip
+#: `ModelConfig` fields an inline `architecture` carries (`run.spec.Architecture`).
+_ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "num_heads", "intermediate_size",
+                "max_positions", "type_vocab_size", "activation", "layer_norm_eps",
+                "pad_token_id", "num_kv_heads", "rope_theta", "tie_embeddings")  # fmt: skip
+
+
+def _flow(value) -> str:
+    """A value as an override's YAML (JSON is YAML; tuples as lists)."""
+    return json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+
+
+def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: str) -> list[str]:  # fmt: skip
+    """The `key=value` overrides that turn `configs/bench.yaml` into ``row``'s run spec:
+    the model ``cfg`` (its shape, depth, attention, GeLU/SiLU), the batch and sequence of
+    ``shape``, the trainable set and method of the row, and the protocol."""
+    arch = {f: getattr(cfg, f) for f in _ARCH_FIELDS} | {"num_layers": cfg.num_layers}
+    if cfg.family != "llama":
+        for f in ("num_kv_heads", "rope_theta", "tie_embeddings"):
+            arch.pop(f)
+    n, b = shape.seq_len, shape.batch_size
+    out = [
+        f"model.architecture={_flow(arch)}",
+        f"model.attention={_flow(cfg.attention)}",
+        f"model.gelu={cfg.gelu_impl}",
+        f"model.silu={cfg.silu_impl}",
+        f"data.max_len={n}",
+        f"tuning.batch_size={b}",
+        f"evaluation.batch_size={b}",
+        f"evaluation.mpc_examples={b}",
+        f"tuning.spsa.directions={shape.directions}",
+        f"tuning.spsa.num_directions={shape.num_directions}",
+        f"protocol.name={protocol}",
+        f"parties.compute={_flow(['alice', 'bob', 'carol'][: protocols.preset(protocol).world_size])}",
+    ]
+    if row == "spsa_cached_trunk":
+        out.append("tuning.trainable={kind: top, top_layers: 1, cache_trunk: true}")
+    elif row == "cma_generation":
+        out += ["tuning.method=cma", f"tuning.cma.population={population}",
+                f"tuning.trainable={{kind: prompt, prompt_length: {profile_cases.PROMPT_LENGTH}, "
+                f"intrinsic_dim: {profile_cases.INTRINSIC_DIM}}}"]  # fmt: skip
+    else:  # every weight but the embeddings, as the bench's steps and forwards always had
+        out.append(f"tuning.trainable={{kind: top, top_layers: {cfg.num_layers}}}")
+    return out
+
+
+def spec_row_profile(spec, row: str):
+    """Profile the program ``row`` measures, as `secfwt finetune` would build and compile
+    it from ``spec`` (`spec_programs.programs_of_run`, the same artifact and cache key)."""
+    from .artifacts import compile_cached
+    from .spec_programs import programs_of_run
+
+    program = getattr(programs_of_run(spec), ROW_PROGRAM[row])
+    preset = protocols.preset_of(spec)
+    artifact, _ = compile_cached(program, preset, None)
+    return profiler.profile_artifact(artifact, program.args, preset)
+
+
 def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
-    """(fn, args, public) of ``row`` (see the module doc)."""
+    """(fn, args, public) of an exception row (`EXCEPTIONS`), built by hand."""
     pc = profile_cases
     if row == "sft_adam":
         return pc.backprop_step_case(clf, params, shape, 0, "adam")
     if row == "bp_prompt":
         return pc.prompt_backprop_case(clf, params, shape, 0, "adam")
-    if row.startswith("spsa_") and row != "spsa_cached_trunk":
-        return pc.spsa_step_case(clf, params, shape, 0)
-    if row == "cma_generation":
-        return pc.cma_generation_case(clf, params, shape, 0, population)
-    if row == "spsa_cached_trunk":
-        return pc.cached_trunk_case(clf, params, shape, 0)
-    return pc.forward_case(clf, params, shape, 0)
+    raise ValueError(f"row {row!r} is a run spec row; build it with row_spec")
 
 
 def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly", rfa_inverse: str = "bucketed") -> ModelConfig:  # fmt: skip
@@ -155,12 +232,17 @@ def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, 
 
 
 def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64, softmax_exp="poly", rfa_inverse="bucketed") -> dict:  # fmt: skip
-    """One whole-program profile of ``row`` with the model cut to ``layers`` layers."""
+    """One whole-program profile of ``row`` with the model cut to ``layers`` layers: the
+    program its run spec builds, or for an `EXCEPTIONS` row its hand-built case."""
     cfg = row_model(row, base, layers, rfa_features, softmax_exp, rfa_inverse)
+    if row not in EXCEPTIONS:
+        overrides = row_overrides(row, cfg, shape, population, preset.name)
+        spec = load_spec(BASE_SPEC, overrides)
+        return {"layers": layers, **_figures(spec_row_profile(spec, row)), "overrides": overrides}  # fmt: skip
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     fn, args, public = row_case(row, clf, clf.init(0, seq_len=shape.seq_len), shape, population)
     prof = profiler.profile_function(fn, args, public, preset, name=f"{row}_{layers}")
-    return {"layers": layers, **_figures(prof)}
+    return {"layers": layers, **_figures(prof), "exception": EXCEPTIONS[row]}
 
 
 def _figures(prof) -> dict:

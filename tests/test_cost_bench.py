@@ -9,7 +9,10 @@ import json
 
 import pytest
 
-from secfwt_jax.compile import bench, profile_cases, protocols
+from secfwt_jax.compile import bench, profile_cases, profiler, protocols
+from secfwt_jax.models.classifier import Classifier
+from secfwt_jax.models.heads import HeadConfig
+from secfwt_jax.runtime.cli import main
 
 ABY3 = protocols.preset("ABY3")
 SHAPE = profile_cases.StepShape(1, 8, directions="rademacher")
@@ -55,12 +58,36 @@ def test_a_forward_by_parts_costs_exactly_what_the_whole_program_does(base, row)
     """rest + L x layer against the whole L-layer program: the same ops on the same
     shapes, so bytes are equal and rounds equal (what makes a Llama-7B row measurable)."""
     parts = bench.measure_parts(row, base, SHAPE, ABY3)
-    whole = bench.measure_row(row, base, 3, SHAPE, ABY3, 4)
+    clf = Classifier(bench.row_model(row, base, 3), HeadConfig(num_labels=2))
+    fn, args, public = profile_cases.forward_case(clf, clf.init(0, seq_len=8), SHAPE)
+    whole = bench._figures(profiler.profile_function(fn, args, public, ABY3))
     got = bench.by_parts(parts, 3)
     assert got["total_bytes"] == whole["total_bytes"]
     assert got["rounds"] == pytest.approx(whole["rounds"], rel=1e-9)
     assert parts["layer"]["total_bytes"] > 0 and parts["rest"]["total_bytes"] > 0
     assert got["by_parts"] and got["extrapolated"]
+
+
+def test_a_spec_row_measures_the_program_secfwt_compile_profiles_for_its_spec(tmp_path):
+    """The bench measures what finetune runs: a row is `configs/bench.yaml` plus the
+    overrides bench.json records, and `secfwt compile --profile` on that spec reports the
+    same bytes and rounds for the row's program; an exception row says why it is one."""
+    cfg = bench.row_model("spsa_rfa_poly", bench.SHAPES["tiny"], 1)
+    got = bench.measure_row("spsa_rfa_poly", bench.SHAPES["tiny"], 1, SHAPE, ABY3, 4)
+    assert got["overrides"] == bench.row_overrides("spsa_rfa_poly", cfg, SHAPE, 4, "ABY3")
+    sets = [a for o in got["overrides"] for a in ("--set", o)]
+    out = tmp_path / "compiled"
+    assert main(["compile", str(bench.BASE_SPEC), "--out", str(out), "--profile", "--no-cache", *sets]) == 0  # fmt: skip
+    programs = {p["program"]: p for p in json.loads((out / "profile.json").read_text())["programs"]}
+    assert set(programs) == {"spsa_step", "predict"}
+    assert programs["spsa_step"]["bytes_per_call"] == got["total_bytes"]
+    assert programs["spsa_step"]["rounds_per_call"] == got["rounds"]
+    # the predict program is the forward row's, under the same spec
+    fwd = bench.measure_row("forward_rfa", bench.SHAPES["tiny"], 1, SHAPE, ABY3, 4)
+    assert programs["predict"]["bytes_per_call"] == fwd["total_bytes"]
+    assert set(bench.EXCEPTIONS) == {"sft_adam", "bp_prompt"}
+    assert set(bench.ROW_PROGRAM) | set(bench.EXCEPTIONS) == set(bench.ROWS)
+    assert "backprop" in bench.measure_row("bp_prompt", bench.SHAPES["tiny"], 1, SHAPE, ABY3, 4)["exception"]  # fmt: skip
 
 
 def test_by_parts_refuses_a_row_that_is_not_a_forward(tmp_path):

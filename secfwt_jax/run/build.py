@@ -160,7 +160,7 @@ def load_model(
     attention = spec.model.attention
     if spec.model.architecture is not None:
         arch = spec.model.architecture.model_dump()
-        config = ModelConfig(**arch, attention=attention, gelu_impl=spec.model.gelu)
+        config = ModelConfig(**arch, attention=attention, gelu_impl=spec.model.gelu, silu_impl=spec.model.silu)  # fmt: skip
         classifier = Classifier(config, head)
         return classifier, classifier.init(private_seed)
     path = model_checkpoint_dir(spec, log)
@@ -393,12 +393,22 @@ def public_data_shapes(spec: RunSpec, tokenizer, vocab_size: int) -> dict[str, A
     (no data file): chunk shapes for compiling ahead of a run (`secfwt compile`)."""
     n = max(spec.tuning.batch_size, spec.evaluation.batch_size)
     dummy = LabelledText(["x"] * n, np.zeros(n, np.int64), spec.data.labels)
-    train = _split_labels(_encode(spec, dummy, np.arange(spec.tuning.batch_size), tokenizer, vocab_size))  # fmt: skip
-    evals = _split_labels(_encode(spec, dummy, np.arange(spec.evaluation.batch_size), tokenizer, vocab_size))  # fmt: skip
+
+    def chunk_shapes(rows: int) -> tuple[dict, tuple]:
+        # token ids, then their one-hot shape: only the vocabulary's size matters, so a
+        # model smaller than the tokenizer (a cost study's) still gets its shapes
+        chunk, labels = _split_labels(_encode(spec, dummy, np.arange(rows), tokenizer, None))
+        shapes = shapes_of(chunk)
+        ids = shapes["input_ids"].shape
+        shapes["input_ids"] = jax.ShapeDtypeStruct((*ids, vocab_size), np.float32)
+        return shapes, tuple(labels.shape)
+
+    train, label_shape = chunk_shapes(spec.tuning.batch_size)
+    evals, _ = chunk_shapes(spec.evaluation.batch_size)
     return {
-        "train_shapes": shapes_of(train[0]),
-        "label_shape": tuple(train[1].shape),
-        "eval_shapes": shapes_of(evals[0]),
+        "train_shapes": train,
+        "label_shape": label_shape,
+        "eval_shapes": evals,
         "train_chunks": spec.data.k * len(spec.data.labels) // spec.tuning.batch_size,
         "eval_chunks": -(-spec.evaluation.mpc_examples // spec.evaluation.batch_size),
     }

@@ -74,7 +74,7 @@ class _Section(BaseModel):
 class Architecture(_Section):
     """An inline model (weights drawn by the model owner from its private seed)."""
 
-    family: Literal["bert", "roberta", "gpt2"] = "bert"
+    family: Literal["bert", "roberta", "gpt2", "llama"] = "bert"
     vocab_size: int = Field(gt=0)
     hidden_size: int = Field(32, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -86,6 +86,10 @@ class Architecture(_Section):
     activation: str = _MODEL_DEFAULTS["activation"]
     layer_norm_eps: float = Field(_MODEL_DEFAULTS["layer_norm_eps"], gt=0)
     pad_token_id: int = Field(_MODEL_DEFAULTS["pad_token_id"], ge=0)
+    # Llama only (grouped-query heads, rotary base, the LM head tied to the embeddings).
+    num_kv_heads: int | None = Field(_MODEL_DEFAULTS["num_kv_heads"], gt=0)
+    rope_theta: float = Field(_MODEL_DEFAULTS["rope_theta"], gt=0)
+    tie_embeddings: bool = _MODEL_DEFAULTS["tie_embeddings"]
 
     @model_validator(mode="after")
     def _consistent(self) -> Architecture:
@@ -95,6 +99,8 @@ class Architecture(_Section):
             raise ValueError(f"activation: unknown {self.activation!r}; expected one of {SUPPORTED_ACTIVATIONS}")  # fmt: skip
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads={self.num_heads}")  # fmt: skip
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: {self.num_heads} heads are not divisible into {self.num_kv_heads} groups")  # fmt: skip
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id: {self.pad_token_id} is outside the vocabulary")
         return self
