@@ -81,6 +81,10 @@ def test_relative_paths_resolve_against_the_spec_file():
             {"model": {"architecture": {"hidden_size": 33}}},
             "model.architecture.hidden_size: 33 is not divisible",
         ),
+        (
+            {"model": {"architecture": {"family": "llama", "num_kv_heads": 3}}},
+            "model.architecture.num_kv_heads: 2 heads are not divisible into 3 groups",
+        ),
         ({"backend": {"kind": "ray"}}, "backend.kind"),
         (
             {"tuning": {"cma": {"generations": 50}}},
