@@ -38,7 +38,7 @@ def test_every_shipped_spec_validates(path):
     assert spec.name and len(spec.spec_hash) == 64
 
 
-def test_the_m16_spec_is_the_main_job_with_only_the_cheap_model_changed():
+def test_the_m16_spec_is_the_main_run_with_only_the_cheap_model_changed():
     main = load_spec(ROOT / "configs" / "minilm_sentiment.yaml").model_dump()
     m16 = load_spec(ROOT / "configs" / "minilm_sentiment_m16.yaml").model_dump()
     changed = {
