@@ -67,7 +67,7 @@ from secfwt_jax.models.attention import random_feature_attention, softmax_attent
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import GELU_IMPLS, AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
-from secfwt_jax.run.spec import load_spec
+from secfwt_jax.run.spec import WORLD_SIZE, Architecture, load_spec
 
 from . import network, profile_cases, profiler, protocols
 
@@ -153,10 +153,6 @@ ROW_PROGRAM = {
     "spsa_cached_trunk": "step", "cma_generation": "population_loss",
     "forward_softmax": "predict", "forward_rfa": "predict",
 }  # fmt: skip
-#: `ModelConfig` fields an inline `architecture` carries (`run.spec.Architecture`).
-_ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "num_heads", "intermediate_size",
-                "max_positions", "type_vocab_size", "activation", "layer_norm_eps",
-                "pad_token_id", "num_kv_heads", "rope_theta", "tie_embeddings")  # fmt: skip
 
 
 def _flow(value) -> str:
@@ -168,10 +164,7 @@ def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: 
     """The `key=value` overrides that turn `configs/bench.yaml` into ``row``'s run spec:
     the model ``cfg`` (its shape, depth, attention, GeLU/SiLU), the batch and sequence of
     ``shape``, the trainable set and method of the row, and the protocol."""
-    arch = {f: getattr(cfg, f) for f in _ARCH_FIELDS} | {"num_layers": cfg.num_layers}
-    if cfg.family != "llama":
-        for f in ("num_kv_heads", "rope_theta", "tie_embeddings"):
-            arch.pop(f)
+    arch = {f: getattr(cfg, f) for f in Architecture.model_fields}  # the inline model's fields
     n, b = shape.seq_len, shape.batch_size
     out = [
         f"model.architecture={_flow(arch)}",
@@ -185,7 +178,7 @@ def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: 
         f"tuning.spsa.directions={shape.directions}",
         f"tuning.spsa.num_directions={shape.num_directions}",
         f"protocol.name={protocol}",
-        f"parties.compute={_flow(['alice', 'bob', 'carol'][: protocols.preset(protocol).world_size])}",
+        f"parties.compute={_flow(['alice', 'bob', 'carol'][: WORLD_SIZE[protocol]])}",
     ]
     if row == "spsa_cached_trunk":
         out.append("tuning.trainable={kind: top, top_layers: 1, cache_trunk: true}")
@@ -217,7 +210,7 @@ def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
         return pc.backprop_step_case(clf, params, shape, 0, "adam")
     if row == "bp_prompt":
         return pc.prompt_backprop_case(clf, params, shape, 0, "adam")
-    raise ValueError(f"row {row!r} is a run spec row; build it with row_spec")
+    raise ValueError(f"row {row!r} is a run spec row: configs/bench.yaml plus row_overrides")
 
 
 def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly", rfa_inverse: str = "bucketed") -> ModelConfig:  # fmt: skip

@@ -274,43 +274,6 @@ def prompt_backprop_case(
     return prompt_backprop_step, args, ()
 
 
-def cma_generation_case(
-    classifier: Classifier, params: dict, shape: StepShape, seed: int = 0, population: int = 20
-):
-    """One CMA-ES generation: the losses of ``population`` public prompt candidates (one
-    batched forward); the model, data and labels secret."""
-    problem = prompt_problem(classifier, params)
-    loss_fn = cross_entropy_loss(problem.logits)
-    rng = np.random.default_rng([seed, 7])
-    candidates = _normal(rng, (population, INTRINSIC_DIM))
-
-    def cma_generation(f, batch, cands):
-        return spsa.evaluate_population(loss_fn, {"z": cands}, f, batch)
-
-    return cma_generation, (problem.frozen, synthetic_batch(classifier, shape, seed), candidates), (2,)  # fmt: skip
-
-
-def cached_trunk_case(classifier: Classifier, params: dict, shape: StepShape, seed: int = 0):
-    """SPSA on the top layer + head over cached (secret) trunk activations [B, N, H]: the
-    frozen lower layers ran once per data chunk, not per step."""
-    spec = sets.TrainableSpec("top", top_layers=1, cache_trunk=True)
-    problem = sets.build_problem(spec, classifier, params)
-    batch = synthetic_batch(classifier, shape, seed)
-    rng = np.random.default_rng([seed, 9])
-    batch["hidden"] = _normal(rng, (shape.batch_size, shape.seq_len, classifier.config.hidden_size))
-    loss_fn = cross_entropy_loss(problem.logits)
-    config = spsa.SpsaConfig(
-        eps=shape.eps, num_directions=shape.num_directions, directions=shape.directions
-    )
-
-    def cached_spsa_step(t, f, b, z, lr):
-        return spsa.spsa_step(loss_fn, t, f, b, z, lr, config)
-
-    z = spsa.directions(seed, 0, problem.trainable, shape.num_directions, shape.directions)
-    args = (problem.trainable, problem.frozen, batch, z, np.float32(shape.learning_rate))
-    return cached_spsa_step, args, (3, 4)
-
-
 # ------------------------------------------------- goal (b): every trainable set's step
 #: The trainable sets goal (b) covers (`tuning.sets.TrainableSpec.kind`), uncached.
 SET_KINDS: tuple[str, ...] = ("full", "head", "bitfit", "lora", "prompt", "top")
