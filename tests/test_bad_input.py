@@ -104,7 +104,7 @@ CASES = {
     "spec-malformed-yaml": (["finetune", "{p}/bad.yaml"], "bad.yaml"),
     "spec-duplicate-key": (
         ["finetune", "{p}/dup.yaml"],
-        "key 'tuning' given twice (lines 21 and 33)",
+        "key 'tuning' given twice (lines 23 and 35)",
     ),
     "spec-output-dir-placeholder": (
         _ft("output.dir=runs/{0}"),

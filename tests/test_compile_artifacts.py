@@ -200,6 +200,7 @@ def test_cli_bad_spec_exits_2_with_one_line_error_and_writes_nothing(
 ):
     raw = read_spec_file(TINY)
     raw["data"]["path"] = str(REPO / "tests" / "data" / "sentiment_small.csv")
+    raw["model"]["tokenizer"] = str(REPO / "configs" / "tokenizers" / "minilm-4k")
     edit(raw)
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(raw))

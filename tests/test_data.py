@@ -242,3 +242,20 @@ def test_bundled_sentiment_csv_has_three_labels_and_binary_keeps_two():
     binary = load_sentiment(binary=True)
     assert binary.label_names == ("negative", "positive")
     assert len(binary) == three.counts()["negative"] + three.counts()["positive"]
+
+
+def test_the_tiny_presets_tokenizer_is_minilms_first_4096_entries_with_the_same_ids(tokenizer):
+    """configs/tokenizers/minilm-4k: MiniLM's vocab.txt cut to its first 4,096 lines, so
+    every token it keeps has MiniLM's id, and a word beyond it splits into pieces it has."""
+    from pathlib import Path
+
+    from secfwt_jax.models.checkpoint import bundled_minilm_dir, load_tokenizer
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "tokenizers" / "minilm-4k"
+    full = (bundled_minilm_dir() / "vocab.txt").read_text().splitlines()
+    assert (folder / "vocab.txt").read_text().splitlines() == full[:4096]
+    small = load_tokenizer(folder)
+    assert len(small) == 4096
+    assert small("the staff were kind")["input_ids"] == tokenizer("the staff were kind")["input_ids"]  # fmt: skip
+    pieces = small("freezing")["input_ids"]
+    assert len(pieces) > 3 and max(pieces) < 4096  # [CLS] free ##zing... [SEP]

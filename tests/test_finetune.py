@@ -170,19 +170,18 @@ def test_roberta_and_gpt2_checkpoints_tune_through_finetune(kind, head, trainabl
 
 
 def tiny_bert_checkpoint(base: Path) -> Path:
-    """A 2-layer BERT written by `save_pretrained`, with the bundled MiniLM tokenizer."""
+    """A 2-layer BERT written by `save_pretrained`, with the tiny preset's tokenizer (MiniLM's
+    vocabulary cut to its first 4,096 entries)."""
     import shutil
 
     from transformers import BertConfig, FlaxBertModel
 
-    from secfwt_jax.models.checkpoint import bundled_minilm_dir
-
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    tokenizer = ROOT / "configs" / "tokenizers" / "minilm-4k"
+    cfg = BertConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     FlaxBertModel(cfg, seed=1).save_pretrained(base)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (bundled_minilm_dir() / name).is_file():
-            shutil.copy2(bundled_minilm_dir() / name, base / name)
+    for path in tokenizer.iterdir():
+        shutil.copy2(path, base / path.name)
     return base
 
 

@@ -1,114 +1,76 @@
-"""The same run spec on three SecretFlow parties (loopback processes) equals the simulator,
-and no party's files or logs hold another party's secrets."""
+"""A run spec on three SecretFlow parties (loopback processes) equals the simulator, and no
+party's files or logs hold another party's secrets. The run is the shared three-party run
+(`conftest.three_party_run`: the tiny preset, private, over mutual TLS), read here for what
+any cluster run must show."""
 
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster_evidence import holds, needles_of_floats, party_files
 
 from secfwt_jax.data.sampling import k_shot_splits
 from secfwt_jax.run import build
 from secfwt_jax.run.reference import relative_gap
-from secfwt_jax.run.spec import load_spec
-from secfwt_jax.runtime.cluster_run import launch_local, load_theta
-from secfwt_jax.runtime.finetune import PrivateSeeds
-from secfwt_jax.runtime.sim_run import finetune_in_simulator
+from secfwt_jax.runtime.cluster_run import load_theta
 
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-SEED = 23
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cluster")
-    spec = load_spec(TINY)
-    sim = finetune_in_simulator(
-        spec, seeds=PrivateSeeds(SEED), out_dir=base / "sim", progress=False
-    )
-    work = base / "work"
-    results = launch_local(spec, str(TINY), [], SEED, out_dir=base / "cluster", timeout_s=600, work_dir=work)  # fmt: skip
-    return spec, sim, results, base
+def test_three_parties_give_the_simulators_tuned_parameters(three_party_run):
+    run = three_party_run
+    cluster_theta = load_theta(run.results["alice"]["tuned_params"]["path"])
+    assert relative_gap(cluster_theta, load_theta(run.sim["tuned_params"]["path"])) < 1e-3
+    np.testing.assert_allclose(run.results["bob"]["losses"], run.sim["mpc"]["losses"], atol=1e-2)
+    assert run.results["bob"]["accuracy_after"] == run.sim["mpc"]["accuracy_after"]
 
 
-def test_three_parties_give_the_simulators_tuned_parameters(runs):
-    spec, sim, results, base = runs
-    cluster_theta = load_theta(results["alice"]["tuned_params"]["path"])
-    sim_theta = load_theta(sim["tuned_params"]["path"])
-    assert relative_gap(cluster_theta, sim_theta) < 1e-3
-    np.testing.assert_allclose(results["bob"]["losses"], sim["mpc"]["losses"], atol=1e-2)
-    assert results["bob"]["accuracy_after"] == sim["mpc"]["accuracy_after"]
+def test_every_backend_reports_the_same_program_keys(three_party_run):
+    keys = {k: v["key"] for k, v in three_party_run.sim["programs"].items()}
+    assert all(r["programs"] == keys for r in three_party_run.results.values())
 
 
-def test_every_backend_reports_the_same_program_keys(runs):
-    _, sim, results, _ = runs
-    keys = {k: v["key"] for k, v in sim["programs"].items()}
-    assert all(r["programs"] == keys for r in results.values())
-
-
-def test_only_the_data_owner_learns_losses_and_accuracy(runs):
-    _, _, results, _ = runs
+def test_only_the_data_owner_learns_losses_and_accuracy(three_party_run):
+    results = three_party_run.results
     assert results["bob"]["losses"] and results["bob"]["accuracy_after"] is not None
     for party in ("alice", "carol"):
         assert results[party]["losses"] is None and results[party]["accuracy_after"] is None
     assert results["alice"]["tuned_params"] and not results["bob"]["tuned_params"]
 
 
-def test_every_file_a_party_writes_is_owner_only(runs):
-    _, _, _, base = runs
+def test_every_file_a_party_writes_is_owner_only(three_party_run):
     for party in ("alice", "bob", "carol"):
         # every file but SPU's own spdlog file (spu-<party>.log, opened by SPU, not by us)
-        files = [p for p in _party_files(base, party) if p.is_file() and not p.name.startswith("spu-")]  # fmt: skip
+        files = [p for p in party_files(three_party_run.base, party) if p.is_file() and not p.name.startswith("spu-")]  # fmt: skip
         assert any(p.name == f"{party}.log" for p in files), party
         assert any(p.name == "report.json" for p in files), party
         loose = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o600}  # fmt: skip
         assert loose == {}, party
 
 
-def _party_files(base: Path, party: str) -> list[Path]:
-    work = base / "work"
-    mine = [work / f"{party}.log", work / f"spu-{party}.log", work / f"{party}.result.json"]
-    return [p for p in mine if p.is_file()] + sorted((base / "cluster" / party).rglob("*"))
-
-
-def _needles_of_floats(values: np.ndarray, count: int = 6) -> list[bytes]:
-    """Byte patterns of secret float values: 4 consecutive float32s, and their repr."""
-    flat = np.asarray(values, np.float32).ravel()
-    big = flat[np.abs(flat) > 1e-3][: count + 4]
-    needles = [big[i : i + 4].tobytes() for i in range(0, min(count, len(big) - 4))]
-    return needles + [repr(float(x)).encode() for x in big[:count]]
-
-
-def _holds(files: list[Path], needles: list[bytes]) -> list[str]:
-    hits = []
-    for path in files:
-        if path.is_file():
-            blob = path.read_bytes()
-            hits += [f"{path.name}: {n[:12]!r}" for n in needles if n in blob]
-    return hits
-
-
-def test_no_party_holds_another_partys_secrets(runs):
-    spec, _, results, base = runs
-    tuned = load_theta(results["alice"]["tuned_params"]["path"])
-    tuned_needles = [n for v in tuned.values() for n in _needles_of_floats(v, 2)]
+def test_no_party_holds_another_partys_secrets(three_party_run):
+    run = three_party_run
+    spec, base = run.spec, run.base
+    tuned = load_theta(run.results["alice"]["tuned_params"]["path"])
+    tuned_needles = [n for v in tuned.values() for n in needles_of_floats(v, 2)]
     from secfwt_jax.models.checkpoint import load_tokenizer
 
     head = build.head_config(spec, load_tokenizer(spec.resolve(spec.model.tokenizer_path)))
-    _, params = build.load_model(spec, head, SEED, log=lambda m: None)
-    weight_needles = _needles_of_floats(params["bert"]["embeddings"]["word_embeddings"]["embedding"][1000:1010])  # fmt: skip
+    _, params = build.load_model(spec, head, run.model_owner_seed, log=lambda m: None)
+    weight_needles = needles_of_floats(params["bert"]["embeddings"]["word_embeddings"]["embedding"][1000:1010])  # fmt: skip
     data = build.load_data(spec)
     splits = k_shot_splits(data, spec.data.k, spec.data.seed, dev_k=0, test_size=spec.data.test_size)  # fmt: skip
     text_needles = [t[:30].encode() for t in splits.train.texts if len(t) >= 30]
 
-    assert _holds(_party_files(base, "alice"), tuned_needles), "positive control: the receiver holds theta"  # fmt: skip
+    assert holds(party_files(base, "alice"), tuned_needles), "positive control: the receiver holds theta"  # fmt: skip
     for party in ("bob", "carol"):
-        assert not _holds(_party_files(base, party), tuned_needles + weight_needles), party
+        assert not holds(party_files(base, party), tuned_needles + weight_needles), party
     for party in ("alice", "carol"):
-        assert not _holds(_party_files(base, party), text_needles), party
+        assert not holds(party_files(base, party), text_needles), party
     assert not (base / "work" / "alice.private_seed").exists()
 
 

@@ -18,13 +18,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 600
-# The cluster walkthrough starts SecretFlow party processes (deselect with -m 'not cluster').
+# The default run executes the two notebooks a newcomer opens first. The other three
+# retell paths that default tests already check (the cluster run: test_finetune_cluster.py;
+# the privacy study: test_privacy_study.py; the methods: test_loop.py, test_tuning.py), at
+# 40-85 s each on 2 cores, so they run with -m slow.
 RUNS = [
     "quickstart",
     "cost_analysis",
-    "accuracy_study",
-    "privacy_study",
-    pytest.param("cluster_walkthrough", marks=pytest.mark.cluster),
+    pytest.param("accuracy_study", marks=pytest.mark.slow),
+    pytest.param("privacy_study", marks=pytest.mark.slow),
+    pytest.param("cluster_walkthrough", marks=[pytest.mark.cluster, pytest.mark.slow]),
 ]
 
 

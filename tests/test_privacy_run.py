@@ -11,7 +11,7 @@ import pytest
 from secfwt_jax.run.privacy import data_owner_draws, privacy_plan
 from secfwt_jax.run.reference import relative_gap
 from secfwt_jax.run.spec import SpecError, load_spec
-from secfwt_jax.runtime.cluster_run import launch_local, load_theta
+from secfwt_jax.runtime.cluster_run import load_theta
 from secfwt_jax.runtime.finetune import PrivateSeeds
 from secfwt_jax.runtime.sim_run import finetune_in_simulator
 from secfwt_jax.tuning import privacy
@@ -113,24 +113,24 @@ def test_a_private_spec_that_cannot_hold_is_refused_with_one_line(override, mess
 
 
 @pytest.mark.cluster
-def test_on_three_parties_the_sample_and_noise_stay_with_the_data_owner(first, tmp_path):
-    """The data owner draws its seed from the OS; the parties' theta equals the simulator's
-    with that seed and differs from the run with another data-owner seed (the same public
-    seed and model), and no file or log of the other parties holds the seed or the noise."""
-    from test_finetune_cluster import _holds, _needles_of_floats, _party_files
+def test_on_three_parties_the_sample_and_noise_stay_with_the_data_owner(first, three_party_run):
+    """The shared three-party run is this private spec (`conftest.three_party_run`). The data
+    owner drew its seed from the OS; the parties' theta equals the simulator's with that
+    seed and differs from the run with another data-owner seed (the same public seed and
+    model), and no file or log of the other parties holds the seed or the noise."""
+    from cluster_evidence import holds, needles_of_floats, party_files
 
-    spec = private_spec()
-    results = launch_local(spec, str(TINY), PRIVATE, 2, out_dir=tmp_path / "cluster", timeout_s=600, work_dir=tmp_path / "work")  # fmt: skip
-    seed_file = tmp_path / "cluster" / "bob" / "private_seed"
-    seed = int(seed_file.read_text())
+    run = three_party_run
+    spec, results, seed = run.spec, run.results, run.data_owner_seed
+    assert spec.spec_hash == private_spec().spec_hash  # conftest's PRIVATE is this file's
     assert results["bob"]["privacy"]["epsilon"] == pytest.approx(results["alice"]["privacy"]["epsilon"])  # fmt: skip
-    sim = finetune_in_simulator(spec, seeds=PrivateSeeds(2, seed), out_dir=tmp_path / "sim", progress=False, log=lambda m: None)  # fmt: skip
+    assert results["bob"]["privacy"]["epsilon"] == pytest.approx(first[1]["privacy"]["epsilon"])
     theta = load_theta(results["alice"]["tuned_params"]["path"])
-    assert relative_gap(theta, load_theta(sim["tuned_params"]["path"])) < 1e-3
+    assert relative_gap(theta, load_theta(run.sim["tuned_params"]["path"])) < 1e-3
     assert seed != 5 and relative_gap(theta, load_theta(first[1]["tuned_params"]["path"])) > 1e-3
     plan = privacy_plan(spec, 16)
     noise = np.concatenate([data_owner_draws(seed, i, plan)[2] for i in range(3)])
-    needles = [str(seed).encode()] + [repr(float(x)).encode() for x in noise] + _needles_of_floats(noise, 1)  # fmt: skip
-    assert _holds(_party_files(tmp_path, "bob"), [str(seed).encode()]), "positive control"
+    needles = [str(seed).encode()] + [repr(float(x)).encode() for x in noise] + needles_of_floats(noise, 1)  # fmt: skip
+    assert holds(party_files(run.base, "bob"), [str(seed).encode()]), "positive control"
     for party in ("alice", "carol"):
-        assert not _holds(_party_files(tmp_path, party), needles), party
+        assert not holds(party_files(run.base, party), needles), party

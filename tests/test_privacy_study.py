@@ -57,6 +57,10 @@ def test_study_splits_are_disjoint_balanced_and_balanced_in_every_prefix():
         privacy_study.balanced_splits(labels, (20, 10, 32), seed=1)
 
 
+# About 55 s on 2 cores (600 rows through the real MiniLM trunk). The default run keeps
+# the accountant (test_privacy.py), the audit bound (test_privacy_audit.py) and the private
+# step under MPC (test_privacy_run.py); this is the study runner end to end.
+@pytest.mark.slow
 def test_a_small_study_on_minilm_calibrates_the_noise_and_stays_under_the_audit_bound():
     """200 real training rows through the real MiniLM's trunk, epsilon 1 and no privacy:
     the noise multiplier spends epsilon = 1 (K directions composed as sigma / sqrt(K)),

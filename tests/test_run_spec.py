@@ -55,7 +55,7 @@ def test_the_m16_spec_is_the_main_run_with_only_the_cheap_model_changed():
 def test_relative_paths_resolve_against_the_spec_file():
     spec = load_spec(TINY)
     assert spec.resolve(spec.data.path) == (ROOT / "tests" / "data" / "sentiment_small.csv")
-    assert (spec.resolve(spec.model.tokenizer) / "tokenizer.json").is_file()
+    assert (spec.resolve(spec.model.tokenizer) / "vocab.txt").is_file()
 
 
 @pytest.mark.parametrize(

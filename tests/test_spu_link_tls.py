@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_cluster_tls import make_ca, make_party_cert, pki, write_pair
+from cluster_evidence import make_ca, make_party_cert, pki, write_pair
 
 from secfwt_jax.runtime.cluster import loopback_cluster
 from secfwt_jax.runtime.tls_front import spu_front

@@ -1,0 +1,73 @@
+"""Fixtures shared across test files.
+
+`three_party_run` is the one launch of the tiny preset on three SecretFlow party processes
+that the default run makes: every check of a whole cluster run reads it
+(`test_finetune_cluster.py`, `test_cluster_tls.py`, `test_privacy_run.py`). It runs with
+everything on at once, as a privacy team would run it: mutual TLS on every link (SecretFlow's
+gRPC and SPU's brpc link) with the red team's plain-text probe of SPU's ports while it runs,
+and a private run (DP-SPSA) whose data owner draws its seed from the OS. The same spec and
+the same two seeds in the simulator give the reference. A launch costs about 100 s on 2
+cores, so the three files share one instead of making three.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+#: A private run: the data owner's Poisson sample and Gaussian noise, 3 steps.
+PRIVATE = ["tuning.privacy={clip: 1.0, noise_multiplier: 1.0}", "tuning.steps=3",
+           "evaluation.mpc_examples=4", "evaluation.batch_size=4"]  # fmt: skip
+MODEL_OWNER_SEED = 2
+
+
+@dataclass(frozen=True)
+class ThreePartyRun:
+    """What the shared launch left: each party's summary, its folders, the data owner's
+    OS-drawn seed, the red team's probe log and the simulator's run with the same seeds."""
+
+    spec: Any  # the private tiny spec, backend sim (the simulator's reference)
+    results: dict[str, dict]
+    base: Path  # <base>/cluster/<party>/ (outputs) and <base>/work/ (logs)
+    cluster_file: Path  # with a tls section: every link is mutual TLS
+    model_owner_seed: int
+    data_owner_seed: int
+    spu_ports: list[int]
+    probe: dict[str, list]
+    sim: dict
+
+
+@pytest.fixture(scope="session")
+def three_party_run(tmp_path_factory) -> ThreePartyRun:
+    from cluster_evidence import cluster_file, pki, probe_spu_ports
+
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.cluster_run import launch_local
+    from secfwt_jax.runtime.finetune import PrivateSeeds
+    from secfwt_jax.runtime.sim_run import finetune_in_simulator
+
+    base = tmp_path_factory.mktemp("three-party")
+    cluster = cluster_file(base, pki(base / "pki"))
+    overrides = [*PRIVATE, f"backend.cluster={cluster}"]
+    ports = list(json.loads(cluster.read_text())["spu_ports"].values())
+    stop, seen = threading.Event(), {"connected": [], "answers": []}
+    probe = threading.Thread(target=probe_spu_ports, args=(ports, stop, seen), daemon=True)
+    probe.start()
+    try:
+        results = launch_local(load_spec(TINY, overrides), str(TINY), overrides, MODEL_OWNER_SEED,
+                               out_dir=base / "cluster", timeout_s=600, work_dir=base / "work")  # fmt: skip
+    finally:
+        stop.set()
+        probe.join(10)
+    spec = load_spec(TINY, PRIVATE)
+    seed = int((base / "cluster" / spec.parties.data_owner / "private_seed").read_text())
+    sim = finetune_in_simulator(spec, seeds=PrivateSeeds(MODEL_OWNER_SEED, seed), out_dir=base / "sim",
+                                progress=False, log=lambda m: None)  # fmt: skip
+    return ThreePartyRun(spec, results, base, cluster, MODEL_OWNER_SEED, seed, ports, seen, sim)
