@@ -13,12 +13,28 @@ cores, so the three files share one instead of making three.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# JAX's persistent compilation cache, one per test session (empty at its start): the same
+# plaintext computation compiled by another test, a party process or a notebook kernel
+# (each inherits the variable) is read back instead of compiled again. Measured on the tiny
+# preset: a run in a warm process 21.5 s -> 17.5 s. Set before any test module imports jax.
+XLA_CACHE = Path(tempfile.mkdtemp(prefix="secfwt-test-xla-"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(XLA_CACHE)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
