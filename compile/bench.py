@@ -24,6 +24,9 @@ exceptions (`EXCEPTIONS`) are backprop, which no run spec does; they are built b
     forward_softmax    the run's predict: one forward and the argmax, softmax
     forward_rfa        the same, RFA poly
 
+``--sets`` (goal b) is run specs too: per trainable set, ``spsa_rfa_poly`` with
+``tuning.trainable.kind`` set (`set_overrides`), the run's step against its predict.
+
 Against the hand-built cases these rows replaced (2026-12-06, tiny shape, 8 tokens,
 ABY3): the SPSA step +0.3% bytes and +1 round (it takes the labels apart and returns the
 loss only), predict +48 rounds (the argmax and one-hot of a run's predictions), the CMA-ES
@@ -194,10 +197,15 @@ def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: 
 def spec_row_profile(spec, row: str):
     """Profile the program ``row`` measures, as `secfwt finetune` would build and compile
     it from ``spec`` (`spec_programs.programs_of_run`, the same artifact and cache key)."""
-    from .artifacts import compile_cached
     from .spec_programs import programs_of_run
 
-    program = getattr(programs_of_run(spec), ROW_PROGRAM[row])
+    return _profile_run_program(spec, getattr(programs_of_run(spec), ROW_PROGRAM[row]))
+
+
+def _profile_run_program(spec, program):
+    """One program of ``spec``'s run, compiled as finetune compiles it, profiled."""
+    from .artifacts import compile_cached
+
     preset = protocols.preset_of(spec)
     artifact, _ = compile_cached(program, preset, None)
     return profiler.profile_artifact(artifact, program.args, preset)
@@ -279,15 +287,28 @@ def by_parts(parts: dict, layers: int) -> dict:
     }
 
 
+def set_overrides(kind: str, cfg: ModelConfig, shape, protocol: str) -> list[str]:
+    """The ``spsa_rfa_poly`` row's run spec with trainable set ``kind`` (the prompt's
+    length and subspace as `profile_cases`; the other fields the spec's defaults)."""
+    trainable = {"kind": kind, "prompt_length": profile_cases.PROMPT_LENGTH,
+                 "intrinsic_dim": profile_cases.INTRINSIC_DIM}  # fmt: skip
+    row = row_overrides("spsa_rfa_poly", cfg, shape, 0, protocol)
+    return [o for o in row if not o.startswith("tuning.trainable=")] + [f"tuning.trainable={_flow(trainable)}"]  # fmt: skip
+
+
 def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64, rfa_inverse="bucketed") -> dict:  # fmt: skip
-    """Goal (b) for one trainable set: its SPSA step and one forward of the same problem,
-    RFA poly attention, the model cut to ``layers`` layers."""
+    """Goal (b) for one trainable set, through its run spec (`set_overrides`): the run's
+    SPSA step and its ``predict`` (one forward of the same problem, plus the argmax), RFA
+    poly attention, the model cut to ``layers`` layers."""
+    from .spec_programs import programs_of_run
+
     cfg = row_model("spsa_rfa_poly", base, layers, rfa_features, rfa_inverse=rfa_inverse)
-    clf = Classifier(cfg, HeadConfig(num_labels=2))
-    cases = profile_cases.set_cases(clf, clf.init(0, seq_len=shape.seq_len), shape, kind)
-    out = {"layers": layers}
-    for what, (fn, args, public) in zip(("step", "forward"), cases, strict=True):
-        prof = profiler.profile_function(fn, args, public, preset, name=f"{what}_{kind}_{layers}")
+    overrides = set_overrides(kind, cfg, shape, preset.name)
+    spec = load_spec(BASE_SPEC, overrides)
+    programs = programs_of_run(spec)
+    out: dict = {"layers": layers, "overrides": overrides}
+    for what, program in (("step", programs.step), ("forward", programs.predict)):
+        prof = _profile_run_program(spec, program)
         out[what] = {"total_bytes": prof.total_bytes, "rounds": prof.rounds, "compute_s": prof.compute_s}  # fmt: skip
     return out
 

@@ -277,29 +277,3 @@ def prompt_backprop_case(
 # ------------------------------------------------- goal (b): every trainable set's step
 #: The trainable sets goal (b) covers (`tuning.sets.TrainableSpec.kind`), uncached.
 SET_KINDS: tuple[str, ...] = ("full", "head", "bitfit", "lora", "prompt", "top")
-
-
-def set_cases(classifier: Classifier, params: dict, shape: StepShape, kind: str, seed: int = 0):
-    """((step fn, args, public), (forward fn, args, public)) for trainable set ``kind``:
-    the SPSA step over the set's problem and ONE forward of the same problem (logits; for
-    "prompt" that forward carries the prompt tokens too), everything but z and the step
-    size secret."""
-    spec = sets.TrainableSpec(kind, prompt_length=PROMPT_LENGTH, intrinsic_dim=INTRINSIC_DIM)
-    problem = sets.build_problem(spec, classifier, params, embed_std=0.02)
-    loss_fn = cross_entropy_loss(problem.logits)
-    config = spsa.SpsaConfig(
-        eps=shape.eps, num_directions=shape.num_directions, directions=shape.directions
-    )
-    batch = synthetic_batch(classifier, shape, seed)
-    z = spsa.directions(seed, 0, problem.trainable, shape.num_directions, shape.directions)
-
-    def set_spsa_step(t, f, b, zz, lr):
-        return spsa.spsa_step(loss_fn, t, f, b, zz, lr, config)
-
-    def set_forward(t, f, b):
-        return problem.logits(t, f, b)
-
-    lr = np.float32(shape.learning_rate)
-    step = (set_spsa_step, (problem.trainable, problem.frozen, batch, z, lr), (3, 4))
-    forward = (set_forward, (problem.trainable, problem.frozen, _unlabelled(batch)), ())
-    return step, forward
