@@ -163,10 +163,11 @@ def _flow(value) -> str:
     return json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
 
 
-def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: str) -> list[str]:  # fmt: skip
+def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: str, trainable: dict | None = None) -> list[str]:  # fmt: skip
     """The `key=value` overrides that turn `configs/bench.yaml` into ``row``'s run spec:
     the model ``cfg`` (its shape, depth, attention, GeLU/SiLU), the batch and sequence of
-    ``shape``, the trainable set and method of the row, and the protocol."""
+    ``shape``, the trainable set and method of the row (``trainable``, if given, replaces
+    the row's set), and the protocol."""
     arch = {f: getattr(cfg, f) for f in Architecture.model_fields}  # the inline model's fields
     n, b = shape.seq_len, shape.batch_size
     out = [
@@ -183,7 +184,9 @@ def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: 
         f"protocol.name={protocol}",
         f"parties.compute={_flow(['alice', 'bob', 'carol'][: WORLD_SIZE[protocol]])}",
     ]
-    if row == "spsa_cached_trunk":
+    if trainable is not None:
+        out.append(f"tuning.trainable={_flow(trainable)}")
+    elif row == "spsa_cached_trunk":
         out.append("tuning.trainable={kind: top, top_layers: 1, cache_trunk: true}")
     elif row == "cma_generation":
         out += ["tuning.method=cma", f"tuning.cma.population={population}",
@@ -292,8 +295,7 @@ def set_overrides(kind: str, cfg: ModelConfig, shape, protocol: str) -> list[str
     length and subspace as `profile_cases`; the other fields the spec's defaults)."""
     trainable = {"kind": kind, "prompt_length": profile_cases.PROMPT_LENGTH,
                  "intrinsic_dim": profile_cases.INTRINSIC_DIM}  # fmt: skip
-    row = row_overrides("spsa_rfa_poly", cfg, shape, 0, protocol)
-    return [o for o in row if not o.startswith("tuning.trainable=")] + [f"tuning.trainable={_flow(trainable)}"]  # fmt: skip
+    return row_overrides("spsa_rfa_poly", cfg, shape, 0, protocol, trainable)
 
 
 def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64, rfa_inverse="bucketed") -> dict:  # fmt: skip

@@ -22,6 +22,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from secfwt_jax.runtime.cluster import ClusterConfig, loopback_cluster
 
 PARTIES = ("alice", "bob", "carol")
+#: The private tiny run (the data owner's Poisson sample and Gaussian noise, 3 steps) that
+#: the shared three-party run launches and `test_privacy_run.py` runs in the simulator.
+PRIVATE = ["tuning.privacy={clip: 1.0, noise_multiplier: 1.0}", "tuning.steps=3",
+           "evaluation.mpc_examples=4", "evaluation.batch_size=4"]  # fmt: skip
 
 
 def _name(common: str) -> x509.Name:

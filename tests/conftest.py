@@ -38,9 +38,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-#: A private run: the data owner's Poisson sample and Gaussian noise, 3 steps.
-PRIVATE = ["tuning.privacy={clip: 1.0, noise_multiplier: 1.0}", "tuning.steps=3",
-           "evaluation.mpc_examples=4", "evaluation.batch_size=4"]  # fmt: skip
 MODEL_OWNER_SEED = 2
 
 
@@ -62,7 +59,7 @@ class ThreePartyRun:
 
 @pytest.fixture(scope="session")
 def three_party_run(tmp_path_factory) -> ThreePartyRun:
-    from cluster_evidence import cluster_file, pki, probe_spu_ports
+    from cluster_evidence import PRIVATE, cluster_file, pki, probe_spu_ports
 
     from secfwt_jax.run.spec import load_spec
     from secfwt_jax.runtime.cluster_run import launch_local

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster_evidence import PRIVATE
 
 from secfwt_jax.run.privacy import data_owner_draws, privacy_plan
 from secfwt_jax.run.reference import relative_gap
@@ -18,8 +19,6 @@ from secfwt_jax.tuning import privacy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-PRIVATE = ["tuning.privacy={clip: 1.0, noise_multiplier: 1.0}", "tuning.steps=3",
-           "evaluation.mpc_examples=4", "evaluation.batch_size=4"]  # fmt: skip
 
 
 def private_spec(*extra: str):
@@ -122,7 +121,7 @@ def test_on_three_parties_the_sample_and_noise_stay_with_the_data_owner(first, t
 
     run = three_party_run
     spec, results, seed = run.spec, run.results, run.data_owner_seed
-    assert spec.spec_hash == private_spec().spec_hash  # conftest's PRIVATE is this file's
+    assert spec.spec_hash == private_spec().spec_hash  # the shared run is this file's spec
     assert results["bob"]["privacy"]["epsilon"] == pytest.approx(results["alice"]["privacy"]["epsilon"])  # fmt: skip
     assert results["bob"]["privacy"]["epsilon"] == pytest.approx(first[1]["privacy"]["epsilon"])
     theta = load_theta(results["alice"]["tuned_params"]["path"])
