@@ -1,5 +1,10 @@
 """Per-component MPC cost of one tuning step: softmax vs RFA, SPSA vs backprop, LAN/WAN.
 
+A study on hand-built steps, for the per-component tables and the backprop rows. The whole
+step a run compiles is measured through its run spec by ``secfwt bench --shapes minilm
+--seqs 16 --batch 2 --rows spsa_softmax spsa_rfa_poly --layers-measured 6`` (the README's
+figure; 1 round and 1.08 MB above this script's step, docs/results.md says why).
+
     .venv/bin/python benchmarks/profile_step.py                  # demo + MiniLM-shaped
     .venv/bin/python benchmarks/profile_step.py --models demo    # seconds
 

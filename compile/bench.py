@@ -150,6 +150,9 @@ EXCEPTIONS: dict[str, str] = {
     "sft_adam": "backprop + Adam: no run spec backpropagates (the paper's SFT baseline)",
     "bp_prompt": "backprop prompt tuning: no run spec backpropagates",
 }
+#: Why a `--by-parts` row is built by hand: no run spec splits a forward into parts.
+BY_PARTS_EXCEPTION = ("by parts: the forward without trunk layers and one layer on secret hidden "
+                      "states, built by hand (no whole program of the shape fits in memory)")  # fmt: skip
 #: Spec rows: the run program each one measures (`run.build.RunPrograms`).
 ROW_PROGRAM = {
     "spsa_softmax": "step", "spsa_rfa_exact": "step", "spsa_rfa_poly": "step",
@@ -287,6 +290,7 @@ def by_parts(parts: dict, layers: int) -> dict:
         **{k: rest[k] + layers * layer[k] for k in KEYS},
         "extrapolated": True,
         "by_parts": True,
+        "exception": BY_PARTS_EXCEPTION,
     }
 
 
@@ -428,7 +432,8 @@ def markdown(results: list[dict], heads: list[dict], gl: dict, set_rows: list[di
             attention = f"RFA m {r.get('rfa_features', 64)}"
         else:
             attention = f"softmax, {r['softmax_exp']} exp"
-        lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {r['row']} | "
+        row = r["row"] + (" (exception: built by hand)" if r.get("exception") else "")
+        lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {row} | "
                      f"{r.get('gelu', 'piecewise')} | {attention} | "
                      f"{r['total_bytes'] / 1e9:,.2f} | {r['rounds']:,.0f} | {e['lan']:,.1f} | "
                      f"{e['wan100']:,.1f} | {'by parts' if r.get('by_parts') else 'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
@@ -540,7 +545,7 @@ def command(args: argparse.Namespace, log: Callable[[str], None] = print) -> int
                            "protocol": proto, "row": row, "gelu": args.gelu,
                            "rfa_features": args.rfa_features, "softmax_exp": args.softmax_exp,
                            "rfa_inverse": args.rfa_inverse,
-                           **tot, "measured": pts,
+                           "exception": EXCEPTIONS.get(row), **tot, "measured": pts,
                            "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
                     results.append(res)
                     # every row on disk as soon as it is measured: a crash (or the OOM

@@ -65,7 +65,7 @@ def test_a_forward_by_parts_costs_exactly_what_the_whole_program_does(base, row)
     assert got["total_bytes"] == whole["total_bytes"]
     assert got["rounds"] == pytest.approx(whole["rounds"], rel=1e-9)
     assert parts["layer"]["total_bytes"] > 0 and parts["rest"]["total_bytes"] > 0
-    assert got["by_parts"] and got["extrapolated"]
+    assert got["by_parts"] and got["extrapolated"] and "built by hand" in got["exception"]
 
 
 def test_a_spec_row_measures_the_program_secfwt_compile_profiles_for_its_spec(tmp_path):
@@ -109,7 +109,7 @@ def test_run_writes_json_markdown_and_goals(tmp_path):
     payload = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["row"]: r for r in payload["results"]}
     assert set(rows) == {"forward_rfa", "spsa_rfa_poly"}
-    assert all(r["extrapolated"] and r["layers"] == 3 for r in rows.values())
+    assert all(r["extrapolated"] and r["layers"] == 3 and r["exception"] is None for r in rows.values())  # fmt: skip
     assert rows["spsa_rfa_poly"]["total_bytes"] > rows["forward_rfa"]["total_bytes"]
     goal = payload["goals"]["b tiny 8 ABY3 spsa_rfa_poly"]
     ratio = rows["spsa_rfa_poly"]["total_bytes"] / (2 * rows["forward_rfa"]["total_bytes"])
