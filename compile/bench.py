@@ -166,11 +166,11 @@ def _flow(value) -> str:
     return json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
 
 
-def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: str, trainable: dict | None = None) -> list[str]:  # fmt: skip
+def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: str, trainable: dict | None = None, truncation: str = "exact") -> list[str]:  # fmt: skip
     """The `key=value` overrides that turn `configs/bench.yaml` into ``row``'s run spec:
     the model ``cfg`` (its shape, depth, attention, GeLU/SiLU), the batch and sequence of
     ``shape``, the trainable set and method of the row (``trainable``, if given, replaces
-    the row's set), and the protocol."""
+    the row's set), and the protocol (with ``truncation``, when not exact)."""
     arch = {f: getattr(cfg, f) for f in Architecture.model_fields}  # the inline model's fields
     n, b = shape.seq_len, shape.batch_size
     out = [
@@ -187,6 +187,8 @@ def row_overrides(row: str, cfg: ModelConfig, shape, population: int, protocol: 
         f"protocol.name={protocol}",
         f"parties.compute={_flow(['alice', 'bob', 'carol'][: WORLD_SIZE[protocol]])}",
     ]
+    if truncation != "exact":
+        out.append(f"protocol.truncation={truncation}")
     if trainable is not None:
         out.append(f"tuning.trainable={_flow(trainable)}")
     elif row == "spsa_cached_trunk":
@@ -243,7 +245,7 @@ def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, 
     program its run spec builds, or for an `EXCEPTIONS` row its hand-built case."""
     cfg = row_model(row, base, layers, rfa_features, softmax_exp, rfa_inverse)
     if row not in EXCEPTIONS:
-        overrides = row_overrides(row, cfg, shape, population, preset.name)
+        overrides = row_overrides(row, cfg, shape, population, preset.name, truncation=preset.truncation)  # fmt: skip
         spec = load_spec(BASE_SPEC, overrides)
         return {"layers": layers, **_figures(spec_row_profile(spec, row)), "overrides": overrides}  # fmt: skip
     clf = Classifier(cfg, HeadConfig(num_labels=2))
@@ -294,12 +296,12 @@ def by_parts(parts: dict, layers: int) -> dict:
     }
 
 
-def set_overrides(kind: str, cfg: ModelConfig, shape, protocol: str) -> list[str]:
+def set_overrides(kind: str, cfg: ModelConfig, shape, protocol: str, truncation: str = "exact") -> list[str]:  # fmt: skip
     """The ``spsa_rfa_poly`` row's run spec with trainable set ``kind`` (the prompt's
     length and subspace as `profile_cases`; the other fields the spec's defaults)."""
     trainable = {"kind": kind, "prompt_length": profile_cases.PROMPT_LENGTH,
                  "intrinsic_dim": profile_cases.INTRINSIC_DIM}  # fmt: skip
-    return row_overrides("spsa_rfa_poly", cfg, shape, 0, protocol, trainable)
+    return row_overrides("spsa_rfa_poly", cfg, shape, 0, protocol, trainable, truncation)
 
 
 def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_features=64, rfa_inverse="bucketed") -> dict:  # fmt: skip
@@ -309,7 +311,7 @@ def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_fe
     from .spec_programs import programs_of_run
 
     cfg = row_model("spsa_rfa_poly", base, layers, rfa_features, rfa_inverse=rfa_inverse)
-    overrides = set_overrides(kind, cfg, shape, preset.name)
+    overrides = set_overrides(kind, cfg, shape, preset.name, preset.truncation)
     spec = load_spec(BASE_SPEC, overrides)
     programs = programs_of_run(spec)
     out: dict = {"layers": layers, "overrides": overrides}
@@ -433,7 +435,8 @@ def markdown(results: list[dict], heads: list[dict], gl: dict, set_rows: list[di
         else:
             attention = f"softmax, {r['softmax_exp']} exp"
         row = r["row"] + (" (exception: built by hand)" if r.get("exception") else "")
-        lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['protocol']} | {row} | "
+        protocol = r["protocol"] + (", probabilistic truncation" if r.get("truncation") == "probabilistic" else "")  # fmt: skip
+        lines.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {protocol} | {row} | "
                      f"{r.get('gelu', 'piecewise')} | {attention} | "
                      f"{r['total_bytes'] / 1e9:,.2f} | {r['rounds']:,.0f} | {e['lan']:,.1f} | "
                      f"{e['wan100']:,.1f} | {'by parts' if r.get('by_parts') else 'yes' if r['extrapolated'] else 'no'} |")  # fmt: skip
@@ -491,6 +494,11 @@ def plot(results: list[dict], path: Path) -> Path | None:
     return path
 
 
+def protocol_preset(name: str, truncation: str = "exact"):
+    """The preset of protocol ``name``; SEMI2K with ``truncation``, the others exact."""
+    return protocols.preset(name, truncation=truncation if name.upper() == "SEMI2K" else "exact")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``secfwt bench`` (see the module doc)."""
     parser.add_argument("--shapes", nargs="+", default=["roberta-base", "roberta-large"], choices=list(SHAPES))  # fmt: skip
@@ -511,6 +519,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exp of the softmax rows (AttentionConfig.exp): poly = exp_nonpositive, exact = SPU's PADE exp")  # fmt: skip
     parser.add_argument("--rfa-inverse", choices=["bucketed", "spu"], default="bucketed",
                         help="RFA's rsqrt/reciprocal (AttentionConfig.inverse): bucketed = fewer rounds, spu = fewer bytes")  # fmt: skip
+    parser.add_argument("--truncation", choices=["exact", "probabilistic"], default="exact",
+                        help="SEMI2K rows' truncation (protocol.truncation); the other protocols are always exact")  # fmt: skip
     parser.add_argument("--heads", action="store_true", help="also goal (c): one head, n 128/512")
     parser.add_argument("--sets", action="store_true",
                         help="also goal (b) for every trainable set, at the first shape and n")  # fmt: skip
@@ -526,7 +536,7 @@ def command(args: argparse.Namespace, log: Callable[[str], None] = print) -> int
                          f"--rows has {', '.join(sorted(set(args.rows) - set(FORWARD_ROWS)))}")  # fmt: skip
     start, results = time.perf_counter(), []
     for proto in args.protocols:
-        preset = protocols.preset(proto)
+        preset = protocol_preset(proto, args.truncation)
         for name in args.shapes:
             base = dataclasses.replace(SHAPES[name], gelu_impl=args.gelu)
             for n in args.seqs:
@@ -544,7 +554,7 @@ def command(args: argparse.Namespace, log: Callable[[str], None] = print) -> int
                     res = {"shape": name, "layers": base.num_layers, "seq": n, "batch": args.batch,
                            "protocol": proto, "row": row, "gelu": args.gelu,
                            "rfa_features": args.rfa_features, "softmax_exp": args.softmax_exp,
-                           "rfa_inverse": args.rfa_inverse,
+                           "rfa_inverse": args.rfa_inverse, "truncation": preset.truncation,
                            "exception": EXCEPTIONS.get(row), **tot, "measured": pts,
                            "estimates_s": estimates(tot, preset.world_size)}  # fmt: skip
                     results.append(res)
@@ -555,8 +565,10 @@ def command(args: argparse.Namespace, log: Callable[[str], None] = print) -> int
                         f"{tot['rounds']:,.0f} rounds, LAN {res['estimates_s']['lan']:,.1f} s")  # fmt: skip
     heads = []
     if args.heads:
-        heads = head_costs(protocols.preset(args.protocols[0]))
-    set_rows = set_ratios(args, protocols.preset(args.protocols[0])) if args.sets else []
+        heads = head_costs(protocol_preset(args.protocols[0], args.truncation))
+    set_rows = (
+        set_ratios(args, protocol_preset(args.protocols[0], args.truncation)) if args.sets else []
+    )
     for r in set_rows:
         log(f"set {r['set']}: step / two forwards = {r['step_over_two_forwards']:.3f}")
     gl = goals(results, heads, set_rows)

@@ -67,6 +67,17 @@ EXP_MODES: tuple[str, ...] = ("DEFAULT", "PADE", "TAYLOR")
 BEAVER_TYPES: tuple[str, ...] = ("TrustedFirstParty", "TrustedThirdParty", "MultiParty")
 
 
+#: Truncation after a fixed-point product (``ProtocolPreset.truncation``) and what each costs
+#: and risks under SEMI2K FM64 (measured: docs/cost.md, "Probabilistic truncation").
+TRUNCATIONS: dict[str, str] = {
+    "exact": "SPU's default: the most significant bit is corrected; 48 B and 2 rounds per product",
+    "probabilistic": (
+        "the local two-party truncation (SecureML; CrypTen's): 32 B and 1 round per product, "
+        "but a product whose value is large fails silently, off by about 2^(64 - f)"
+    ),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ProtocolPreset:
     """How the SPU device computes.
@@ -86,6 +97,8 @@ class ProtocolPreset:
         beaver_type: SEMI2K triple source, one of :data:`BEAVER_TYPES` (ignored by the
             other protocols).
         rewrites: compile-time precision rewrites (``secfwt_jax.compile.precision``).
+        truncation: "exact" (SPU's default) or "probabilistic" (SEMI2K only: SPU's
+            ``trunc_allow_msb_error``, the local truncation; see :data:`TRUNCATIONS`).
     """
 
     name: str
@@ -98,6 +111,7 @@ class ProtocolPreset:
     lower_accuracy_rsqrt: bool = False
     beaver_type: str = "TrustedFirstParty"
     rewrites: tuple[str, ...] = DEFAULT_REWRITES
+    truncation: str = "exact"
 
     def __post_init__(self) -> None:
         if self.name not in WORLD_SIZE:
@@ -124,6 +138,10 @@ class ProtocolPreset:
             raise ValueError(
                 f"beaver_type: unknown {self.beaver_type!r}; expected one of {BEAVER_TYPES}"
             )
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation: unknown {self.truncation!r}; expected one of {tuple(TRUNCATIONS)}")  # fmt: skip
+        if self.truncation == "probabilistic" and self.name != "SEMI2K":
+            raise ValueError(f"truncation: probabilistic is SEMI2K's option; {self.name} truncates exactly")  # fmt: skip
         object.__setattr__(self, "rewrites", validate(tuple(self.rewrites)))
         for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
             v = getattr(self, attr)
@@ -159,7 +177,7 @@ def preset_of(spec: RunSpec) -> ProtocolPreset:
     `ProtocolSpec` to `ProtocolPreset`."""
     p = spec.protocol
     return preset(p.name, p.field, fxp_fraction_bits=p.fxp_fraction_bits,
-                  exp_mode=p.exp_mode, beaver_type=p.beaver_type)  # fmt: skip
+                  exp_mode=p.exp_mode, beaver_type=p.beaver_type, truncation=p.truncation)  # fmt: skip
 
 
 def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeConfig:
@@ -180,11 +198,9 @@ def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeC
     )
     if p.name == "SEMI2K":
         cfg.beaver_type = getattr(spu_pb2.RuntimeConfig.BeaverType, p.beaver_type)
-        # trunc_allow_msb_error stays False (SPU's default): True makes a SEMI2K truncated
-        # product 32 B / 1 round instead of 48 B / 2 (measured), but each truncation then
-        # fails with probability about |x| 2^f / 2^63, a silent error of order 2^(64 - f)
-        # in one value; over a tuning run's 1e9+ truncations that is a real risk
-        # (docs/cost.md, section 9).
+        # "exact" keeps SPU's default; "probabilistic" is the local truncation, whose
+        # silent failures docs/cost.md ("Probabilistic truncation") measures
+        cfg.trunc_allow_msb_error = p.truncation == "probabilistic"
     if profile:
         cfg.enable_pphlo_profile = True
         cfg.enable_hal_profile = True

@@ -90,6 +90,7 @@ def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
         extra.setdefault("fxp_fraction_bits", preset.fxp_fraction_bits)
     if preset.name == "SEMI2K":
         extra.setdefault("beaver_type", preset.beaver_type)
+        extra.setdefault("trunc_allow_msb_error", preset.truncation == "probabilistic")
     allow = cluster.allow_insecure_beaver or spec.protocol.allow_insecure_beaver
     return dataclasses.replace(cluster, spu_runtime_extra=extra, allow_insecure_beaver=allow)
 

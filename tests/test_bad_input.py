@@ -55,6 +55,10 @@ CASES = {
     "spec-zero-steps": (_ft("tuning.steps=0"), "tuning.steps"),
     "spec-unknown-protocol": (_ft("protocol.name=XYZ"), "protocol.name"),
     "spec-fm32": (_ft("protocol.field=FM32"), "protocol.field"),
+    "spec-probabilistic-truncation-aby3": (
+        _ft("protocol.truncation=probabilistic"),
+        "protocol.truncation",
+    ),  # fmt: skip
     "spec-party-count": (_ft("parties.compute=[alice, bob]"), "parties.compute"),
     "spec-same-owner": (_ft("parties.data_owner=alice"), "data_owner"),
     "spec-timeout-zero": (_ft("backend.timeout_s=0"), "backend.timeout_s"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +79,35 @@ def test_cluster_refuses_trusted_first_party_beaver():
         protocols.preset("SEMI2K", beaver_type="Dealer")
     with pytest.raises(ValueError, match="rewrites"):
         protocols.preset("ABY3", rewrites=("fast_tanh",))
+
+
+def test_probabilistic_truncation_is_semi2k_s_cheaper_product_on_both_backends():
+    """`protocol.truncation: probabilistic` reaches SPU (simulator and cluster config): a
+    SEMI2K product then costs 32 B and 1 round per element instead of 48 B and 2. Small
+    values: the failure rate at |x y| < 3 is about 1e-8 per product (trunc_failure.py)."""
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.cluster import loopback_cluster
+    from secfwt_jax.runtime.cluster_run import _cluster_for
+
+    n = 4096
+    a = np.linspace(-3, 3, n, dtype=np.float32)
+    b = np.full(n, 0.5, np.float32)
+    costs = {}
+    for truncation in ("exact", "probabilistic"):
+        preset = protocols.preset("SEMI2K", truncation=truncation)
+        assert protocols.runtime_config(preset).trunc_allow_msb_error == (truncation == "probabilistic")  # fmt: skip
+        res = simulator.mpc_execute(lambda x, y: x * y, (a, b), preset=preset, profile=True)
+        np.testing.assert_allclose(res.outputs, a * b, atol=1e-4)
+        costs[truncation] = (res.cost.total_bytes / n, res.cost.max_rounds)
+    assert costs == {"exact": (48.0, 2), "probabilistic": (32.0, 1)}
+    with pytest.raises(ValueError, match="truncation: probabilistic is SEMI2K's option"):
+        protocols.preset("ABY3", truncation="probabilistic")
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    semi2k = [
+        "protocol.name=SEMI2K",
+        "parties.compute=[alice, bob]",
+        "protocol.allow_insecure_beaver=true",
+    ]
+    spec = load_spec(tiny, [*semi2k, "protocol.truncation=probabilistic"])
+    cluster = _cluster_for(spec, loopback_cluster(("alice", "bob"), protocol="SEMI2K"))
+    assert cluster.spu_runtime_config()["trunc_allow_msb_error"] is True

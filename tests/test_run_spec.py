@@ -161,14 +161,16 @@ def test_the_cli_exits_2_with_one_line_for_a_bad_spec(tmp_path):
 def test_spec_sections_default_as_the_library_configs_they_mirror():
     """One source of truth: a setting left out of a spec means what the library's own
     config means by default (an inline Architecture and ModelConfig, HeadSpec and
-    HeadConfig)."""
+    HeadConfig, ProtocolSpec and ProtocolPreset)."""
     import dataclasses
 
+    from secfwt_jax.compile.protocols import ProtocolPreset
     from secfwt_jax.models.config import ModelConfig
     from secfwt_jax.models.heads import HeadConfig
-    from secfwt_jax.run.spec import Architecture, HeadSpec
+    from secfwt_jax.run.spec import Architecture, HeadSpec, ProtocolSpec
 
-    for section, config in ((Architecture, ModelConfig), (HeadSpec, HeadConfig)):
+    pairs = ((Architecture, ModelConfig), (HeadSpec, HeadConfig), (ProtocolSpec, ProtocolPreset))
+    for section, config in pairs:
         library = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}  # fmt: skip
         shared = set(section.model_fields) & set(library)
         assert shared, section

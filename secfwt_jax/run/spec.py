@@ -258,6 +258,18 @@ class ProtocolSpec(_Section):
         "TrustedFirstParty"
     )
     allow_insecure_beaver: bool = False
+    #: SEMI2K's truncation after a fixed-point product: "exact" (SPU's default, with the most
+    #: significant bit corrected: 48 B and 2 rounds per product) or "probabilistic" (the
+    #: local two-party truncation CrypTen uses, SPU's ``trunc_allow_msb_error``: 32 B and 1
+    #: round, but a product fails silently with a probability that grows with its value;
+    #: docs/cost.md, "Probabilistic truncation", measures it).
+    truncation: Literal["exact", "probabilistic"] = "exact"
+
+    @model_validator(mode="after")
+    def _truncation(self) -> ProtocolSpec:
+        if self.truncation == "probabilistic" and self.name != "SEMI2K":
+            raise ValueError(f"truncation: probabilistic is SEMI2K's option (SPU's trunc_allow_msb_error); {self.name} truncates exactly")  # fmt: skip
+        return self
 
     @model_validator(mode="before")
     @classmethod
