@@ -5,7 +5,7 @@
 `protocol.truncation: probabilistic` (SPU's ``trunc_allow_msb_error``) truncates a
 fixed-point product locally at each party (SecureML's two-party truncation, CrypTen's).
 Its shares wrap around the ring with a probability that grows with the value truncated,
-and then that one value is off by about 2^(64 - f) / 2^f: a silent, huge error. This
+and then that one value is off by 2^(64 - 2f) = 2^28: a silent, huge error. This
 script counts such failures instead of trusting a bound.
 
 1. Per product. Secret a (|a| uniform in [2^t, 2^(t+1)), random signs, t <= 12: FM64's

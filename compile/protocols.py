@@ -73,7 +73,8 @@ TRUNCATIONS: dict[str, str] = {
     "exact": "SPU's default: the most significant bit is corrected; 48 B and 2 rounds per product",
     "probabilistic": (
         "the local two-party truncation (SecureML; CrypTen's): 32 B and 1 round per product, "
-        "but a product whose value is large fails silently, off by about 2^(64 - f)"
+        "but a product x fails silently with probability about |x| 2^(2f) / 2^64 (FM64, f = 18: "
+        "|x| 2^-28), off by 2^(64 - 2f)"
     ),
 }
 
