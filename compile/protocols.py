@@ -17,7 +17,7 @@ from typing import Any
 
 from spu import spu_pb2
 
-from secfwt_jax.run.spec import WORLD_SIZE, RunSpec
+from secfwt_jax.run.spec import WORLD_SIZE, RunSpec, truncation_problem
 
 from .precision import DEFAULT_REWRITES, validate
 
@@ -141,8 +141,9 @@ class ProtocolPreset:
             )
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"truncation: unknown {self.truncation!r}; expected one of {tuple(TRUNCATIONS)}")  # fmt: skip
-        if self.truncation == "probabilistic" and self.name != "SEMI2K":
-            raise ValueError(f"truncation: probabilistic is SEMI2K's option; {self.name} truncates exactly")  # fmt: skip
+        problem = truncation_problem(self.name, self.truncation)
+        if problem:
+            raise ValueError(f"truncation: {problem}")
         object.__setattr__(self, "rewrites", validate(tuple(self.rewrites)))
         for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
             v = getattr(self, attr)

@@ -59,6 +59,14 @@ WORLD_SIZE: dict[str, int] = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
 FIELDS: tuple[str, ...] = ("FM64", "FM128")
 
 
+def truncation_problem(protocol: str, truncation: str) -> str | None:
+    """Why ``truncation`` does not apply to ``protocol`` (None when it does): probabilistic
+    truncation is SEMI2K's alone. The one check behind `ProtocolSpec` and `ProtocolPreset`."""
+    if truncation == "probabilistic" and protocol != "SEMI2K":
+        return f"probabilistic is SEMI2K's option (SPU's trunc_allow_msb_error); {protocol} truncates exactly"  # fmt: skip
+    return None
+
+
 class SpecError(ValueError):
     """A bad run spec; the message is one line that names the field or file."""
 
@@ -267,8 +275,9 @@ class ProtocolSpec(_Section):
 
     @model_validator(mode="after")
     def _truncation(self) -> ProtocolSpec:
-        if self.truncation == "probabilistic" and self.name != "SEMI2K":
-            raise ValueError(f"truncation: probabilistic is SEMI2K's option (SPU's trunc_allow_msb_error); {self.name} truncates exactly")  # fmt: skip
+        problem = truncation_problem(self.name, self.truncation)
+        if problem:
+            raise ValueError(f"truncation: {problem}")
         return self
 
     @model_validator(mode="before")
