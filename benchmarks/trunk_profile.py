@@ -36,7 +36,10 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "trunk_profile.json"
     )
     args = ap.parse_args()
-    spec = load_spec(args.spec, args.set)
+    try:
+        spec = load_spec(args.spec, args.set)
+    except ValueError as error:  # SpecError: one line naming the field or file
+        raise SystemExit(f"trunk_profile: error: {error}") from None
     program = programs_of_run(spec).trunk
     if program is None:
         raise SystemExit(f"{args.spec}: the run has no cached trunk (tuning.trainable.cache_trunk)")
