@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from secfwt_jax.models.attention import random_feature_attention, rfa_features, softmax_attention
+from secfwt_jax.models import attention
+from secfwt_jax.models.attention import (
+    random_feature_attention,
+    rfa_features,
+    scores_first,
+    softmax_attention,
+)
 from secfwt_jax.models.config import AttentionConfig
 from secfwt_jax.models.feature_maps import (
     l2_normalize,
@@ -121,6 +127,23 @@ def test_rfa_padded_keys_have_no_influence(name, causal):
         out = jnp.einsum("bnhf,bhfd->bnhd", phi_q, jnp.einsum("bnhf,bnhd->bhfd", phi_k, v1))
     by_hand = np.asarray(out[..., :-1] / out[..., -1:])
     np.testing.assert_allclose(np.asarray(base)[real], by_hand[real], rtol=1e-4, atol=1e-5)
+
+
+def test_scores_first_goes_by_outputs_per_head():
+    assert scores_first(16, 16, 64, 33)  # MiniLM at 16 tokens: 256 < 2,112
+    assert not scores_first(128, 128, 128, 65)  # BERT-base at 128: 16,384 > 8,320
+    assert not scores_first(46, 46, 64, 33)  # 2,116 > 2,112
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_rfa_both_product_orders_give_the_same_attention(name, monkeypatch):
+    q, k, v = _qkv(4)
+    mask = jnp.asarray(np.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], np.float32))
+    outs = {}
+    for first in (True, False):
+        monkeypatch.setattr(attention, "scores_first", lambda *_, first=first: first)
+        outs[first] = np.asarray(random_feature_attention(q, k, v, mask, VARIANTS[name], 0))
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["softmax_kernel", "positive"])
