@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secfwt_jax.compile.threads import THREAD_LIMIT_ENV
 from secfwt_jax.runtime.cluster import PARTY_WORK_DIR_ENV, ClusterConfig
 
 __all__ = ["PartyFailedError", "PartyProcess", "launch_parties", "offline_env"]
@@ -56,7 +57,8 @@ class PartyProcess:
 def offline_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for party processes: CPU-only JAX, no telemetry, no thread oversubscription.
 
-    Several parties share this machine's cores, so each is held to one BLAS/OMP thread;
+    Several parties share this machine's cores, so each is held to one BLAS/OMP thread (and
+    one OpenMP thread per SPU matmul);
     ``JAX_PLATFORMS=cpu`` keeps a party from grabbing an accelerator it never uses (the
     SPU runtime computes on CPU); usage stats and HF hub access are switched off.
     """
@@ -67,6 +69,9 @@ def offline_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
             "OPENBLAS_NUM_THREADS": env.get("OPENBLAS_NUM_THREADS", "1"),
             "MKL_NUM_THREADS": env.get("MKL_NUM_THREADS", "1"),
+            # SPU's matmuls ask Eigen for 4 OpenMP threads each, which only this caps
+            # (`compile.threads`)
+            THREAD_LIMIT_ENV: env.get(THREAD_LIMIT_ENV, "1"),
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
