@@ -77,7 +77,8 @@ def package_tree(rev: str | None, into: Path) -> Path:
 def run_trunk(tree: Path, spec: Path, overrides: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k != THREAD_LIMIT_ENV}
     env["PYTHONPATH"] = str(tree)
-    proc = subprocess.run([sys.executable, "-c", RUN_TRUNK, str(spec), *overrides], env=env, capture_output=True, text=True)  # fmt: skip
+    # cwd: `python -c` puts it first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.run([sys.executable, "-c", RUN_TRUNK, str(spec), *overrides], cwd=tree, env=env, capture_output=True, text=True)  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TRUNK ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
