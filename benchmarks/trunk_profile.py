@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from secfwt_jax.compile import protocols
-from secfwt_jax.compile.artifacts import artifact_inputs, compile_cached
-from secfwt_jax.compile.simulator import execute
+from secfwt_jax.compile.artifacts import compile_cached
+from secfwt_jax.compile.profiler import profile_artifact
 from secfwt_jax.compile.spec_programs import programs_of_run
 from secfwt_jax.files import write_json_atomic
 from secfwt_jax.run.spec import load_spec
@@ -45,18 +45,16 @@ def main() -> None:
         raise SystemExit(f"{args.spec}: the run has no cached trunk (tuning.trainable.cache_trunk)")
     preset = protocols.preset_of(spec)
     artifact, _ = compile_cached(program, preset, None)
-    leaves, visibilities = artifact_inputs(artifact, program.args)
-    run = execute(artifact.compiled, leaves, visibilities, preset, profile=True, reveal=False)
-    cost = run.cost
+    cost = profile_artifact(artifact, program.args, preset)
     kernels = sorted(cost.per_section.get("mpc", {}).items(), key=lambda kv: -kv[1].time)
     total = sum(c.time for _, c in kernels) or 1.0
     print(f"{spec.name} trunk: {cost.total_bytes / 1e9:,.2f} GB, {cost.max_rounds:,.0f} rounds, "
-          f"{run.seconds:,.1f} s wall ({preset.name}; MPC kernels sum to {total:,.1f} s at rank 0)")  # fmt: skip
+          f"{cost.compute_s:,.1f} s wall ({preset.name}; MPC kernels sum to {total:,.1f} s at rank 0)")  # fmt: skip
     for name, c in kernels[:15]:
         print(f"  {name:24s} {c.time:8.2f} s {100 * c.time / total:5.1f}%  {c.calls:6d} calls  {c.bytes / 1e6:10,.1f} MB")  # fmt: skip
     write_json_atomic(args.out, {"spec": str(args.spec), "overrides": args.set, "protocol": preset.name,
                                  "total_bytes": cost.total_bytes, "rounds": cost.max_rounds,
-                                 "seconds": run.seconds, "date": time.strftime("%Y-%m-%d"),
+                                 "seconds": cost.compute_s, "date": time.strftime("%Y-%m-%d"),
                                  "mpc_kernels": {k: c.to_dict() for k, c in kernels},
                                  "hal": {k: c.to_dict() for k, c in cost.per_section.get("hal", {}).items()}},
                       indent=1)  # fmt: skip

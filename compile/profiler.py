@@ -79,6 +79,8 @@ class FunctionProfile:
     max_rounds: int  # informational: not repeatable under ABY3
     compute_s: float  # measured, noisy
     per_op: dict[str, OpCost]
+    #: SPU's "hal" and "mpc" profiles (rank 0's view), as `cost.CommCost.per_section`
+    per_section: dict[str, dict[str, OpCost]] = dataclasses.field(default_factory=dict)
 
     @property
     def rounds(self) -> float:
@@ -133,7 +135,7 @@ def profile_function(
     cost, wall = run.cost, run.seconds
     return FunctionProfile(
         name, p.name, p.world_size, cost.total_bytes, cost.total_send_actions,
-        cost.per_party_bytes, cost.max_rounds, wall, cost.per_op,
+        cost.per_party_bytes, cost.max_rounds, wall, cost.per_op, cost.per_section,
     )  # fmt: skip
 
 
@@ -149,6 +151,7 @@ def profile_artifact(artifact, args: Sequence[Any], preset: ProtocolPreset | Non
     return FunctionProfile(
         artifact.metadata["name"], p.name, p.world_size, cost.total_bytes,
         cost.total_send_actions, cost.per_party_bytes, cost.max_rounds, run.seconds, cost.per_op,
+        cost.per_section,
     )  # fmt: skip
 
 

@@ -104,6 +104,14 @@ def test_profiling_twice_gives_identical_counts_under_semi2k():
     assert a.rounds == a.total_send_actions / 2
 
 
+def test_a_function_profile_carries_spus_kernel_profiles():
+    # the hal and mpc sections (rank 0): what benchmarks/trunk_profile.py ranks by time
+    prof = profiler.profile_function(_small_fn, _small_args(), {2}, ABY3)
+    mpc = prof.per_section["mpc"]
+    assert set(prof.per_section) >= {"hal", "mpc"}
+    assert sum(c.bytes for c in mpc.values()) > 0 and all(c.time >= 0 for c in mpc.values())
+
+
 def test_profiling_twice_gives_identical_totals_under_aby3():
     a = profiler.profile_function(_small_fn, _small_args(), {2}, ABY3)
     b = profiler.profile_function(_small_fn, _small_args(), {2}, ABY3)
