@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from secfwt_jax.compile.threads import THREAD_LIMIT_ENV
+from secfwt_jax.compile.threads import THREAD_LIMIT_ENV, available_cores
 from secfwt_jax.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_TRUNK = """
 import json, sys
 from secfwt_jax.compile import protocols
-from secfwt_jax.compile.artifacts import artifact_inputs, compile_cached
-from secfwt_jax.compile.simulator import execute
+from secfwt_jax.compile.artifacts import compile_cached
+from secfwt_jax.compile.profiler import profile_artifact
 from secfwt_jax.compile.spec_programs import programs_of_run
 from secfwt_jax.run.spec import load_spec
 spec = load_spec(sys.argv[1], sys.argv[2:])
 program = programs_of_run(spec).trunk
 preset = protocols.preset_of(spec)
 artifact, _ = compile_cached(program, preset, None)
-leaves, visibilities = artifact_inputs(artifact, program.args)
-run = execute(artifact.compiled, leaves, visibilities, preset, profile=True, reveal=False)
-print("TRUNK " + json.dumps({"seconds": run.seconds, "bytes": run.cost.total_bytes,
-                             "rounds": run.cost.max_rounds}))
+cost = profile_artifact(artifact, program.args, preset)
+print("TRUNK " + json.dumps({"seconds": cost.compute_s, "bytes": cost.total_bytes,
+                             "rounds": cost.max_rounds}))
 """
 
 
@@ -121,7 +120,7 @@ def main() -> None:
           f"current {described['current']} {median['current']:.1f} s (medians of {args.reps}): "
           f"{speedup:.2f}x faster")  # fmt: skip
     write_json_atomic(args.out, {"spec": str(args.spec), "overrides": args.set, "revisions": described,
-                                 "date": time.strftime("%Y-%m-%d"), "cores": len(os.sched_getaffinity(0)),
+                                 "date": time.strftime("%Y-%m-%d"), "cores": available_cores(),
                                  "runs": runs, "median_seconds": median, "speedup": speedup},
                       indent=1)  # fmt: skip
     print(f"wrote {args.out}")

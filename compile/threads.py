@@ -33,8 +33,14 @@ def omp_thread_limit(cores: int, concurrent: int = CONCURRENT_MATMULS) -> int:
     return max(1, min(EIGEN_THREADS, cores // concurrent))
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def limit_openmp_threads(environ: MutableMapping[str, str] | None = None) -> str:
     """Set OMP_THREAD_LIMIT from this machine's cores unless it is set; returns its value."""
     env = os.environ if environ is None else environ
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return env.setdefault(THREAD_LIMIT_ENV, str(omp_thread_limit(cores or 1)))
+    return env.setdefault(THREAD_LIMIT_ENV, str(omp_thread_limit(available_cores())))

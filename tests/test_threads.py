@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
-from secfwt_jax.compile.threads import THREAD_LIMIT_ENV, limit_openmp_threads, omp_thread_limit
+from secfwt_jax.compile.threads import (
+    THREAD_LIMIT_ENV,
+    available_cores,
+    limit_openmp_threads,
+    omp_thread_limit,
+)
 from secfwt_jax.runtime.launcher import offline_env
 
 
@@ -34,8 +39,7 @@ def test_spus_openmp_sees_the_limit_set_on_import():
     env = {k: v for k, v in os.environ.items() if k != THREAD_LIMIT_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)  # fmt: skip
     set_value, seen = out.stdout.split()
-    cores = len(os.sched_getaffinity(0))
-    assert set_value == seen == str(omp_thread_limit(cores))
+    assert set_value == seen == str(omp_thread_limit(available_cores()))
 
 
 def test_party_processes_get_one_openmp_thread_unless_told_otherwise():

@@ -175,8 +175,10 @@ def random_feature_attention(
     same two matmuls ([F, D+1] key summary, then [N, D+1]; or the [N, N] scores first when
     that has fewer outputs, `scores_first`), and only the N denominators are inverted.
     Causal RFA always takes the scores, under the public causal mask (local under MPC):
-    the linear-time form's prefix sums of phi(k) v^T are N F (D+1) secret products. Padded keys are removed from both by masking whichever is narrower:
-    phi(k)'s F features, or v's D values (then the extra column is the mask itself, free).
+    the linear-time form's prefix sums of phi(k) v^T are N F (D+1) secret products.
+
+    Padded keys are removed from both by masking whichever is narrower: phi(k)'s F
+    features, or v's D values (then the extra column is the mask itself, free).
     The sums are the same; under MPC each masked value is one secret product, so at F =
     2m > D (m = 64 at d = 64, MiniLM's m = 32 at d = 32) masking v saves F - D per token.
     """
