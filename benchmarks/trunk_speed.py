@@ -30,6 +30,7 @@ from pathlib import Path
 
 from secfwt_jax.compile.threads import THREAD_LIMIT_ENV, available_cores
 from secfwt_jax.files import write_json_atomic
+from secfwt_jax.run.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +94,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trunk_speed.json")  # fmt: skip
     args = ap.parse_args()
-    if not args.spec.is_file():
-        raise SystemExit(f"trunk_speed: error: {args.spec}: no such run spec")
+    try:
+        load_spec(args.spec, args.set)
+    except ValueError as error:  # SpecError: one line naming the field or file
+        raise SystemExit(f"trunk_speed: error: {error}") from None
     revs = {"baseline": args.baseline, "current": None}
     described = {
         "baseline": subprocess.run(
