@@ -209,6 +209,21 @@ def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeC
     return cfg
 
 
+def spec_runtime_settings(p: ProtocolPreset) -> dict[str, tuple[Any, str]]:
+    """The SPU runtime settings a run spec decides, as a cluster's ``spu_runtime_extra``
+    spells them: key -> (value, the spec field behind it). A cluster run sets each from
+    the spec, as `runtime_config` does in the simulator, so a cluster file may repeat one
+    but not change it."""
+    settings: dict[str, tuple[Any, str]] = {
+        "fxp_exp_mode": (f"EXP_{p.exp_mode}", "protocol.exp_mode"),
+        "fxp_fraction_bits": (p.fxp_fraction_bits, "protocol.fxp_fraction_bits"),
+    }
+    if p.name == "SEMI2K":  # SPU reads these two for SEMI2K only
+        settings["beaver_type"] = (p.beaver_type, "protocol.beaver_type")
+        settings["trunc_allow_msb_error"] = (p.truncation == "probabilistic", "protocol.truncation")  # fmt: skip
+    return settings
+
+
 def check_cluster_allowed(p: ProtocolPreset, allow_insecure_beaver: bool = False) -> None:
     """Refuse presets that are only safe in tests, before a cluster job starts.
 

@@ -75,7 +75,10 @@ def handshake(spec: RunSpec, party: str, cluster: ClusterConfig, held: list[int]
 
 
 def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
-    """The cluster with the preset's exp mode; refuses a cluster that disagrees with the spec."""
+    """The cluster with the spec's SPU runtime settings; refuses a cluster that disagrees
+    with the spec, including a cluster file's ``spu_runtime_extra`` that sets one of the
+    spec's own settings to another value (each party reads its own cluster file, so such a
+    key would silently change what that party computes, or how it truncates)."""
     from secfwt_jax.compile import protocols
     from secfwt_jax.compile.protocols import preset_of
 
@@ -85,12 +88,12 @@ def _cluster_for(spec: RunSpec, cluster: ClusterConfig) -> ClusterConfig:
         raise ValueError(f"backend.cluster: protocol {cluster.protocol} {cluster.field} differs from the spec's {spec.protocol.name} {spec.protocol.field}")  # fmt: skip
     preset = preset_of(spec)
     protocols.check_cluster_allowed(preset, spec.protocol.allow_insecure_beaver)
-    extra = {"fxp_exp_mode": f"EXP_{preset.exp_mode}", **cluster.spu_runtime_extra}
-    if preset.fxp_fraction_bits is not None:
-        extra.setdefault("fxp_fraction_bits", preset.fxp_fraction_bits)
-    if preset.name == "SEMI2K":
-        extra.setdefault("beaver_type", preset.beaver_type)
-        extra.setdefault("trunc_allow_msb_error", preset.truncation == "probabilistic")
+    decided = protocols.spec_runtime_settings(preset)
+    for key, (value, field) in decided.items():
+        given = cluster.spu_runtime_extra.get(key, value)
+        if given != value:
+            raise ValueError(f"backend.cluster: spu_runtime_extra.{key} is {given!r}, but the spec's {field} makes it {value!r}; set {field} in the spec, not in the cluster file")  # fmt: skip
+    extra = {**cluster.spu_runtime_extra, **{key: value for key, (value, _) in decided.items()}}
     allow = cluster.allow_insecure_beaver or spec.protocol.allow_insecure_beaver
     return dataclasses.replace(cluster, spu_runtime_extra=extra, allow_insecure_beaver=allow)
 

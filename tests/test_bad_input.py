@@ -34,6 +34,8 @@ def place(tmp_path):
     (tmp_path / "cluster_key.json").write_text(json.dumps(good | {"portz": 1}))
     two = loopback_cluster(("alice", "dave", "carol")).to_dict()
     (tmp_path / "cluster_parties.json").write_text(json.dumps(two))
+    extra = {"spu_runtime_extra": {"fxp_fraction_bits": 20}}
+    (tmp_path / "cluster_runtime.json").write_text(json.dumps(good | extra))
     tls = {"ca_cert": str(tmp_path / "no_ca.crt"), "cert": "x", "key": "y"}
     (tmp_path / "cluster_tls.json").write_text(json.dumps(good | {"tls": tls}))
     (tmp_path / "data.csv").write_text("text,sentiment\n")
@@ -150,6 +152,10 @@ CASES = {
     "cluster-other-parties": (
         [*_ft("backend.cluster={p}/cluster_parties.json"), "--backend", "cluster"],
         "backend.cluster",
+    ),  # fmt: skip
+    "cluster-runtime-setting-differs": (
+        [*_ft("backend.cluster={p}/cluster_runtime.json"), "--backend", "cluster"],
+        "backend.cluster: spu_runtime_extra.fxp_fraction_bits is 20, but the spec's protocol.fxp_fraction_bits makes it 18",
     ),  # fmt: skip
     "cluster-semi2k-first-party": (
         [*_ft("protocol.name=SEMI2K", "parties.compute=[alice, bob]"), "--backend", "cluster"],

@@ -111,3 +111,31 @@ def test_probabilistic_truncation_is_semi2k_s_cheaper_product_on_both_backends()
     spec = load_spec(tiny, [*semi2k, "protocol.truncation=probabilistic"])
     cluster = _cluster_for(spec, loopback_cluster(("alice", "bob"), protocol="SEMI2K"))
     assert cluster.spu_runtime_config()["trunc_allow_msb_error"] is True
+
+
+def test_a_cluster_file_cannot_change_what_the_spec_decides():
+    """Each party reads its own cluster file: a ``spu_runtime_extra`` key that the spec
+    decides (here SEMI2K's truncation and Beaver source) may repeat the spec's value but
+    not change it, or one party would truncate probabilistically while the spec, the
+    handshake and the other parties say exact."""
+    import dataclasses
+
+    from secfwt_jax.run.spec import load_spec
+    from secfwt_jax.runtime.cluster import loopback_cluster
+    from secfwt_jax.runtime.cluster_run import _cluster_for
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    semi2k = ["protocol.name=SEMI2K", "parties.compute=[alice, bob]", "protocol.allow_insecure_beaver=true"]  # fmt: skip
+    exact = load_spec(tiny, semi2k)
+    base = loopback_cluster(("alice", "bob"), protocol="SEMI2K")
+    with_extra = lambda **kw: dataclasses.replace(base, spu_runtime_extra=kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"spu_runtime_extra.trunc_allow_msb_error is True, but the spec's protocol.truncation makes it False"):  # fmt: skip
+        _cluster_for(exact, with_extra(trunc_allow_msb_error=True))
+    with pytest.raises(ValueError, match=r"spu_runtime_extra.beaver_type is 'MultiParty'.*protocol.beaver_type"):  # fmt: skip
+        _cluster_for(exact, with_extra(beaver_type="MultiParty"))
+    kept = _cluster_for(exact, with_extra(trunc_allow_msb_error=False, link_recv_timeout_ms=5))
+    config = kept.spu_runtime_config()
+    assert config["trunc_allow_msb_error"] is False and config["beaver_type"] == "TrustedFirstParty"
+    assert config["link_recv_timeout_ms"] == 5 and config["fxp_fraction_bits"] == 18
+    probabilistic = load_spec(tiny, [*semi2k, "protocol.truncation=probabilistic"])
+    assert _cluster_for(probabilistic, with_extra(trunc_allow_msb_error=True)).spu_runtime_config()["trunc_allow_msb_error"] is True  # fmt: skip
