@@ -20,13 +20,20 @@ other primitive is bound unchanged.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from jax import core, lax
 
-from secfwt_jax.models.mpc_ops import packed_matmul
+from secfwt_jax.models.mpc_ops import (
+    PRICE_BEAVER,
+    PRICE_BEAVER_LOCAL_TRUNCATION,
+    PRICE_PER_OUTPUT,
+    MatmulPrice,
+    packed_matmul,
+)
 
 
 def _tanh_exp(x, **_):
@@ -51,16 +58,17 @@ def _erf_exp(x, **_):
     return jnp.where(x < 0, -1.0, 1.0).astype(x.dtype) * y
 
 
-def _packed_batch_dot(lhs, rhs, *, dimension_numbers, precision=None, preferred_element_type=None, **_):  # fmt: skip
+def _packed_batch_dot(lhs, rhs, *, dimension_numbers, precision=None, preferred_element_type=None, price: MatmulPrice = PRICE_PER_OUTPUT, **_):  # fmt: skip
     """A dot_general with batch dimensions as `mpc_ops.packed_matmul`: the same values.
 
     SPU 0.9.3 runs a batched dot_general as a loop over the batch, one matmul and its
-    truncation after another (about 3 rounds each under ABY3). The SPSA step's forwards
-    are one vmap over the 2K perturbed parameter sets, so every weight matmul of the
-    trunk is such a batched product (batch 2K), and attention's packed (batch, head)
-    products become batched again. Packing them onto diagonal blocks of one 2-D matmul
-    keeps the bytes and costs one matmul's rounds; the price is local work (up to
-    `mpc_ops.PACK_LIMIT` multiply-adds per packed product, looped beyond).
+    truncation after another (about 3 rounds each under ABY3). Attention's per-(batch,
+    head) products are such products (`mpc_ops.heads_matmul`), and the SPSA step's
+    forwards are one vmap over the 2K perturbed parameter sets, so every weight matmul of
+    the trunk is one too (batch 2K). Packing them into one 2-D matmul costs one matmul's
+    rounds; the price is local work (up to `mpc_ops.PACK_LIMIT` multiply-adds per packed
+    product, looped beyond). The layout is the cheapest at the protocol's `price` (the
+    rewrite's name says which, `PACKING_REWRITES`): under ABY3 the same bytes as the loop.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     if not lb:
@@ -71,7 +79,7 @@ def _packed_batch_dot(lhs, rhs, *, dimension_numbers, precision=None, preferred_
     g, m, k, n = size(lhs, lb), size(lhs, lfree), size(lhs, lc), size(rhs, rfree)
     a = jnp.transpose(lhs, (*lb, *lfree, *lc)).reshape(g, m, k)
     b = jnp.transpose(rhs, (*rb, *rc, *rfree)).reshape(g, k, n)
-    out = packed_matmul(a, b)
+    out = packed_matmul(a, b, price=price)
     shape = [lhs.shape[d] for d in (*lb, *lfree)] + [rhs.shape[d] for d in rfree]
     out = out.reshape(shape)
     return out if preferred_element_type is None else out.astype(preferred_element_type)
@@ -83,7 +91,30 @@ REWRITES: dict[str, tuple[core.Primitive, Callable]] = {
     "tanh_exp": (lax.tanh_p, _tanh_exp),
     "erf_exp": (lax.erf_p, _erf_exp),
     "packed_batch_dot": (lax.dot_general_p, _packed_batch_dot),
+    "packed_batch_dot_beaver": (
+        lax.dot_general_p,
+        functools.partial(_packed_batch_dot, price=PRICE_BEAVER),
+    ),
+    "packed_batch_dot_beaver_local_truncation": (
+        lax.dot_general_p,
+        functools.partial(_packed_batch_dot, price=PRICE_BEAVER_LOCAL_TRUNCATION),
+    ),
 }
+
+#: The packing rewrites: one per way a protocol prices a secret matmul
+#: (`mpc_ops.MatmulPrice`). A preset names "packed_batch_dot" (priced per output, ABY3's
+#: way); `protocols.ProtocolPreset` swaps in SEMI2K's own (`packing_rewrite`).
+PACKING_REWRITES = ("packed_batch_dot", "packed_batch_dot_beaver", "packed_batch_dot_beaver_local_truncation")  # fmt: skip
+
+
+def packing_rewrite(protocol: str, truncation: str = "exact") -> str:
+    """The packing rewrite priced as ``protocol`` pays for a secret matmul: SEMI2K opens
+    both operands (Beaver) and truncates the output exactly, or locally
+    ("probabilistic"); the others pay per output."""
+    if protocol != "SEMI2K":
+        return "packed_batch_dot"
+    return "packed_batch_dot_beaver_local_truncation" if truncation == "probabilistic" else "packed_batch_dot_beaver"  # fmt: skip
+
 
 #: Rewrites applied by default: both, because the MPC-equals-plaintext bar needs them for the
 #: supported models. Measured (SEMI2K FM64, PADE exp, relative logit gap of the real

@@ -19,7 +19,7 @@ from spu import spu_pb2
 
 from secfwt_jax.run.spec import WORLD_SIZE, RunSpec, truncation_problem
 
-from .precision import DEFAULT_REWRITES, validate
+from .precision import DEFAULT_REWRITES, PACKING_REWRITES, packing_rewrite, validate
 
 #: What each protocol assumes about the compute parties. Keep these in user-facing docs.
 TRUST: dict[str, str] = {
@@ -97,7 +97,9 @@ class ProtocolPreset:
         lower_accuracy_rsqrt: SPU's cheaper, less accurate rsqrt (LayerNorm, l2 norm).
         beaver_type: SEMI2K triple source, one of :data:`BEAVER_TYPES` (ignored by the
             other protocols).
-        rewrites: compile-time precision rewrites (``secfwt_jax.compile.precision``).
+        rewrites: compile-time precision rewrites (``secfwt_jax.compile.precision``). A
+            packing rewrite is replaced by the one priced as this protocol pays for a
+            secret matmul (`precision.packing_rewrite`: SEMI2K opens both operands).
         truncation: "exact" (SPU's default) or "probabilistic" (SEMI2K only: SPU's
             ``trunc_allow_msb_error``, the local truncation; see :data:`TRUNCATIONS`).
     """
@@ -144,7 +146,10 @@ class ProtocolPreset:
         problem = truncation_problem(self.name, self.truncation)
         if problem:
             raise ValueError(f"truncation: {problem}")
-        object.__setattr__(self, "rewrites", validate(tuple(self.rewrites)))
+        # batched products are packed as this protocol prices a secret matmul
+        packing = packing_rewrite(self.name, self.truncation)
+        rewrites = [packing if r in PACKING_REWRITES else r for r in validate(tuple(self.rewrites))]  # fmt: skip
+        object.__setattr__(self, "rewrites", tuple(dict.fromkeys(rewrites)))
         for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
             v = getattr(self, attr)
             if not isinstance(v, int) or v < 0:

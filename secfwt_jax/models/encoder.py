@@ -131,7 +131,25 @@ class Embeddings(nn.Module):
         return hidden, attention_mask
 
 
+class DenseParams(nn.Module):
+    """The parameters of an `nn.Dense` (same names, shapes and initialisers), returned
+    instead of applied, so that several projections of one input can run as one matmul."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))  # fmt: skip
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
+
+
 class SelfAttention(nn.Module):
+    """Hugging Face's query, key and value projections (the same parameter tree), applied
+    as ONE matmul with the three kernels side by side: the hidden states are the shared
+    operand, so under SEMI2K they are opened once instead of three times (2 x 98,304
+    elements fewer per BERT-base layer at 128 tokens), and under every protocol it is one
+    matmul's rounds instead of three."""
+
     config: ModelConfig
     layer_index: int
 
@@ -139,10 +157,11 @@ class SelfAttention(nn.Module):
     def __call__(self, hidden, mask):
         cfg = self.config
         shape = hidden.shape[:2] + (cfg.num_heads, cfg.head_dim)
-        q = nn.Dense(cfg.hidden_size, name="query")(hidden).reshape(shape)
-        k = nn.Dense(cfg.hidden_size, name="key")(hidden).reshape(shape)
-        v = nn.Dense(cfg.hidden_size, name="value")(hidden).reshape(shape)
-        out = attend(q, k, v, mask, cfg.attention, self.layer_index, causal=False)
+        projections = [DenseParams(cfg.hidden_size, name=n)(hidden.shape[-1]) for n in ("query", "key", "value")]  # fmt: skip
+        kernel = jnp.concatenate([kernel for kernel, _ in projections], axis=1)
+        bias = jnp.concatenate([bias for _, bias in projections])
+        q, k, v = jnp.split(hidden @ kernel + bias, 3, axis=-1)
+        out = attend(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask, cfg.attention, self.layer_index, causal=False)  # fmt: skip
         return out.reshape(hidden.shape)
 
 

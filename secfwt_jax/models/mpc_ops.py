@@ -10,6 +10,7 @@ approximation error. In floating point they compute the same values as the textb
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -176,6 +177,17 @@ def exp_nonpositive(x: jnp.ndarray) -> jnp.ndarray:
 # SEMI2K send only the [G M, N] product and its truncation; the inner dimension is local)
 # but the rounds are one matmul's. The price is local work: G^2 M K N multiply-adds
 # instead of G M K N, so large products are packed in groups (`PACK_LIMIT`).
+#
+# That holds where a secret product pays per OUTPUT (ABY3 reshares the product). SEMI2K's
+# Beaver products pay per OPERAND: both operands are opened (x - a, y - b, 16 B per element
+# over two parties), and an exact truncation adds 16 B per output. The left block-diagonal
+# is then opened whole, zeros included: S^2 M K elements instead of S M K, which at 512
+# tokens made RFA's two head products cost 109 MB a layer instead of about 33. So the
+# layout is chosen by the protocol's price (`MatmulPrice`, `packed_layout`): the left
+# operand on the diagonal ("left"), the right one ("right"), or neither ("cross": the
+# stacked operands multiplied whole, every (i, j) pair of blocks, and the S diagonal
+# blocks sliced out, which costs S^2 M N outputs and no zero opened). Every layout gives
+# the same values and the same rounds (one matmul).
 
 #: Max multiply-adds of one packed matmul (per share product). Above it, the G products are
 #: packed in equal groups (the largest divisor of G that fits), looped over by SPU.
@@ -204,18 +216,74 @@ def block_diagonal(blocks: jnp.ndarray) -> jnp.ndarray:
     return spread.reshape(c, m * s, s * k)
 
 
-def packed_matmul(a: jnp.ndarray, b: jnp.ndarray, limit: int = PACK_LIMIT) -> jnp.ndarray:
-    """[G, M, K] @ [G, K, N] -> [G, M, N], as few 2-D matmuls as `limit` allows."""
+@dataclasses.dataclass(frozen=True)
+class MatmulPrice:
+    """What one secret x secret matmul costs a protocol: bytes per element of the two
+    operands (opened by a Beaver product) and per element of the output (resharing, or a
+    truncation). Only the ratio matters: it picks `packed_layout`."""
+
+    operand: float
+    output: float
+
+
+#: ABY3 (and the default): a product reshares and truncates its output; the inner
+#: dimension is local, so operands cost nothing.
+PRICE_PER_OUTPUT = MatmulPrice(operand=0.0, output=1.0)
+#: SEMI2K with exact truncation: both operands opened (16 B per element over two
+#: parties), the output truncated (16 B).
+PRICE_BEAVER = MatmulPrice(operand=16.0, output=16.0)
+#: SEMI2K with probabilistic truncation: each party truncates its own share, so outputs
+#: are free.
+PRICE_BEAVER_LOCAL_TRUNCATION = MatmulPrice(operand=16.0, output=0.0)
+
+LAYOUTS = ("left", "right", "cross")
+
+
+def layout_costs(s: int, m: int, k: int, n: int, price: MatmulPrice) -> dict[str, float]:
+    """Priced elements of one packed group of S products [M, K] @ [K, N], per layout:
+    (operand elements opened, output elements) weighted by `price`."""
+    left = (s * s * m * k + s * k * n, s * m * n)
+    right = (s * m * k + s * s * k * n, s * m * n)
+    cross = (s * m * k + s * k * n, s * s * m * n)
+    return {name: price.operand * ops + price.output * outs
+            for name, (ops, outs) in zip(LAYOUTS, (left, right, cross), strict=True)}  # fmt: skip
+
+
+def packed_layout(s: int, m: int, k: int, n: int, price: MatmulPrice = PRICE_PER_OUTPUT) -> str:
+    """The cheapest layout at `price` (ties go to "left", the per-output choice)."""
+    costs = layout_costs(s, m, k, n, price)
+    return min(LAYOUTS, key=lambda name: costs[name])
+
+
+def packed_matmul(
+    a: jnp.ndarray,
+    b: jnp.ndarray,
+    limit: int = PACK_LIMIT,
+    price: MatmulPrice = PRICE_PER_OUTPUT,
+    layout: str | None = None,
+) -> jnp.ndarray:
+    """[G, M, K] @ [G, K, N] -> [G, M, N], as few 2-D matmuls as `limit` allows, in the
+    layout cheapest at `price` (or `layout`, forced; see the comment above)."""
     g, m, k = a.shape
     n = b.shape[-1]
     s = pack_group_size(g, m * k * n, limit)
     if s == 1:
         return jnp.einsum("gmk,gkn->gmn", a, b)
+    layout = packed_layout(s, m, k, n, price) if layout is None else layout
     c = g // s
-    diag = block_diagonal(a.reshape(c, s, m, k))
-    stacked = b.reshape(c, s * k, n)
-    out = diag[0] @ stacked[0] if c == 1 else jnp.einsum("cmk,ckn->cmn", diag, stacked)
-    return out.reshape(c, m, s, n).transpose(0, 2, 1, 3).reshape(g, m, n)
+    matmul = lambda x, y: x[0] @ y[0] if c == 1 else jnp.einsum("cmk,ckn->cmn", x, y)  # noqa: E731
+    if layout == "left":  # [C, M S, S K] @ [C, S K, N] -> rows in (m, s) order
+        out = matmul(block_diagonal(a.reshape(c, s, m, k)), b.reshape(c, s * k, n))
+        return out.reshape(c, m, s, n).transpose(0, 2, 1, 3).reshape(g, m, n)
+    if layout == "right":  # [C, M, K S] (columns in (k, s) order) @ [C, K S, S N]
+        cols = a.reshape(c, s, m, k).transpose(0, 2, 3, 1).reshape(c, m, k * s)
+        out = matmul(cols, block_diagonal(b.reshape(c, s, k, n)))
+        return out.reshape(c, m, s, n).transpose(0, 2, 1, 3).reshape(g, m, n)
+    if layout == "cross":  # [C, S M, K] @ [C, K, S N]: every pair, then the S diagonal blocks
+        cols = b.reshape(c, s, k, n).transpose(0, 2, 1, 3).reshape(c, k, s * n)
+        full = matmul(a.reshape(c, s * m, k), cols).reshape(c, s, m, s, n)
+        return jnp.stack([full[:, i, :, i, :] for i in range(s)], axis=1).reshape(g, m, n)
+    raise ValueError(f"layout: unknown {layout!r}; expected one of {LAYOUTS}")
 
 
 def sum_of_squares(x: jnp.ndarray) -> jnp.ndarray:
@@ -240,23 +308,21 @@ def sum_of_squares(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def heads_matmul(a: jnp.ndarray, b: jnp.ndarray, spec: str) -> jnp.ndarray:
-    """`jnp.einsum(spec, a, b)` for attention's per-(batch, head) products, packed.
+    """`jnp.einsum(spec, a, b)` for attention's per-(batch, head) products.
 
     spec is "lhs,rhs->out" over the letters b (batch), h (head) and three more: one free
-    in each operand and one contracted, e.g. "bqhd,bkhd->bhqk". Leading axes beyond the
-    spec's (a vmap's population axis) are not allowed here; vmap adds them outside.
+    in each operand and one contracted, e.g. "bqhd,bkhd->bhqk". The product is ONE
+    dot_general with batch dimensions; compiling for MPC packs it into one 2-D matmul
+    (`packed_matmul`) in the layout the protocol prices cheapest, by the default
+    ``packed_batch_dot`` rewrite (`secfwt_jax.compile.precision`), which knows the
+    protocol. A vmap's population axis joins the batch dimensions there.
     """
     lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
+    rhs, _ = rest.split("->")
     (contract,) = set(lhs) & set(rhs) - {"b", "h"}
-    (free_l,) = set(lhs) - {"b", "h", contract}
-    (free_r,) = set(rhs) - {"b", "h", contract}
-    a3 = jnp.einsum(f"{lhs}->bh{free_l}{contract}", a)
-    b3 = jnp.einsum(f"{rhs}->bh{contract}{free_r}", b)
-    bsz, h = a3.shape[:2]
-    prod = packed_matmul(a3.reshape(bsz * h, *a3.shape[2:]), b3.reshape(bsz * h, *b3.shape[2:]))
-    prod = prod.reshape(bsz, h, *prod.shape[1:])
-    return jnp.einsum(f"bh{free_l}{free_r}->{out}", prod)
+    if len(set(lhs) - {"b", "h", contract}) != 1 or len(set(rhs) - {"b", "h", contract}) != 1:
+        raise ValueError(f"spec: {spec!r} needs one free letter in each operand besides b and h")  # fmt: skip
+    return jnp.einsum(spec, a, b)
 
 
 # ---------------------------------------------------- reciprocal, rsqrt and log
