@@ -48,16 +48,17 @@ def test_train_spsa_lowers_training_loss_on_cached_top_layer(model, in_jit):
     problem = sets.build_problem(spec, clf, params)
     batch = loop.prepare_batch(problem, learnable_batch())
     assert "hidden" in batch  # the frozen lower layer ran once, here
-    # (peak 0.1 made the loss oscillate between 0.5 and 1.3: pass or fail by chance; with
-    # the 128-bit init key of 2026-12-04, 60 steps reached 0.67 / 0.55 of 0.70, 150 steps
-    # reach 0.46 / 0.35 against the bar of 0.63)
+    # (peak 0.1 made the loss oscillate between 0.5 and 1.3: pass or fail by chance. 150
+    # steps sat at the bar: 0.80x and 0.92x of the start after the query, key and value
+    # projections became one matmul (float32 rounding alone), 0.66x and 0.50x before; 300
+    # steps reach 0.25x (host directions) and 0.41x (in jit), 2026-12-07)
     trainable, history = loop.train_spsa(
         problem, batch, spsa.SpsaConfig(eps=1e-3, num_directions=4),
-        ScheduleConfig("linear", peak=0.05, total_steps=150), steps=150, seed=0,
+        ScheduleConfig("linear", peak=0.05, total_steps=300), steps=300, seed=0,
         in_jit_directions=in_jit,
     )  # fmt: skip
-    assert history[-1]["forwards"] == 150 * 2 * 4
-    assert loop.evaluate(problem, trainable, batch)["loss"] < 0.9 * initial_loss(problem, batch)
+    assert history[-1]["forwards"] == 300 * 2 * 4
+    assert loop.evaluate(problem, trainable, batch)["loss"] < 0.75 * initial_loss(problem, batch)
 
 
 def test_train_spsa_host_directions_are_reproducible(model):
