@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 from secfwt_jax.compile import profiler, protocols
-from secfwt_jax.compile.bench import RFA_POLY, SOFTMAX
+from secfwt_jax.compile.bench import RFA_POLY, SHAPES, SOFTMAX
 from secfwt_jax.files import write_json_atomic
 from secfwt_jax.models.classifier import Classifier
-from secfwt_jax.models.config import ModelConfig
 from secfwt_jax.models.heads import HeadConfig
 
 PARTS = ("attention", "ffn", "layernorm", "gelu")
@@ -33,12 +32,9 @@ POPULATION = 2  # profile_components vmaps the parts over P = 2K, K = 1
 
 
 def bert_base_layer(attention: str, gelu: str, rfa_inverse: str) -> Classifier:
+    """One layer of `secfwt bench`'s bert-base shape, with its attention rows' settings."""
     att = dataclasses.replace(RFA_POLY, inverse=rfa_inverse) if attention == "rfa" else SOFTMAX
-    config = ModelConfig(
-        family="bert", vocab_size=30522, hidden_size=768, num_layers=1, num_heads=12,
-        intermediate_size=3072, max_positions=512, type_vocab_size=2, activation="gelu",
-        gelu_impl=gelu, attention=att,
-    )  # fmt: skip
+    config = dataclasses.replace(SHAPES["bert-base"], num_layers=1, gelu_impl=gelu, attention=att)  # fmt: skip
     return Classifier(config, HeadConfig(kind="linear", num_labels=2))
 
 

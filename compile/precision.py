@@ -85,26 +85,26 @@ def _packed_batch_dot(lhs, rhs, *, dimension_numbers, precision=None, preferred_
     return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
+#: The packing rewrites, one per way a protocol prices a secret matmul
+#: (`mpc_ops.MatmulPrice`). A preset names "packed_batch_dot" (priced per output, ABY3's
+#: way); `protocols.ProtocolPreset` swaps in SEMI2K's own (`packing_rewrite`).
+PACKING_PRICES: dict[str, MatmulPrice] = {
+    "packed_batch_dot": PRICE_PER_OUTPUT,
+    "packed_batch_dot_beaver": PRICE_BEAVER,
+    "packed_batch_dot_beaver_local_truncation": PRICE_BEAVER_LOCAL_TRUNCATION,
+}
+PACKING_REWRITES = tuple(PACKING_PRICES)
+
 #: Rewrite name -> (primitive, replacement). Replacements take the primitive's operands
 #: and params and return its (single) result.
 REWRITES: dict[str, tuple[core.Primitive, Callable]] = {
     "tanh_exp": (lax.tanh_p, _tanh_exp),
     "erf_exp": (lax.erf_p, _erf_exp),
-    "packed_batch_dot": (lax.dot_general_p, _packed_batch_dot),
-    "packed_batch_dot_beaver": (
-        lax.dot_general_p,
-        functools.partial(_packed_batch_dot, price=PRICE_BEAVER),
-    ),
-    "packed_batch_dot_beaver_local_truncation": (
-        lax.dot_general_p,
-        functools.partial(_packed_batch_dot, price=PRICE_BEAVER_LOCAL_TRUNCATION),
-    ),
+    **{
+        name: (lax.dot_general_p, functools.partial(_packed_batch_dot, price=price))
+        for name, price in PACKING_PRICES.items()
+    },
 }
-
-#: The packing rewrites: one per way a protocol prices a secret matmul
-#: (`mpc_ops.MatmulPrice`). A preset names "packed_batch_dot" (priced per output, ABY3's
-#: way); `protocols.ProtocolPreset` swaps in SEMI2K's own (`packing_rewrite`).
-PACKING_REWRITES = ("packed_batch_dot", "packed_batch_dot_beaver", "packed_batch_dot_beaver_local_truncation")  # fmt: skip
 
 
 def packing_rewrite(protocol: str, truncation: str = "exact") -> str:
