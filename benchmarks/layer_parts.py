@@ -48,12 +48,13 @@ def main() -> None:
     ap.add_argument("--rfa-inverse", choices=["bucketed", "spu"], default="bucketed")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    try:
+    try:  # one line naming the field: --protocol, or seq_len for --seq
         preset = protocols.preset(args.protocol, truncation=args.truncation)
+        shape = profiler.StepShape(1, args.seq)
     except ValueError as error:
         raise SystemExit(f"layer_parts: error: {error}") from None
     layer = bert_base_layer(args.attention, args.gelu, args.rfa_inverse)
-    table = profiler.profile_components(layer, profiler.StepShape(1, args.seq), preset, whole_step=False)  # fmt: skip
+    table = profiler.profile_components(layer, shape, preset, whole_step=False)
     parts = {}
     for row in table.rows:
         if row.name not in PARTS:
