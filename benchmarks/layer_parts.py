@@ -26,14 +26,16 @@ from secfwt_jax.compile.bench import RFA_POLY, SHAPES, SOFTMAX
 from secfwt_jax.files import write_json_atomic
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.heads import HeadConfig
+from secfwt_jax.run.spec import trig_schedule_for
 
 PARTS = ("attention", "ffn", "layernorm", "gelu")
 POPULATION = 2  # profile_components vmaps the parts over P = 2K, K = 1
 
 
-def bert_base_layer(attention: str, gelu: str, rfa_inverse: str) -> Classifier:
+def bert_base_layer(attention: str, gelu: str, rfa_inverse: str, protocol: str) -> Classifier:
     """One layer of `secfwt bench`'s bert-base shape, with its attention rows' settings."""
-    att = dataclasses.replace(RFA_POLY, inverse=rfa_inverse) if attention == "rfa" else SOFTMAX
+    rfa = dataclasses.replace(RFA_POLY, inverse=rfa_inverse, trig_schedule=trig_schedule_for(protocol))  # fmt: skip
+    att = rfa if attention == "rfa" else SOFTMAX
     config = dataclasses.replace(SHAPES["bert-base"], num_layers=1, gelu_impl=gelu, attention=att)  # fmt: skip
     return Classifier(config, HeadConfig(kind="linear", num_labels=2))
 
@@ -53,7 +55,7 @@ def main() -> None:
         shape = profiler.StepShape(1, args.seq)
     except ValueError as error:
         raise SystemExit(f"layer_parts: error: {error}") from None
-    layer = bert_base_layer(args.attention, args.gelu, args.rfa_inverse)
+    layer = bert_base_layer(args.attention, args.gelu, args.rfa_inverse, preset.name)
     table = profiler.profile_components(layer, shape, preset, whole_step=False)
     parts = {}
     for row in table.rows:

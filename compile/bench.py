@@ -70,7 +70,7 @@ from secfwt_jax.models.attention import random_feature_attention, softmax_attent
 from secfwt_jax.models.classifier import Classifier
 from secfwt_jax.models.config import GELU_IMPLS, AttentionConfig, ModelConfig
 from secfwt_jax.models.heads import HeadConfig
-from secfwt_jax.run.spec import WORLD_SIZE, Architecture, load_spec
+from secfwt_jax.run.spec import WORLD_SIZE, Architecture, load_spec, trig_schedule_for
 
 from . import network, profile_cases, profiler, protocols
 
@@ -229,12 +229,14 @@ def row_case(row: str, clf: Classifier, params: dict, shape, population: int):
     raise ValueError(f"row {row!r} is a run spec row: configs/bench.yaml plus row_overrides")
 
 
-def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly", rfa_inverse: str = "bucketed") -> ModelConfig:  # fmt: skip
+def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, softmax_exp: str = "poly", rfa_inverse: str = "bucketed", protocol: str = "ABY3") -> ModelConfig:  # fmt: skip
     """``base`` cut to ``layers`` layers with ``row``'s attention (RFA with ``rfa_features``
-    and ``rfa_inverse``, softmax with ``softmax_exp``)."""
+    and ``rfa_inverse`` and the sin/cos order a run spec picks for ``protocol``, softmax
+    with ``softmax_exp``)."""
     attention = ROWS[row]
     if attention.kind == "rfa":
-        attention = dataclasses.replace(attention, num_features=rfa_features, inverse=rfa_inverse)
+        attention = dataclasses.replace(attention, num_features=rfa_features, inverse=rfa_inverse,
+                                        trig_schedule=trig_schedule_for(protocol))  # fmt: skip
     else:
         attention = dataclasses.replace(attention, exp=softmax_exp)
     return dataclasses.replace(base, num_layers=layers, attention=attention)
@@ -243,7 +245,7 @@ def row_model(row: str, base: ModelConfig, layers: int, rfa_features: int = 64, 
 def measure_row(row, base: ModelConfig, layers: int, shape, preset, population, rfa_features=64, softmax_exp="poly", rfa_inverse="bucketed") -> dict:  # fmt: skip
     """One whole-program profile of ``row`` with the model cut to ``layers`` layers: the
     program its run spec builds, or for an `EXCEPTIONS` row its hand-built case."""
-    cfg = row_model(row, base, layers, rfa_features, softmax_exp, rfa_inverse)
+    cfg = row_model(row, base, layers, rfa_features, softmax_exp, rfa_inverse, preset.name)
     if row not in EXCEPTIONS:
         overrides = row_overrides(row, cfg, shape, population, preset.name, truncation=preset.truncation)  # fmt: skip
         spec = load_spec(BASE_SPEC, overrides)
@@ -272,7 +274,7 @@ def measure_parts(row, base: ModelConfig, shape, preset, rfa_features=64, softma
     as the whole program (tests/test_cost_bench.py)."""
     if row not in FORWARD_ROWS:
         raise ValueError(f"--by-parts: measures the forward rows {', '.join(FORWARD_ROWS)}, not {row!r}")  # fmt: skip
-    cfg = row_model(row, base, 1, rfa_features, softmax_exp, rfa_inverse)
+    cfg = row_model(row, base, 1, rfa_features, softmax_exp, rfa_inverse, preset.name)
     clf = Classifier(cfg, HeadConfig(num_labels=2))
     out = {}
     for part, case in (
@@ -310,7 +312,7 @@ def measure_set(kind: str, base: ModelConfig, layers: int, shape, preset, rfa_fe
     poly attention, the model cut to ``layers`` layers."""
     from .spec_programs import programs_of_run
 
-    cfg = row_model("spsa_rfa_poly", base, layers, rfa_features, rfa_inverse=rfa_inverse)
+    cfg = row_model("spsa_rfa_poly", base, layers, rfa_features, rfa_inverse=rfa_inverse, protocol=preset.name)  # fmt: skip
     overrides = set_overrides(kind, cfg, shape, preset.name, preset.truncation)
     spec = load_spec(BASE_SPEC, overrides)
     programs = programs_of_run(spec)

@@ -35,6 +35,8 @@ from secfwt_jax.models.mpc_ops import (
     packed_matmul,
 )
 
+from . import openings
+
 
 def _tanh_exp(x, **_):
     a = jnp.minimum(jnp.abs(x), 8.0)
@@ -131,23 +133,33 @@ DEFAULT_REWRITES: tuple[str, ...] = ("tanh_exp", "erf_exp", "packed_batch_dot")
 _SUBJAXPR_PARAM = {"pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}  # fmt: skip
 
 
+#: Not a primitive swap but a pass (`openings`): each secret operand of two or more
+#: products is opened once (SPU's Beaver cache). SEMI2K's presets add it
+#: (`protocols.ProtocolPreset`); the other protocols have no Beaver openings to save.
+CACHE_OPENINGS = "cache_openings"
+
+
 def validate(rewrites: Sequence[str]) -> tuple[str, ...]:
     for r in rewrites:
-        if r not in REWRITES:
-            raise ValueError(f"rewrites: unknown {r!r}; expected some of {sorted(REWRITES)}")
+        if r not in REWRITES and r != CACHE_OPENINGS:
+            raise ValueError(f"rewrites: unknown {r!r}; expected some of {sorted([*REWRITES, CACHE_OPENINGS])}")  # fmt: skip
     return tuple(rewrites)
 
 
 def eval_jaxpr_rewritten(jaxpr: core.Jaxpr, consts, *args, rewrites: Sequence[str] = ()):
     """Like ``jax.core.eval_jaxpr`` but with the primitives of ``rewrites`` replaced."""
-    table = {REWRITES[r][0]: REWRITES[r][1] for r in validate(rewrites)}
-    if not table:
+    rewrites = validate(rewrites)
+    table = {REWRITES[r][0]: REWRITES[r][1] for r in rewrites if r in REWRITES}
+    cache = CACHE_OPENINGS in rewrites
+    if not table and not cache:
         return core.eval_jaxpr(jaxpr, consts, *args)
-    return _eval(jaxpr, consts, args, table)
+    return _eval(jaxpr, consts, args, table, cache)
 
 
-def _eval(jaxpr: core.Jaxpr, consts, args, table):
+def _eval(jaxpr: core.Jaxpr, consts, args, table, cache: bool = False):
     env: dict = {}
+    last, drops = openings.schedule(jaxpr) if cache else ({}, {})
+    readers: dict = {}  # marked var -> outputs of the eqns that read it: its drop waits for them
 
     def read(v):
         return v.val if isinstance(v, core.Literal) else env[v]
@@ -156,7 +168,10 @@ def _eval(jaxpr: core.Jaxpr, consts, args, table):
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    for eqn in jaxpr.eqns:
+    for v in (*jaxpr.constvars, *jaxpr.invars):
+        if v in last:
+            env[v] = openings.mark(env[v])
+    for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         prim = eqn.primitive
         sub = _SUBJAXPR_PARAM.get(prim.name)
@@ -164,13 +179,19 @@ def _eval(jaxpr: core.Jaxpr, consts, args, table):
             outs = [table[prim](*invals, **eqn.params)]
         elif sub is not None and sub in eqn.params:
             closed = eqn.params[sub]
-            outs = _eval(closed.jaxpr, closed.consts, invals, table)
+            outs = _eval(closed.jaxpr, closed.consts, invals, table, cache)
         else:
             subfuns, params = prim.get_bind_params(eqn.params)
             outs = prim.bind(*subfuns, *invals, **params)
             outs = outs if prim.multiple_results else [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
-            env[v] = x
+            env[v] = openings.mark(x) if v in last else x
+        for v in {v for v in eqn.invars if isinstance(v, core.Var) and v in last}:
+            readers.setdefault(v, []).extend(outs)
+        for v in drops.get(i, ()):
+            env[v] = openings.drop(env[v], *readers.pop(v))
+    for v in drops.get(len(jaxpr.eqns), ()):
+        env[v] = openings.drop(env[v], *readers.pop(v, ()))
     return [read(v) for v in jaxpr.outvars]
 
 

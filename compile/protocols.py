@@ -19,7 +19,7 @@ from spu import spu_pb2
 
 from secfwt_jax.run.spec import WORLD_SIZE, RunSpec, truncation_problem
 
-from .precision import DEFAULT_REWRITES, PACKING_REWRITES, packing_rewrite, validate
+from .precision import CACHE_OPENINGS, DEFAULT_REWRITES, PACKING_REWRITES, packing_rewrite, validate
 
 #: What each protocol assumes about the compute parties. Keep these in user-facing docs.
 TRUST: dict[str, str] = {
@@ -102,6 +102,8 @@ class ProtocolPreset:
             secret matmul (`precision.packing_rewrite`: SEMI2K opens both operands).
         truncation: "exact" (SPU's default) or "probabilistic" (SEMI2K only: SPU's
             ``trunc_allow_msb_error``, the local truncation; see :data:`TRUNCATIONS`).
+        cache_openings: SEMI2K only: open a value once for all its products (SPU's Beaver
+            cache, `openings`); False gives the program without it, for comparisons.
     """
 
     name: str
@@ -115,6 +117,7 @@ class ProtocolPreset:
     beaver_type: str = "TrustedFirstParty"
     rewrites: tuple[str, ...] = DEFAULT_REWRITES
     truncation: str = "exact"
+    cache_openings: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in WORLD_SIZE:
@@ -149,6 +152,11 @@ class ProtocolPreset:
         # batched products are packed as this protocol prices a secret matmul
         packing = packing_rewrite(self.name, self.truncation)
         rewrites = [packing if r in PACKING_REWRITES else r for r in validate(tuple(self.rewrites))]  # fmt: skip
+        # SEMI2K opens each operand of a product: a value with several products is
+        # opened once (`openings`); the other protocols have no openings to save
+        rewrites = [r for r in rewrites if r != CACHE_OPENINGS]
+        if self.name == "SEMI2K" and self.cache_openings:
+            rewrites.append(CACHE_OPENINGS)
         object.__setattr__(self, "rewrites", tuple(dict.fromkeys(rewrites)))
         for attr in ("exp_iters", "div_goldschmidt_iters", "public_random_seed"):
             v = getattr(self, attr)

@@ -121,6 +121,19 @@ def test_semi2k_with_a_trusted_first_party_is_refused_on_a_cluster():
     assert spec_from_dict(ok, TINY.parent).protocol.beaver_type == "TrustedThirdParty"
 
 
+def test_semi2k_specs_take_the_sin_cos_order_that_opens_each_value_once():
+    semi2k = ["protocol.name=SEMI2K", "parties.compute=[alice, bob]"]
+    assert load_spec(TINY).model.attention.trig_schedule == "stacked"  # ABY3 pays per output
+    assert load_spec(TINY, semi2k).model.attention.trig_schedule == "reused"
+    explicit = load_spec(TINY, [*semi2k, "model.attention.trig_schedule=stacked"])
+    assert explicit.model.attention.trig_schedule == "stacked"
+    data = apply_overrides(tiny_dict(), semi2k)
+    del data["model"]["attention"]  # the spec's default attention, under SEMI2K
+    assert spec_from_dict(data, TINY.parent).model.attention.trig_schedule == "reused"
+    bad = apply_overrides(tiny_dict(), ["model.attention.trig_schedule=interleaved"])
+    assert "attention.trig_schedule" in error_of(bad)
+
+
 def test_cma_generations_are_the_steps_and_its_seed_the_runs():
     data = tiny_dict()
     data["tuning"] = {**data.get("tuning", {}), "cma": {"population": 6, "sigma0": 0.5}, "steps": 7}

@@ -99,7 +99,7 @@ def _trig(x, w, cfg: AttentionConfig, *, guaranteed_bound: bool, row_scale=None)
         bound, at_least = None, direction_bound(cfg.seed, num_heads, head_dim, cfg.num_features, cfg.sigma)  # fmt: skip
     return trig_features(
         x, w, trig=cfg.trig, bound=bound, degree=cfg.poly_degree, row_scale=row_scale,
-        bound_at_least=at_least,
+        bound_at_least=at_least, schedule=cfg.trig_schedule,
     )  # fmt: skip
 
 

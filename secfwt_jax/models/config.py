@@ -20,6 +20,15 @@ AttentionKind = Literal["softmax", "rfa"]
 #   "positive":       FAVOR+ positive features exp(w.x - |x|^2/2) (Choromanski et al. 2021).
 RfaVariant = Literal["softmax_kernel", "l2", "positive"]
 TrigMode = Literal["exact", "poly"]
+# The order of the poly sin/cos products (`feature_maps.poly_sin_cos_unit`), the same values:
+#   "stacked": each level's products in one op, the fewest rounds (ABY3 and CHEETAH pay
+#              per output, so this is their cheapest too).
+#   "reused":  one op per product, each value meeting its later products as the same
+#              array: SEMI2K, which opens every operand, opens each value once with its
+#              openings cached (`secfwt_jax.compile.openings`). 35% fewer feature bytes at
+#              the same rounds with probabilistic truncation, 22% at 3 more rounds exact
+#              (docs/cost.md section 12). A run spec picks it for SEMI2K.
+TrigSchedule = Literal["stacked", "reused"]
 # How attention computes exp of its non-positive arguments (softmax's weights after the row
 # max is subtracted; the softmax_kernel variant's key factor):
 #   "exact": jnp.exp (under SPU: its PADE exp, 1,936 B and 71 rounds per element, ABY3);
@@ -95,6 +104,7 @@ class AttentionConfig:
       seed: public seed of the random directions; fixed per layer and head, never trained.
       exp: see `ExpImpl`; the run spec defaults to "poly", the reference to "exact".
       inverse: see `InverseImpl` (RFA only).
+      trig_schedule: see `TrigSchedule` (RFA with trig "poly" only).
     """
 
     kind: AttentionKind = "softmax"
@@ -107,6 +117,7 @@ class AttentionConfig:
     seed: int = 0
     exp: ExpImpl = "exact"
     inverse: InverseImpl = "bucketed"
+    trig_schedule: TrigSchedule = "stacked"
 
     def __post_init__(self) -> None:
         _require(self.kind in ("softmax", "rfa"), "attention.kind", f"unknown {self.kind!r}")
@@ -121,6 +132,11 @@ class AttentionConfig:
         _require(self.exp in ("exact", "poly"), "attention.exp", f"unknown {self.exp!r}")
         _require(
             self.inverse in ("bucketed", "spu"), "attention.inverse", f"unknown {self.inverse!r}"
+        )
+        _require(
+            self.trig_schedule in ("stacked", "reused"),
+            "attention.trig_schedule",
+            f"unknown {self.trig_schedule!r}",
         )
         _require(self.poly_bound > 0, "attention.poly_bound", "must be positive")
         _require(

@@ -122,8 +122,8 @@ def check_adapted_attention(directory, attention: AttentionConfig, gelu: str = "
     wanted = dataclasses.asdict(attention)
     uses_exp = attention.kind == "softmax" or attention.variant == "softmax_kernel"
     # The same function (poly_degree: sin and cos within feature_maps.TRIG_TOLERANCE at
-    # any degree), another MPC cost.
-    numerics_only = {"inverse", "poly_degree"} | (set() if uses_exp else {"exp"})
+    # any degree; trig_schedule: the same products in another order), another MPC cost.
+    numerics_only = {"inverse", "poly_degree", "trig_schedule"} | (set() if uses_exp else {"exp"})
     diff = sorted(k for k in made_for if made_for[k] != wanted.get(k) and k not in numerics_only)
     if diff:
         raise SpecError(f"model.attention: {directory} was adapted for other attention settings ({', '.join(diff)})")  # fmt: skip

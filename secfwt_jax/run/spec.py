@@ -67,6 +67,13 @@ def truncation_problem(protocol: str, truncation: str) -> str | None:
     return None
 
 
+def trig_schedule_for(protocol: str) -> str:
+    """The order of RFA's sin/cos products that costs ``protocol`` least (`TrigSchedule`):
+    SEMI2K opens every operand, so each value once ("reused"); the others pay per output,
+    so the fewest rounds ("stacked")."""
+    return "reused" if protocol == "SEMI2K" else "stacked"
+
+
 class SpecError(ValueError):
     """A bad run spec; the message is one line that names the field or file."""
 
@@ -362,6 +369,25 @@ class RunSpec(_Section):
     output: OutputSpec = OutputSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     source_dir: str = Field(".", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _semi2k_reuses_openings(cls, data):
+        """Under SEMI2K, RFA's sin/cos products take the order in which each value is
+        opened once (`TrigSchedule` "reused"), unless the spec names a schedule."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        protocol = data.get("protocol")
+        name = protocol.get("name") if isinstance(protocol, dict) else getattr(protocol, "name", None)  # fmt: skip
+        model = data["model"]
+        attention = model.get("attention")
+        if attention is None:  # the spec's default attention, its schedule not chosen
+            attention = dataclasses.asdict(ModelSpec.model_fields["attention"].default)
+            del attention["trig_schedule"]
+        if name != "SEMI2K" or not isinstance(attention, dict) or "trig_schedule" in attention:
+            return data
+        schedule = trig_schedule_for(name)
+        return {**data, "model": {**model, "attention": {**attention, "trig_schedule": schedule}}}
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
