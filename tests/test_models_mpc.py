@@ -120,6 +120,20 @@ def test_forward_compiles_and_matches_plaintext_under_spu(family, attention, pro
     ), f"{family}/{attention}/{protocol}: max err {err.max():.3g}, logits {plain.round(3)}"
 
 
+@pytest.mark.parametrize("truncation", ["exact", "probabilistic"])
+def test_semi2k_rfa_in_the_reused_order_matches_plaintext(truncation):
+    """What a SEMI2K run spec builds: RFA's sin/cos in the order that opens each value
+    once, with the openings cached (`compile/openings.py`), under either truncation."""
+    reused = dataclasses.replace(RFA, trig_schedule="reused")
+    clf = tiny_classifier("bert", reused)
+    params, batch = scaled_params(clf, seed=0), one_hot_batch(seed=1)
+    plain = np.asarray(jax.jit(clf.logits)(params, batch))
+    preset = protocols.preset("SEMI2K", truncation=truncation)
+    assert "cache_openings" in preset.rewrites
+    mpc = np.asarray(simulator.mpc_execute(clf.logits, (params, batch), preset=preset).outputs)
+    assert np.all(np.abs(mpc - plain) <= ATOL + RTOL * np.abs(plain)), (mpc, plain)
+
+
 def test_a_llama_deep_prompt_over_cached_layers_matches_plaintext_under_spu():
     """The prompt tuning programs' forward: p = A z (public A, secret z) put before the
     cached layer-1 hidden states, the top layer at the scored position, the verbalizer
