@@ -52,7 +52,8 @@ SHARED_LAUNCH = {"test_finetune_cluster.py", "test_cluster_tls.py", "test_privac
 FIRST = (  # the units over about 70 s, longest first (2026-12-07, two workers)
     "test_finetune_cluster.py", "test_finetune.py", "test_cost_bench.py",
     "test_checkpoint_resume.py", "test_secretflow_cluster.py", "test_notebooks.py",
-    "test_mpc_equals_plaintext.py", "test_adaptation.py", "test_models_mpc.py",
+    "test_semi2k_cluster.py", "test_mpc_equals_plaintext.py", "test_adaptation.py",
+    "test_models_mpc.py",
 )  # fmt: skip
 
 
