@@ -26,7 +26,6 @@ context lives, and removes it when the context ends.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 from jax import core, lax
 from spu.experimental import drop_cached_var, make_cached_var
@@ -73,7 +72,5 @@ def schedule(jaxpr: core.Jaxpr) -> tuple[dict[core.Var, int], dict[int, list[cor
         drops.setdefault(i, []).append(v)
     return last, drops
 
-
-Evaluator = Callable[[core.Jaxpr, list, list], list]
 
 __all__ = ["PRODUCTS", "cached_operands", "drop", "mark", "schedule"]
