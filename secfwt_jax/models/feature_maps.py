@@ -136,9 +136,10 @@ def reused_powers(x, k: int):
     """[x^1, ..., x^k] stacked on a new leading axis, one product at a time, each new
     power first multiplied by an earlier one: x^2 = x x, then x^j = x^(j/2) x^(j/2) for
     even j and x^(j-1) x for odd j. Under SEMI2K with its openings cached
-    (`secfwt_jax.compile.openings`) every power is opened once, x twice (its square):
-    k + 1 openings instead of `stacked_powers`' 2 per product, at k - 1 rounds instead
-    of ceil(log2 k)."""
+    (`secfwt_jax.compile.openings`) each power that is an operand is opened once (x twice,
+    for its first square), where `stacked_powers` opens 2 values per product; its k - 1
+    products run one after another, but one whose operands are both cached sends nothing
+    (x^4 = x^2 x^2), so at k = 5 the rounds are `stacked_powers`' 3."""
     powers = [x]
     for j in range(2, k + 1):
         powers.append(powers[j // 2 - 1] * powers[j // 2 - 1] if j % 2 == 0 else powers[j - 2] * x)
@@ -174,8 +175,9 @@ def poly_sin_cos_unit(
     products in one op (fewest rounds); "reused" gives every product its own op so that a
     value meets each later product as the same array, which SEMI2K opens once when its
     openings are cached (`reused_powers`; a doubling is S C, then C C with C's opening
-    reused): 13 openings per element instead of 22 at degree 10 with 2 doublings, for 3
-    more rounds. The values are the same either way.
+    reused): 11 openings per element instead of 20 at degree 10 with 2 doublings, in the
+    same rounds with probabilistic truncation (3 more with the exact one, whose products
+    each truncate). The values are the same either way.
     """
     r = num_doublings(bound, degree) if doublings is None else doublings
     lam = scale ** (0.5**r)
