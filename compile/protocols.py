@@ -192,7 +192,8 @@ def preset_of(spec: RunSpec) -> ProtocolPreset:
     `ProtocolSpec` to `ProtocolPreset`."""
     p = spec.protocol
     return preset(p.name, p.field, fxp_fraction_bits=p.fxp_fraction_bits,
-                  exp_mode=p.exp_mode, beaver_type=p.beaver_type, truncation=p.truncation)  # fmt: skip
+                  exp_mode=p.exp_mode, beaver_type=p.beaver_type, truncation=p.truncation,
+                  cache_openings=p.cache_openings)  # fmt: skip
 
 
 def runtime_config(p: ProtocolPreset, profile: bool = False) -> spu_pb2.RuntimeConfig:

@@ -134,6 +134,18 @@ def test_semi2k_specs_take_the_sin_cos_order_that_opens_each_value_once():
     assert "attention.trig_schedule" in error_of(bad)
 
 
+def test_semi2k_caches_its_openings_unless_the_spec_says_not():
+    from secfwt_jax.compile.precision import CACHE_OPENINGS
+    from secfwt_jax.compile.protocols import preset_of
+
+    semi2k = ["protocol.name=SEMI2K", "parties.compute=[alice, bob]"]
+    assert CACHE_OPENINGS in preset_of(load_spec(TINY, semi2k)).rewrites
+    off = load_spec(TINY, [*semi2k, "protocol.cache_openings=false"])
+    assert CACHE_OPENINGS not in preset_of(off).rewrites
+    assert off.spec_hash != load_spec(TINY, semi2k).spec_hash  # the parties' handshake sees it
+    assert CACHE_OPENINGS not in preset_of(load_spec(TINY)).rewrites  # ABY3
+
+
 def test_cma_generations_are_the_steps_and_its_seed_the_runs():
     data = tiny_dict()
     data["tuning"] = {**data.get("tuning", {}), "cma": {"population": 6, "sigma0": 0.5}, "steps": 7}

@@ -279,6 +279,11 @@ class ProtocolSpec(_Section):
     #: round, but a product fails silently with a probability that grows with its value;
     #: docs/cost.md, "Probabilistic truncation", measures it).
     truncation: Literal["exact", "probabilistic"] = "exact"
+    #: SEMI2K: open a value once for all its products (SPU's Beaver cache, the same values
+    #: and trust; docs/cost.md section 12). SPU keeps the openings in a ``BeaverCache.*``
+    #: folder in each party process's working directory while a program runs: false for
+    #: a party that must not write there. The other protocols have no such cache.
+    cache_openings: bool = True
 
     @model_validator(mode="after")
     def _truncation(self) -> ProtocolSpec:
