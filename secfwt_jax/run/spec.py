@@ -378,8 +378,8 @@ class RunSpec(_Section):
     @model_validator(mode="before")
     @classmethod
     def _semi2k_reuses_openings(cls, data):
-        """Under SEMI2K, RFA's sin/cos products take the order in which each value is
-        opened once (`TrigSchedule` "reused"), unless the spec names a schedule."""
+        """RFA's sin/cos products take the order that costs the spec's protocol least
+        (`trig_schedule_for`: "reused" under SEMI2K), unless the spec names one."""
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             return data
         protocol = data.get("protocol")
@@ -389,7 +389,7 @@ class RunSpec(_Section):
         if attention is None:  # the spec's default attention, its schedule not chosen
             attention = dataclasses.asdict(ModelSpec.model_fields["attention"].default)
             del attention["trig_schedule"]
-        if name != "SEMI2K" or not isinstance(attention, dict) or "trig_schedule" in attention:
+        if not isinstance(attention, dict) or "trig_schedule" in attention:
             return data
         schedule = trig_schedule_for(name)
         return {**data, "model": {**model, "attention": {**attention, "trig_schedule": schedule}}}
